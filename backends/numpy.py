@@ -1,0 +1,326 @@
+r"""The NumPy backend: the executable specification of ``BatchNorm1d``.
+
+Read this module to learn what bn1d computes. For an input ``x`` whose feature
+axis is the one axis *not* listed in ``axis`` (``(B, L, C)`` with the default
+``axis=(0, 1)``; ``(B, C)`` with ``axis=0``; PyTorch's ``(B, C, L)`` with
+``axis=(0, 2)``), per feature and over the ``n`` unmasked positions of all
+synced replicas:
+
+Training (``mode=None``, ``training=True`` or after ``.train()``)::
+
+    mean = sum(x) / n
+    var  = sum((x - mean) ** 2) / n              # two-pass and biased
+    y    = (x - mean) * (scale / sqrt(var + epsilon)) + bias
+    running_mean = momentum * running_mean + (1 - momentum) * mean
+    running_var  = momentum * running_var  + (1 - momentum) * var * n / (n - 1)
+
+Inference (``mode="inference"``, ``training=False`` or after ``.eval()``)::
+
+    y = (x - running_mean) * (scale / sqrt(running_var + epsilon)) + bias
+
+Deviations, on purpose:
+
+* ``momentum`` is the weight of the *old* statistic (BrainPy, Flax, Keras):
+  0.99 here is PyTorch's 0.01.
+* The variance is two-pass; BrainPy and Flax use ``max(0, E[x^2] - mean^2)``,
+  which returns 0 in float32 at mean 1e4 and std 1e-2. ``fast_variance=True``
+  selects that formula and reproduces BrainPy's numbers.
+* The running variance is unbiased (BrainPy >= 2.8, PyTorch); Flax, Keras and
+  BrainPy <= 2.7 use the biased one: ``unbiased_running_var=False``. Under sync,
+  ``n`` is the global count (BrainPy 2.8.2 uses the per-replica count).
+* Synced statistics weight each replica by its count (BrainPy and Flax average
+  per-replica means with equal weights, wrong when counts differ).
+* float16/bfloat16 inputs are reduced in float32 (BrainPy and Haiku do not).
+* A batch with no unmasked position behaves as inference and leaves the
+  running statistics unchanged (Flax, Keras, Equinox and Haiku write NaN).
+* Negative ``axis`` values work (BrainPy 2.8.2 fails on them) and any layout
+  with one feature axis is accepted (BrainPy takes only ``(B, L, C)``).
+
+Worked example (SPEC section 8)::
+
+    >>> import numpy as np
+    >>> from bn1d.backends.numpy import BatchNorm1d
+    >>> x = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32)
+    >>> layer = BatchNorm1d(3)
+    >>> y = layer(x)
+    >>> np.round(layer.running_mean, 6)
+    array([0.000188, 0.000142, 0.001989], dtype=float32)
+    >>> np.round(y[3, 4], 5)
+    array([ 0.5975 , -1.58768, -1.17152], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from bn1d.algorithm import AllSum, batch_moments, batch_norm, check_inputs, compute_dtype
+from bn1d.config import BatchNormConfig, argument_error
+from bn1d.initializers import Ones, Zeros, initial_value
+from bn1d.state import check_state, state_keys
+
+__all__ = ["BatchNorm1d", "batch_norm_vjp", "run_replicas"]
+
+_PARAM_DTYPES = (np.float32, np.float64)
+
+
+class BatchNorm1d:
+    """1-D batch normalization with BrainPy's signature, on NumPy arrays.
+
+    Parameters are those of ``brainpy.dnn.BatchNorm1d``; keyword-only extras:
+    ``dtype`` of ``scale``, ``bias`` and the running statistics (float32 or
+    float64), ``fast_variance`` and ``unbiased_running_var`` (see the module
+    docstring). ``mode`` is ``None``/``"training"`` or ``"inference"``; ``train()``,
+    ``eval()`` and each call's ``training=`` switch it too.
+
+    With ``axis_name`` set, statistics are summed over the replicas that
+    :func:`run_replicas` simulates (one replica outside it).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        axis: int | Sequence[int] = (0, 1),
+        epsilon: float = 1e-5,
+        momentum: float = 0.99,
+        affine: bool = True,
+        bias_initializer: Any = Zeros(),
+        scale_initializer: Any = Ones(value=1.0),
+        axis_name: str | Sequence[str] | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        mode: str | None = None,
+        name: str | None = None,
+        *,
+        dtype: Any = np.float32,
+        fast_variance: bool = False,
+        unbiased_running_var: bool = True,
+    ):
+        self.config = BatchNormConfig.from_arguments(
+            num_features, axis, epsilon, momentum, affine, axis_name, axis_index_groups, mode, name,
+            fast_variance=fast_variance, unbiased_running_var=unbiased_running_var,
+        )  # fmt: skip
+        if not any(dtype is d or dtype == np.dtype(d) for d in _PARAM_DTYPES):
+            raise argument_error("dtype", "numpy.float32 or numpy.float64", dtype, TypeError)
+        self.dtype = np.dtype(dtype)
+        c = self.config.num_features
+        if affine:
+            self.scale = initial_value(scale_initializer, "scale_initializer", c, self.dtype)
+            self.bias = initial_value(bias_initializer, "bias_initializer", c, self.dtype)
+        self.running_mean = np.zeros(c, self.dtype)
+        self.running_var = np.ones(c, self.dtype)
+        self.training = self.config.training
+
+    # -- the uniform layer protocol -------------------------------------------------
+    def __call__(self, x: Any, mask: Any = None, training: bool | None = None) -> np.ndarray:
+        """``y`` for ``x``; in training also updates ``running_mean``/``running_var``."""
+        x, mask, training = self._check_call(x, mask, training)
+        result = batch_norm(
+            x, self.running_mean, self.running_var, *self._affine_params(),
+            reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon,
+            momentum=self.config.momentum, training=training, mask=mask,
+            fast_variance=self.config.fast_variance,
+            unbiased_running_var=self.config.unbiased_running_var,
+            all_sum=self._all_sum() if training else None,
+        )  # fmt: skip
+        self.running_mean, self.running_var = result.running_mean, result.running_var
+        return result.y
+
+    def train(self, mode: bool = True) -> "BatchNorm1d":
+        if not isinstance(mode, bool):
+            raise argument_error("mode", "a bool", mode, TypeError)
+        self.training = mode
+        return self
+
+    def eval(self) -> "BatchNorm1d":
+        return self.train(False)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of ``scale``, ``bias`` (when affine), ``running_mean``, ``running_var``."""
+        return {key: np.array(getattr(self, key)) for key in state_keys(self.config.affine)}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Load a state strictly and atomically (see ``bn1d.state.check_state``)."""
+        for key, value in check_state(
+            state, num_features=self.config.num_features, affine=self.config.affine, dtype=self.dtype
+        ).items():
+            setattr(self, key, value)
+
+    # -- the gradient specification -----------------------------------------------
+    def vjp(self, x: Any, dy: Any, mask: Any = None, training: bool | None = None) -> dict[str, np.ndarray]:
+        """Gradients of ``sum(y * dy)`` w.r.t. ``x``, ``scale`` and ``bias`` at the
+        current state; no state changes. Under :func:`run_replicas` the ``x``
+        gradient is that of the global-batch computation and the parameter
+        gradients are this replica's share (sum them over replicas)."""
+        x, mask, training = self._check_call(x, mask, training)
+        dy = np.asarray(dy)
+        if dy.shape != x.shape:
+            raise argument_error("dy", f"shape {x.shape} (x's shape)", dy.shape)
+        scale, _ = self._affine_params()
+        dx, dscale, dbias = batch_norm_vjp(
+            x, dy, scale, self.running_mean, self.running_var,
+            reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon,
+            training=training, mask=mask, fast_variance=self.config.fast_variance,
+            all_sum=self._all_sum() if training else None,
+        )  # fmt: skip
+        grads = {"x": dx}
+        if self.config.affine:
+            grads["scale"], grads["bias"] = dscale.astype(self.dtype), dbias.astype(self.dtype)
+        return grads
+
+    # -- internals ----------------------------------------------------------------------
+    def _affine_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return (self.scale, self.bias) if self.config.affine else (None, None)
+
+    def _check_call(self, x: Any, mask: Any, training: Any) -> tuple[np.ndarray, Any, bool]:
+        if training is None:
+            training = self.training
+        if not isinstance(training, bool):
+            raise argument_error("training", "None or a bool", training, TypeError)
+        x = np.asarray(x)
+        mask = None if mask is None else np.asarray(mask)
+        check_inputs(x, mask, num_features=self.config.num_features, reduce_axes=self.config.reduce_axes)
+        return x, mask, training
+
+    def _all_sum(self) -> AllSum | None:
+        if not self.config.synced:
+            return None
+        return _replica_all_sum(self.config.axis_index_groups)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"BatchNorm1d({c.num_features}, axis={c.reduce_axes}, epsilon={c.epsilon}, "
+            f"momentum={c.momentum}, affine={c.affine}, axis_name={c.axis_name!r}, training={self.training})"
+        )
+
+
+def batch_norm_vjp(
+    x: np.ndarray,
+    dy: np.ndarray,
+    scale: np.ndarray | None,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    *,
+    reduce_axes: Sequence[int],
+    epsilon: float,
+    training: bool,
+    mask: np.ndarray | None = None,
+    fast_variance: bool = False,
+    all_sum: AllSum | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""The analytic backward pass: ``(dx, dscale, dbias)`` for cotangent ``dy``.
+
+    With ``inv = 1 / sqrt(var + epsilon)``, ``xhat = (x - mean) * inv`` and
+    ``g = dy * scale`` (``dy`` when not affine), summing over the reduced axes::
+
+        dbias  = sum(dy)                 # every position, masked ones included
+        dscale = sum(dy * xhat)
+        dx     = inv * (g - keep / n * (G + xhat * H))   # training
+        dx     = inv * g                                  # inference, or n == 0
+
+    where ``G = sum(g)`` and ``H = sum(g * xhat)`` run over every position of every
+    synced replica (masked positions are normalised too, so they send gradient
+    into the statistics) and ``keep`` is 1 at the unmasked positions whose values
+    entered ``mean`` and ``var``. The fast variance's clamp at 0 is ignored: its
+    gradient is this one wherever the clamp is inactive.
+    """
+    xp_dtype = compute_dtype(np, x.dtype, running_mean.dtype)
+    xc, dyc = x.astype(xp_dtype), dy.astype(xp_dtype)
+    axes = tuple(reduce_axes)
+    feature_axis = next(a for a in range(x.ndim) if a not in axes)
+    shape = tuple(-1 if a == feature_axis else 1 for a in range(x.ndim))
+    mean, var = running_mean.astype(xp_dtype), running_var.astype(xp_dtype)
+    n: Any = 0
+    if training:
+        n, batch_mean, batch_var = batch_moments(
+            xc, mask, reduce_axes=axes, fast_variance=fast_variance, all_sum=all_sum
+        )
+        has_data = np.asarray(n) > 0
+        mean, var = np.where(has_data, batch_mean, mean), np.where(has_data, batch_var, var)
+    inv = 1.0 / np.sqrt(var + epsilon)
+    xhat = (xc - mean.reshape(shape)) * inv.reshape(shape)
+    g = dyc if scale is None else dyc * scale.astype(xp_dtype).reshape(shape)
+    dbias = dyc.sum(axis=axes)
+    dscale = (dyc * xhat).sum(axis=axes)
+    dx = g * inv.reshape(shape)
+    if training:
+        sums = (g.sum(axis=axes), (g * xhat).sum(axis=axes))
+        G, H = sums if all_sum is None else all_sum(sums)
+        keep = 1.0 if mask is None else np.expand_dims(mask, feature_axis).astype(xp_dtype)
+        weight = np.where(np.asarray(n) > 0, 1.0 / np.maximum(n, 1), 0.0)  # n == 0: inference
+        dx = dx - (inv * weight).reshape(shape) * keep * (G.reshape(shape) + xhat * H.reshape(shape))
+    return dx.astype(x.dtype), dscale, dbias
+
+
+# -- simulated replicas ------------------------------------------------------------------
+
+
+class _Replicas:
+    """What the threads of one :func:`run_replicas` call share."""
+
+    def __init__(self, count: int, timeout: float):
+        self.count = count
+        self.barrier = threading.Barrier(count, timeout=timeout)
+        self.slots: list[Any] = [None] * count
+
+
+_thread_replica = threading.local()
+
+
+def run_replicas(fn: Callable[[int], Any], num_replicas: int, timeout: float = 60.0) -> list[Any]:
+    """Run ``fn(replica_index)`` for every replica, each in its own thread, and
+    return the results in replica order.
+
+    Inside, a layer with ``axis_name`` sums its statistics over the replicas of
+    its ``axis_index_groups`` (all replicas by default): the statistics are those
+    of the concatenated batches of the group, exactly as a data-parallel
+    all-reduce computes them. Each replica owns its layer (as with data-parallel
+    training); an error in any replica is re-raised here.
+    """
+    if not isinstance(num_replicas, int) or num_replicas < 1:
+        raise argument_error("num_replicas", "a positive int", num_replicas)
+    shared = _Replicas(num_replicas, timeout)
+    results: list[Any] = [None] * num_replicas
+    errors: list[BaseException | None] = [None] * num_replicas
+
+    def replica(index: int) -> None:
+        _thread_replica.context = (shared, index)
+        try:
+            results[index] = fn(index)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+            errors[index] = error
+            shared.barrier.abort()
+
+    threads = [threading.Thread(target=replica, args=(i,)) for i in range(num_replicas)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    raised = [e for e in errors if e is not None]
+    if raised:
+        raise next((e for e in raised if not isinstance(e, threading.BrokenBarrierError)), raised[0])
+    return results
+
+
+def _replica_all_sum(groups: tuple[tuple[int, ...], ...] | None) -> AllSum:
+    context = getattr(_thread_replica, "context", None)
+    if context is None:  # a single replica: the sums are the local ones
+        return tuple
+    shared, index = context
+    groups = groups or (tuple(range(shared.count)),)
+    if sorted(i for g in groups for i in g) != list(range(shared.count)):
+        raise argument_error("axis_index_groups", f"a partition of range({shared.count})", groups)
+    group = next(g for g in groups if index in g)
+
+    def all_sum(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+        shared.slots[index] = arrays
+        shared.barrier.wait()
+        # Every member adds the same operands in the same order: bitwise-equal sums.
+        sums = tuple(functools.reduce(np.add, (shared.slots[i][k] for i in group)) for k in range(len(arrays)))
+        shared.barrier.wait()
+        return sums
+
+    return all_sum

@@ -1,0 +1,41 @@
+"""The uniform layer protocol that every backend's stateful ``BatchNorm1d`` follows.
+
+The conformance suite drives every backend through this protocol only:
+
+* construction with BrainPy's signature and defaults,
+  ``BatchNorm1d(num_features, axis=(0, 1), epsilon=1e-5, momentum=0.99, affine=True,
+  bias_initializer=Zeros(), scale_initializer=Ones(1.0), axis_name=None,
+  axis_index_groups=None, mode=None, name=None)``, backend extras keyword-only
+  after them (``dtype``, ``fast_variance``, ``unbiased_running_var``...);
+* ``layer(x, mask=None, training=None) -> y``: ``training=None`` uses the layer's
+  mode (``mode`` at construction, then ``train()``/``eval()``); in training the
+  call also updates the layer's running statistics;
+* ``state_dict()`` -> ``{"scale", "bias", "running_mean", "running_var"}``
+  (``scale``/``bias`` only when affine), values convertible to NumPy;
+* ``load_state_dict(state)``: strict and atomic (``bn1d.state.check_state``);
+* ``train(mode=True)`` / ``eval()`` and a ``training`` attribute.
+
+Every bad argument raises the ``ValueError``/``TypeError`` of ``bn1d.config`` or
+``bn1d.algorithm.check_inputs`` before any state changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+__all__ = ["BatchNormLayer"]
+
+
+@runtime_checkable
+class BatchNormLayer(Protocol):
+    training: bool
+
+    def __call__(self, x: Any, mask: Any = None, training: bool | None = None) -> Any: ...
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
