@@ -31,8 +31,8 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def normalize_reduce_axes(axis: Any, ndim: int | None = None) -> tuple[int, ...]:
-    """``axis`` as a sorted tuple of non-negative ints for an input of ``ndim`` dims.
+def normalize_reduce_axes(axis: Any) -> tuple[int, ...]:
+    """``axis`` as a sorted tuple of non-negative ints.
 
     The input always has ``len(axis) + 1`` dimensions (one feature axis), so
     negative axes are resolved at construction, unlike BrainPy 2.8.2, which
@@ -41,7 +41,7 @@ def normalize_reduce_axes(axis: Any, ndim: int | None = None) -> tuple[int, ...]
     axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
     if not axes or not all(_is_int(a) for a in axes):
         raise argument_error("axis", "an int or a non-empty sequence of ints", axis, TypeError)
-    ndim = len(axes) + 1 if ndim is None else ndim
+    ndim = len(axes) + 1
     resolved = []
     for a in axes:
         if not -ndim <= a < ndim:
