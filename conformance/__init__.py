@@ -1,0 +1,28 @@
+"""The conformance suite: every backend proven equal to the NumPy specification.
+
+* ``cases``: the named catalogue covering ``SPEC.md``;
+* ``golden``: inputs and expected results from the float64 specification;
+* ``registry``: backends registered under the ``bn1d.conformance.backends``
+  entry-point group, and the narrow interface they implement;
+* ``runner``: scoring a backend against the golden vectors;
+* ``python -m bn1d.conformance``: every installed backend, as a table;
+* ``pytest --pyargs bn1d.conformance [--bn1d-backend NAME]``: the same as tests.
+"""
+
+from .cases import CASES, ERROR_CASES, SYNC_CASES, TOLERANCE
+from .registry import ENTRY_POINT_GROUP, BackendUnavailable, ConformanceBackend, load_backend, registered_backends
+from .runner import Check, run_suite
+
+__all__ = [
+    "CASES",
+    "ERROR_CASES",
+    "SYNC_CASES",
+    "TOLERANCE",
+    "ENTRY_POINT_GROUP",
+    "BackendUnavailable",
+    "Check",
+    "ConformanceBackend",
+    "load_backend",
+    "registered_backends",
+    "run_suite",
+]

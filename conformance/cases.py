@@ -1,0 +1,246 @@
+"""The catalogue of named conformance cases, covering ``SPEC.md``.
+
+A case is data: constructor arguments (framework-free), an input recipe and a
+sequence of calls. Its inputs are generated deterministically from its name, and
+its expected results come from the NumPy specification in float64
+(``golden.py``). Tolerances are per input dtype and explained in :data:`TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Step", "Case", "ErrorCase", "SyncCase", "CASES", "ERROR_CASES", "SYNC_CASES", "TOLERANCE", "make_inputs"]
+
+#: Error bound on ``max|got - want| / max(1, max|want|)`` per input dtype:
+#: float64 differs from the spec by summation order only (1e-10 leaves 10**4 ulps
+#: for the ill-conditioned case); float32 statistics of <= 100 terms carry ~1e-6
+#: relative error, divided by sqrt(var + eps) >= ~0.1 in these cases; float16 and
+#: bfloat16 outputs are rounded to 2**-11 and 2**-8 relative at |y| <= ~4 (half an
+#: ulp is 1e-3 and 8e-3), while their statistics are float32.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One call: ``training`` (None: the layer's mode), masked fraction (None: no mask)."""
+
+    training: bool | None = None
+    keep: float | None = None
+    loc: float = 0.5
+    scale: float = 2.0
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, ...]
+    layer: dict[str, Any] = field(default_factory=dict)
+    steps: tuple[Step, ...] = (Step(),)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    gradients: bool = True
+    tolerance_override: float | None = None
+
+    @property
+    def feature_axis(self) -> int:
+        axis = self.layer.get("axis", (0, 1))
+        axes = {a % len(self.shape) for a in ((axis,) if isinstance(axis, int) else axis)}
+        return next(a for a in range(len(self.shape)) if a not in axes)
+
+    @property
+    def num_features(self) -> int:
+        return self.shape[self.feature_axis]
+
+    @property
+    def tolerance(self) -> float:
+        return self.tolerance_override or TOLERANCE[self.dtype]
+
+    def constructor(self) -> dict[str, Any]:
+        return {"num_features": self.num_features, **self.layer}
+
+
+@dataclass(frozen=True)
+class ErrorCase:
+    """A bad argument or input: the same exception type on every backend.
+
+    ``where`` is "constructor" (``layer`` holds the bad arguments), "call" (the
+    ``input`` recipe) or "load" (the ``state`` recipe).
+    """
+
+    name: str
+    where: str
+    exception: type[Exception]
+    argument: str
+    layer: dict[str, Any] = field(default_factory=dict)
+    input: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SyncCase:
+    """Synced statistics over ``replicas`` with local inputs of ``shape`` and
+    per-replica kept fractions ``keep`` (uneven counts)."""
+
+    name: str
+    shape: tuple[int, ...]
+    keep: tuple[float | None, ...]
+    layer: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    loc: float = 0.5
+    scale: float = 2.0
+    tolerance_override: float | None = None
+
+    @property
+    def replicas(self) -> int:
+        return len(self.keep)
+
+    @property
+    def tolerance(self) -> float:
+        return self.tolerance_override or TOLERANCE[self.dtype]
+
+    def constructor(self) -> dict[str, Any]:
+        return {"num_features": self.shape[-1], "axis_name": "replicas", **self.layer}
+
+
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded (to nearest even) onto bfloat16's grid, still float32."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def representable(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype``'s grid, as float64 (what the backend will actually see)."""
+    if dtype == "bfloat16":
+        return round_to_bfloat16(x.astype(np.float32)).astype(np.float64)
+    return x.astype(dtype).astype(np.float64)
+
+
+def make_inputs(name: str, shape: tuple[int, ...], feature_axis: int, steps: int, keep: Any, dtype: str, loc_scale: Any):
+    """(xs, masks, dy) for a case, deterministic in its name."""
+    rng = np.random.default_rng(_seed(name))
+    xs, masks = [], []
+    mask_shape = shape[:feature_axis] + shape[feature_axis + 1 :]
+    for i in range(steps):
+        loc, scale = loc_scale[i]
+        xs.append(representable(rng.normal(loc, scale, shape), dtype))
+        if keep[i] is None:
+            masks.append(None)
+        elif 0 < keep[i] < 0.1:  # exactly one kept position: n == 1 known only at run time
+            mask = np.zeros(mask_shape, bool)
+            mask.flat[rng.integers(mask.size)] = True
+            masks.append(mask)
+        else:
+            mask = rng.random(mask_shape) < keep[i]
+            if keep[i] > 0:
+                mask.flat[:2] = True  # at least two kept values
+            masks.append(mask)
+    dy = rng.normal(size=shape)
+    return xs, masks, dy
+
+
+# |mean| >> std. The one-pass variance loses ~ulp(mean**2) / var of it (1e-4 relative
+# in float64 at 1e4 / 1e-2, 10% in float32 at 1e3 / 1), far beyond these bounds; the
+# two-pass one is off by the mean's rounding error, ~10 ulp(mean) / std in y:
+# 2e-9 in float64 (bound 1e-8) and 6e-4 in float32 (bound 3e-3).
+_ILL = Step(loc=1e4, scale=1e-2)
+CASES: tuple[Case, ...] = (
+    Case("default_blc", (4, 5, 3)),
+    Case("axis0_bc", (8, 3), {"axis": 0}),
+    Case("channel_first_bcl", (4, 3, 5), {"axis": (0, 2)}),
+    Case("negative_axes", (4, 5, 3), {"axis": (-3, -2)}),
+    Case("feature_axis_first", (3, 4, 5), {"axis": (1, 2)}),
+    Case("rank4", (2, 3, 4, 3), {"axis": (0, 1, 2)}),
+    Case("three_steps_then_inference", (4, 5, 3), {"momentum": 0.7},
+         (Step(), Step(loc=-1.0, scale=0.5), Step(loc=2.0), Step(training=False))),
+    Case("inference_mode", (4, 5, 3), {"mode": "inference"}),
+    Case("training_flag_in_inference_mode", (4, 5, 3), {"mode": "inference"}, (Step(training=True), Step())),
+    Case("epsilon_large", (4, 5, 3), {"epsilon": 0.5}),
+    Case("epsilon_tiny", (4, 5, 3), {"epsilon": 1e-10}),
+    Case("momentum_zero", (4, 5, 3), {"momentum": 0.0}, (Step(), Step(loc=-1.0))),
+    Case("momentum_one", (4, 5, 3), {"momentum": 1.0}, (Step(), Step(loc=-1.0))),
+    Case("affine_false", (4, 5, 3), {"affine": False}),
+    Case("initializers", (4, 5, 3), {"scale_initializer": np.array([0.5, 2.0, -1.0]), "bias_initializer": 0.25}),
+    Case("fast_variance", (4, 5, 3), {"fast_variance": True}, (Step(), Step(training=False))),
+    Case("biased_running_var", (4, 5, 3), {"unbiased_running_var": False}, (Step(), Step(training=False))),
+    Case("mask", (4, 5, 3), {}, (Step(keep=0.6), Step(keep=0.6, training=False))),
+    Case("mask_channel_first", (4, 3, 5), {"axis": (0, 2)}, (Step(keep=0.5),)),
+    Case("mask_single_value", (4, 5, 3), {}, (Step(keep=0.05),)),
+    Case("mask_none_kept", (4, 5, 3), {}, (Step(), Step(keep=0.0))),
+    Case("empty_batch", (0, 5, 3), {}, (Step(),), gradients=False),
+    Case("ill_conditioned_float64", (16, 4, 2), {}, (_ILL,), "float64", "float64", tolerance_override=1e-8),
+    Case("ill_conditioned_float32", (16, 4, 2), {}, (Step(loc=1e3, scale=1.0),), tolerance_override=3e-3),
+    Case("float64", (4, 5, 3), {"momentum": 0.5}, (Step(), Step(training=False)), "float64", "float64"),
+    Case("float16", (4, 5, 3), {}, (Step(loc=300.0, scale=1.0), Step(training=False)), "float16"),
+    Case("bfloat16", (4, 5, 3), {}, (Step(loc=30.0, scale=1.0), Step(training=False)), "bfloat16"),
+)  # fmt: skip
+
+_X = {"shape": (4, 5, 3)}
+ERROR_CASES: tuple[ErrorCase, ...] = (
+    ErrorCase("num_features_zero", "constructor", ValueError, "num_features", layer={"num_features": 0}),
+    ErrorCase("num_features_float", "constructor", TypeError, "num_features", layer={"num_features": 3.0}),
+    ErrorCase("axis_duplicate", "constructor", ValueError, "axis", layer={"axis": (0, -3)}),
+    ErrorCase("axis_out_of_range", "constructor", ValueError, "axis", layer={"axis": (0, 3)}),
+    ErrorCase("axis_type", "constructor", TypeError, "axis", layer={"axis": "0"}),
+    ErrorCase("epsilon_zero", "constructor", ValueError, "epsilon", layer={"epsilon": 0.0}),
+    ErrorCase("epsilon_nan", "constructor", ValueError, "epsilon", layer={"epsilon": float("nan")}),
+    ErrorCase("momentum_above_one", "constructor", ValueError, "momentum", layer={"momentum": 1.5}),
+    ErrorCase("momentum_negative", "constructor", ValueError, "momentum", layer={"momentum": -0.1}),
+    ErrorCase("affine_not_bool", "constructor", TypeError, "affine", layer={"affine": 1}),
+    ErrorCase("mode_unknown", "constructor", ValueError, "mode", layer={"mode": "train"}),
+    ErrorCase("scale_initializer_shape", "constructor", ValueError, "scale_initializer",
+              layer={"scale_initializer": np.ones(4)}),
+    ErrorCase("bias_initializer_type", "constructor", TypeError, "bias_initializer", layer={"bias_initializer": "zeros"}),
+    ErrorCase("groups_without_axis_name", "constructor", ValueError, "axis_index_groups",
+              layer={"axis_index_groups": [[0, 1]]}),
+    ErrorCase("groups_unequal", "constructor", ValueError, "axis_index_groups",
+              layer={"axis_name": "i", "axis_index_groups": [[0, 1], [2]]}),
+    ErrorCase("x_integer", "call", TypeError, "x", input={**_X, "dtype": "int32"}),
+    ErrorCase("x_wrong_rank", "call", ValueError, "x", input={"shape": (4, 3)}),
+    ErrorCase("x_wrong_features", "call", ValueError, "x", input={"shape": (4, 5, 2)}),
+    ErrorCase("x_single_value_training", "call", ValueError, "x", input={"shape": (1, 1, 3)}),
+    ErrorCase("mask_not_bool", "call", TypeError, "mask", input={**_X, "mask_dtype": "int32"}),
+    ErrorCase("mask_wrong_shape", "call", ValueError, "mask", input={**_X, "mask_shape": (5, 4)}),
+    ErrorCase("state_missing_key", "load", ValueError, "state_dict", state={"drop": "bias"}),
+    ErrorCase("state_unexpected_key", "load", ValueError, "state_dict", state={"add": "extra"}),
+    ErrorCase("state_wrong_shape", "load", ValueError, "state_dict['scale']", state={"resize": "scale"}),
+    ErrorCase("state_negative_var", "load", ValueError, "state_dict['running_var']", state={"negate": "running_var"}),
+)  # fmt: skip
+
+SYNC_CASES: tuple[SyncCase, ...] = (
+    SyncCase("sync_equal_counts", (2, 5, 3), (None, None, None, None)),
+    SyncCase("sync_uneven_masks", (2, 5, 3), (0.9, 0.3, 0.6, 1.0)),
+    SyncCase("sync_one_replica_empty", (2, 5, 3), (0.8, 0.0, 0.5, 0.7)),
+    SyncCase("sync_groups", (2, 5, 3), (0.9, 0.3, 0.6, 1.0), {"axis_index_groups": [[0, 1], [2, 3]]}),
+    SyncCase("sync_groups_interleaved", (2, 5, 3), (None, 0.5, None, 0.5), {"axis_index_groups": [[0, 2], [1, 3]]}),
+    SyncCase("sync_fast_variance", (2, 5, 3), (0.9, 0.3, 0.6, 1.0), {"fast_variance": True}),
+    SyncCase("sync_ill_conditioned_float64", (2, 5, 3), (None, 0.5, None, 0.5), {"momentum": 0.0}, "float64",
+             loc=1e4, scale=1e-2, tolerance_override=1e-8),
+)
+
+
+def case_inputs(case: Case) -> tuple[list[np.ndarray], list[np.ndarray | None], np.ndarray]:
+    return make_inputs(
+        case.name, case.shape, case.feature_axis, len(case.steps), [s.keep for s in case.steps], case.dtype,
+        [(s.loc, s.scale) for s in case.steps],
+    )  # fmt: skip
+
+
+def sync_inputs(case: SyncCase) -> tuple[list[np.ndarray], list[np.ndarray | None], list[np.ndarray]]:
+    xs, masks, dys = [], [], []
+    for r, keep in enumerate(case.keep):
+        (x,), (mask,), dy = make_inputs(f"{case.name}/{r}", case.shape, len(case.shape) - 1, 1, [keep], case.dtype,
+                                        [(case.loc + r * case.scale, case.scale)])  # fmt: skip
+        xs.append(x)
+        masks.append(mask)
+        dys.append(dy)
+    return xs, masks, dys

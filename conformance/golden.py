@@ -1,0 +1,78 @@
+"""Golden vectors: every case's inputs and its expected outputs, running statistics
+and gradients, computed by the NumPy specification in float64 and stored in
+``golden.npz`` next to this file.
+
+Regenerate with ``python -m bn1d.conformance.golden``; the test suite fails when
+the stored file no longer matches what the specification computes.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bn1d.backends.numpy import BatchNorm1d, run_replicas
+
+from .cases import CASES, SYNC_CASES, case_inputs, sync_inputs
+
+__all__ = ["GOLDEN_PATH", "generate", "load", "save"]
+
+GOLDEN_PATH = Path(__file__).with_name("golden.npz")
+
+
+def _spec_layer(constructor: dict[str, Any]) -> BatchNorm1d:
+    return BatchNorm1d(**constructor, dtype=np.float64)
+
+
+def generate() -> dict[str, np.ndarray]:
+    """Every golden array, keyed ``<case>/<what>``."""
+    golden: dict[str, np.ndarray] = {}
+    for case in CASES:
+        xs, masks, dy = case_inputs(case)
+        layer = _spec_layer(case.constructor())
+        for i, (x, mask, step) in enumerate(zip(xs, masks, case.steps)):
+            golden[f"{case.name}/x{i}"] = x
+            if mask is not None:
+                golden[f"{case.name}/mask{i}"] = mask
+            golden[f"{case.name}/y{i}"] = layer(x, mask=mask, training=step.training)
+            for key, value in layer.state_dict().items():
+                golden[f"{case.name}/state{i}/{key}"] = value
+        if case.gradients:
+            golden[f"{case.name}/dy"] = dy
+            training = case.steps[-1].training
+            for key, value in layer.vjp(xs[-1], dy, mask=masks[-1], training=training).items():
+                golden[f"{case.name}/grad/{key}"] = value
+    for sync in SYNC_CASES:
+        xs, masks, dys = sync_inputs(sync)
+        layers = [_spec_layer(sync.constructor()) for _ in xs]
+        grads = run_replicas(lambda r: layers[r].vjp(xs[r], dys[r], mask=masks[r]), sync.replicas)
+        ys = run_replicas(lambda r: layers[r](xs[r], mask=masks[r]), sync.replicas)
+        for r in range(sync.replicas):
+            prefix = f"{sync.name}/{r}"
+            golden[f"{prefix}/x"], golden[f"{prefix}/dy"], golden[f"{prefix}/y"] = xs[r], dys[r], ys[r]
+            if masks[r] is not None:
+                golden[f"{prefix}/mask"] = masks[r]
+            golden[f"{prefix}/grad/x"] = grads[r]["x"]
+            for key, value in layers[r].state_dict().items():
+                golden[f"{prefix}/state/{key}"] = value
+    return golden
+
+
+def save(golden: dict[str, np.ndarray], path: Path = GOLDEN_PATH) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **golden)
+    path.write_bytes(buffer.getvalue())
+
+
+def load(path: Path = GOLDEN_PATH) -> dict[str, np.ndarray]:
+    with np.load(path) as stored:
+        return {key: stored[key] for key in stored.files}
+
+
+if __name__ == "__main__":
+    vectors = generate()
+    save(vectors)
+    print(f"wrote {len(vectors)} arrays to {GOLDEN_PATH} ({GOLDEN_PATH.stat().st_size} bytes)")

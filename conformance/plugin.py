@@ -1,0 +1,20 @@
+"""The pytest plugin (entry point ``pytest11``) behind
+``pytest --pyargs bn1d.conformance --bn1d-backend NAME``.
+
+It only adds the option; ``test_conformance.py`` reads it (or the
+``BN1D_BACKEND`` environment variable: comma-separated names). Without either,
+every registered backend that is installed runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pytest_addoption(parser: Any) -> None:
+    parser.addoption(
+        "--bn1d-backend",
+        action="append",
+        default=None,
+        help="conformance backend to test (repeatable; default: $BN1D_BACKEND or every installed backend)",
+    )

@@ -1,0 +1,211 @@
+"""Running the catalogue against a backend and scoring it against the golden vectors.
+
+Every result is a :class:`Check`: a case, a backend, the error
+``max|got - want| / max(1, max|want|)`` over everything the case compares
+(outputs after each call, the state after each call, gradients), the case's
+tolerance, and whether it passed. Error cases score whether the expected
+exception type was raised, naming the argument, with the state unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .cases import CASES, ERROR_CASES, SYNC_CASES, Case, ErrorCase, SyncCase
+from .registry import ConformanceBackend, ReplicaJob
+
+__all__ = ["Check", "scaled_error", "run_case", "run_error_case", "run_sync_cases", "cross_backend_checks", "run_suite"]
+
+
+@dataclass
+class Check:
+    case: str
+    backend: str
+    error: float | None  # None: not applicable, or an error case
+    tolerance: float | None
+    passed: bool | None  # None: not applicable to this backend
+    detail: str = ""
+
+
+def scaled_error(got: Any, want: np.ndarray) -> float:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return float("inf")
+    if want.size == 0:
+        return 0.0
+    error = float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+    return error if np.isfinite(error) else float("inf")
+
+
+def _not_applicable(case: str, backend: ConformanceBackend, why: str) -> Check:
+    return Check(case, backend.name, None, None, None, why)
+
+
+def run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndarray]) -> Check:
+    if case.dtype not in backend.dtypes:
+        return _not_applicable(case.name, backend, f"no {case.dtype}")
+    errors: list[tuple[float, str]] = []
+    try:
+        layer = backend.make_layer(param_dtype=case.param_dtype, **case.constructor())
+        x = mask = None
+        for i, step in enumerate(case.steps):
+            x = backend.asarray(golden[f"{case.name}/x{i}"], case.dtype)
+            raw_mask = golden.get(f"{case.name}/mask{i}")
+            mask = None if raw_mask is None else backend.asarray(raw_mask)
+            y = layer(x, mask=mask, training=step.training)
+            errors.append((scaled_error(backend.to_numpy(y), golden[f"{case.name}/y{i}"]), f"y{i}"))
+            for key, value in layer.state_dict().items():
+                want = golden[f"{case.name}/state{i}/{key}"]
+                errors.append((scaled_error(backend.to_numpy(value), want), f"state{i}/{key}"))
+        if case.gradients:
+            training = case.steps[-1].training
+            training = layer.training if training is None else training
+            dy = backend.asarray(golden[f"{case.name}/dy"], case.dtype)
+            for key, value in backend.gradients(layer, x, dy, mask, training).items():
+                errors.append((scaled_error(value, golden[f"{case.name}/grad/{key}"]), f"grad/{key}"))
+    except Exception as error:  # a crash is a failure of the backend, reported in the table
+        return Check(case.name, backend.name, float("inf"), case.tolerance, False, f"{type(error).__name__}: {error}")
+    worst, where = max(errors)
+    return Check(case.name, backend.name, worst, case.tolerance, worst <= case.tolerance, where)
+
+
+def _bad_input(case: ErrorCase, backend: ConformanceBackend) -> tuple[Any, Any]:
+    recipe = case.input
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=recipe["shape"])
+    x = backend.asarray(x.astype(recipe["dtype"]) if "dtype" in recipe else x, recipe.get("dtype", "float32"))
+    mask = None
+    if "mask_dtype" in recipe or "mask_shape" in recipe:
+        shape = recipe.get("mask_shape", recipe["shape"][:-1])
+        mask = backend.asarray(np.ones(shape, dtype=recipe.get("mask_dtype", "bool")))
+    return x, mask
+
+
+def _bad_state(case: ErrorCase, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    recipe = case.state
+    state = dict(state)
+    if "drop" in recipe:
+        del state[recipe["drop"]]
+    if "add" in recipe:
+        state[recipe["add"]] = np.zeros(3)
+    if "resize" in recipe:
+        state[recipe["resize"]] = np.ones(4)
+    if "negate" in recipe:
+        state[recipe["negate"]] = -np.ones(3)
+    return state
+
+
+def run_error_case(backend: ConformanceBackend, case: ErrorCase) -> Check:
+    def check(fn: Callable[[], Any], layer: Any = None) -> Check:
+        before = None if layer is None else {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+        try:
+            fn()
+        except case.exception as error:
+            if not str(error).startswith(f"{case.argument}:"):
+                return Check(case.name, backend.name, None, None, False, f"message does not name {case.argument}: {error}")
+            if before is not None:
+                after = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+                if any(not np.array_equal(before[k], after[k]) for k in before):
+                    return Check(case.name, backend.name, None, None, False, "state changed before the error")
+            return Check(case.name, backend.name, None, None, True, case.exception.__name__)
+        except Exception as error:
+            return Check(case.name, backend.name, None, None, False, f"raised {type(error).__name__}: {error}")
+        return Check(case.name, backend.name, None, None, False, f"no {case.exception.__name__} raised")
+
+    if case.where == "constructor":
+        return check(lambda: backend.make_layer(**{"num_features": 3, **case.layer}))
+    layer = backend.make_layer(num_features=3)
+    layer(backend.asarray(np.random.default_rng(1).normal(size=(4, 5, 3)), "float32"))  # a state worth protecting
+    if case.where == "call":
+        x, mask = _bad_input(case, backend)
+        return check(lambda: layer(x, mask=mask), layer)
+    state = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+    return check(lambda: layer.load_state_dict(_bad_state(case, state)), layer)
+
+
+def run_sync_cases(
+    backend: ConformanceBackend, golden: dict[str, np.ndarray], cases: Sequence[SyncCase] = SYNC_CASES
+) -> list[Check]:
+    applicable = [c for c in cases if c.dtype in backend.dtypes]
+    checks = [_not_applicable(c.name, backend, f"no {c.dtype}") for c in cases if c not in applicable]
+    if not hasattr(backend, "run_replicated"):
+        return checks + [_not_applicable(c.name, backend, "no collectives") for c in applicable]
+    jobs = []
+    for case in applicable:
+        per = [f"{case.name}/{r}" for r in range(case.replicas)]
+        jobs.append(
+            ReplicaJob(
+                layer={**case.constructor(), "param_dtype": case.dtype if case.dtype == "float64" else "float32"},
+                xs=[golden[f"{p}/x"].astype(case.dtype) for p in per],
+                masks=[golden.get(f"{p}/mask") for p in per],
+                dys=[golden[f"{p}/dy"] for p in per],
+            )
+        )
+    try:
+        results = backend.run_replicated(jobs)
+    except Exception as error:
+        return checks + [
+            Check(c.name, backend.name, float("inf"), c.tolerance, False, f"{type(error).__name__}: {error}")
+            for c in applicable
+        ]
+    for case, result in zip(applicable, results):
+        errors = []
+        for r in range(case.replicas):
+            prefix = f"{case.name}/{r}"
+            errors.append((scaled_error(result.ys[r], golden[f"{prefix}/y"]), f"y[{r}]"))
+            errors.append((scaled_error(result.x_grads[r], golden[f"{prefix}/grad/x"]), f"grad/x[{r}]"))
+            for key, value in result.states[r].items():
+                errors.append((scaled_error(value, golden[f"{prefix}/state/{key}"]), f"state[{r}]/{key}"))
+        worst, where = max(errors)
+        checks.append(Check(case.name, backend.name, worst, case.tolerance, worst <= case.tolerance, where))
+    return checks
+
+
+def cross_backend_checks(backends: Sequence[ConformanceBackend], golden: dict[str, np.ndarray]) -> list[Check]:
+    """A state trained on one backend, loaded into another, gives the same outputs."""
+    case = next(c for c in CASES if c.name == "three_steps_then_inference")
+    checks = []
+    for source, target in itertools.permutations(backends, 2):
+        name = f"state {source.name} -> {target.name}"
+        try:
+            trained = source.make_layer(**case.constructor())
+            for i in range(3):
+                trained(source.asarray(golden[f"{case.name}/x{i}"], case.dtype))
+            state = {k: source.to_numpy(v) for k, v in trained.state_dict().items()}
+            loaded = target.make_layer(**case.constructor())
+            loaded.load_state_dict(state)
+            x = golden[f"{case.name}/x3"]
+            error = scaled_error(
+                target.to_numpy(loaded(target.asarray(x, case.dtype), training=False)),
+                source.to_numpy(trained(source.asarray(x, case.dtype), training=False)),
+            )
+        except Exception as exc:
+            checks.append(Check(name, target.name, float("inf"), case.tolerance, False, f"{type(exc).__name__}: {exc}"))
+            continue
+        checks.append(Check(name, target.name, error, case.tolerance, error <= case.tolerance))
+    return checks
+
+
+def run_suite(
+    backends: Sequence[ConformanceBackend],
+    golden: dict[str, np.ndarray],
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[Check]:
+    """Every case on every backend, then the synced and cross-backend checks."""
+    checks: list[Check] = []
+    work: Iterable[tuple[str, Callable[[], Any]]] = [
+        *[(f"{b.name}: {c.name}", lambda b=b, c=c: [run_case(b, c, golden)]) for b in backends for c in CASES],
+        *[(f"{b.name}: {c.name}", lambda b=b, c=c: [run_error_case(b, c)]) for b in backends for c in ERROR_CASES],
+        *[(f"{b.name}: synced cases", lambda b=b: run_sync_cases(b, golden)) for b in backends],
+        ("state transfer between backends", lambda: cross_backend_checks(backends, golden)),
+    ]
+    work = list(work)
+    for i, (label, job) in enumerate(work, 1):
+        progress(f"[{i}/{len(work)}] {label}")
+        checks.extend(job())
+    return checks

@@ -1,0 +1,128 @@
+"""The conformance suite itself: third-party registration through entry points, a
+deliberately wrong backend makes it fail, a missing backend fails loudly."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bn1d.conformance.cases import CASES, ERROR_CASES, SYNC_CASES
+from bn1d.conformance.registry import BackendUnavailable, load_backend, registered_backends
+
+TOY = '''
+import numpy as np
+from bn1d.conformance.builtin import NumpyBackend
+
+
+class Shifted(NumpyBackend):
+    """A third-party backend with a bug: every output is off by 1e-3."""
+
+    name = "toy_wrong"
+
+    def make_layer(self, param_dtype="float32", **kwargs):
+        layer = super().make_layer(param_dtype, **kwargs)
+        call = layer.__call__
+        return type("Wrong", (), {
+            "__call__": lambda self, x, mask=None, training=None: call(x, mask=mask, training=training) + 1e-3,
+            "state_dict": lambda self: layer.state_dict(),
+            "load_state_dict": lambda self, state: layer.load_state_dict(state),
+            "training": property(lambda self: layer.training),
+            "vjp": lambda self, *a, **k: layer.vjp(*a, **k),
+        })()
+
+
+class Honest(NumpyBackend):
+    name = "toy_right"
+
+
+def wrong():
+    return Shifted()
+
+
+def right():
+    return Honest()
+'''
+
+
+@pytest.fixture(scope="module")
+def third_party(tmp_path_factory):
+    """A directory that, on PYTHONPATH, installs a package registering three backends."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "toy_bn1d.py").write_text(TOY)
+    info = root / "toy_bn1d-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-bn1d\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        textwrap.dedent(
+            """\
+            [bn1d.conformance.backends]
+            toy_wrong = toy_bn1d:wrong
+            toy_right = toy_bn1d:right
+            toy_missing = toy_bn1d_not_installed:backend
+            """
+        )
+    )
+    return root
+
+
+def run(args, site, timeout=300):
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=site)
+
+
+def test_a_correct_third_party_backend_passes(third_party):
+    result = run(["-m", "bn1d.conformance", "--backend", "toy_right"], third_party)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 failed" in result.stdout
+
+
+def test_a_wrong_backend_fails_the_table(third_party):
+    result = run(["-m", "bn1d.conformance", "--backend", "toy_wrong"], third_party)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL toy_wrong default_blc" in result.stdout
+    # The error cases still pass: the bug is numerical only.
+    assert "x_integer" in result.stdout
+
+
+def test_a_wrong_backend_fails_the_pytest_runner(third_party):
+    result = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "bn1d.conformance",
+                  "--bn1d-backend", "toy_wrong", "-k", "default_blc or x_integer"], third_party)  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 failed, 1 passed" in result.stdout
+
+
+def test_a_requested_backend_that_is_not_installed_fails_loudly(third_party):
+    for name in ("toy_missing", "no_such_backend"):
+        result = run(["-m", "bn1d.conformance", "--backend", name], third_party)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert name in result.stderr
+        result = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "bn1d.conformance",
+                      "--bn1d-backend", name], third_party)  # fmt: skip
+        assert result.returncode != 0 and "passed" not in result.stdout, result.stdout
+
+
+def test_load_backend_errors():
+    with pytest.raises(ValueError, match=r"backend: expected one of .*numpy.*, got 'nope'"):
+        load_backend("nope")
+    assert "numpy" in registered_backends()
+    assert load_backend("numpy").name == "numpy"
+
+
+def test_unavailable_is_reported_not_raised_as_import_error(monkeypatch):
+    class Entry:
+        def load(self):
+            raise ImportError("No module named 'cupy'")
+
+    monkeypatch.setattr("bn1d.conformance.registry.registered_backends", lambda: {"cupy": Entry()})
+    with pytest.raises(BackendUnavailable, match="'cupy' is registered but cannot be loaded"):
+        load_backend("cupy")
+
+
+def test_catalogue_names_are_unique_and_cover_the_contract():
+    names = [c.name for c in (*CASES, *ERROR_CASES, *SYNC_CASES)]
+    assert len(names) == len(set(names))
+    dtypes = {c.dtype for c in CASES}
+    assert dtypes == {"float16", "bfloat16", "float32", "float64"}
+    assert {e.where for e in ERROR_CASES} == {"constructor", "call", "load"}
+    assert any("axis_index_groups" in s.layer for s in SYNC_CASES)
