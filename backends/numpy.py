@@ -53,7 +53,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -128,13 +129,13 @@ class BatchNorm1d:
         self.running_mean, self.running_var = result.running_mean, result.running_var
         return result.y
 
-    def train(self, mode: bool = True) -> "BatchNorm1d":
+    def train(self, mode: bool = True) -> BatchNorm1d:
         if not isinstance(mode, bool):
             raise argument_error("mode", "a bool", mode, TypeError)
         self.training = mode
         return self
 
-    def eval(self) -> "BatchNorm1d":
+    def eval(self) -> BatchNorm1d:
         return self.train(False)
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -38,7 +38,8 @@ statistics keep their own.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, device
 
@@ -80,7 +81,9 @@ def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes
     except TypeError as error:
         raise argument_error("x", "an array", type(x).__name__, TypeError) from error
     if not xp.isdtype(x.dtype, "real floating"):
-        raise argument_error("x", "a real floating-point array (float16, bfloat16, float32, float64)", x.dtype, TypeError)
+        raise argument_error(
+            "x", "a real floating-point array (float16, bfloat16, float32, float64)", x.dtype, TypeError
+        )
     ndim = len(reduce_axes) + 1
     shape = tuple(x.shape)
     if len(shape) != ndim:
@@ -93,7 +96,9 @@ def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes
     try:
         array_namespace(mask, x)
     except TypeError as error:
-        raise argument_error("mask", "a boolean array of the same library as x", type(mask).__name__, TypeError) from error
+        raise argument_error(
+            "mask", "a boolean array of the same library as x", type(mask).__name__, TypeError
+        ) from error
     if mask.dtype != xp.bool:
         raise argument_error("mask", "a boolean array", mask.dtype, TypeError)
     expected = shape[:feature_axis] + shape[feature_axis + 1 :]
@@ -227,9 +232,7 @@ def batch_norm(
     if mask is None and all_sum is None and n == 1:
         raise argument_error("x", "more than 1 value per feature when training", tuple(x.shape))
 
-    n, mean, var, centered = _moments(
-        xc, mask, reduce_axes=reduce_axes, fast_variance=fast_variance, all_sum=all_sum
-    )
+    n, mean, var, centered = _moments(xc, mask, reduce_axes=reduce_axes, fast_variance=fast_variance, all_sum=all_sum)
     dynamic = not isinstance(n, int)
 
     if unbiased_running_var:

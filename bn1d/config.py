@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any
 
 __all__ = ["BatchNormConfig", "argument_error", "MODES"]
 
@@ -134,7 +135,7 @@ class BatchNormConfig:
         *,
         fast_variance: Any = False,
         unbiased_running_var: Any = True,
-    ) -> "BatchNormConfig":
+    ) -> BatchNormConfig:
         if not _is_int(num_features):
             raise argument_error("num_features", "a positive int", num_features, TypeError)
         if num_features <= 0:

@@ -21,7 +21,8 @@ Every bad argument raises the ``ValueError``/``TypeError`` of ``bn1d.config`` or
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["BatchNormLayer"]
 

@@ -18,7 +18,8 @@ The converters work on plain mappings of arrays and import no framework:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -36,7 +36,9 @@ def format_table(checks: list[Check], backend_names: list[str]) -> str:
         elif check.passed is not None and check.error is None and check.case not in tolerances:
             tolerances[check.case] = "raises"
     header = ["case", "tolerance", *backend_names]
-    lines = [[case, tolerances.get(case, ""), *(_cell(cells.get(b)) for b in backend_names)] for case, cells in rows.items()]
+    lines = [
+        [case, tolerances.get(case, ""), *(_cell(cells.get(b)) for b in backend_names)] for case, cells in rows.items()
+    ]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     render = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([render(header), render(["-" * w for w in widths]), *map(render, lines)])

@@ -7,7 +7,8 @@ shows up as :class:`~bn1d.conformance.registry.BackendUnavailable`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,12 @@ class NumpyBackend:
         for job in jobs:
             layers = [self.make_layer(**job.layer) for _ in job.xs]
             count = len(layers)
-            grads = self.module.run_replicas(lambda r: layers[r].vjp(job.xs[r], job.dys[r], mask=job.masks[r]), count)
-            ys = self.module.run_replicas(lambda r: layers[r](job.xs[r], mask=job.masks[r]), count)
+            # Both calls finish before the loop moves on, so the closures see this job.
+            grads = self.module.run_replicas(
+                lambda r: layers[r].vjp(job.xs[r], job.dys[r], mask=job.masks[r]),  # noqa: B023
+                count,
+            )
+            ys = self.module.run_replicas(lambda r: layers[r](job.xs[r], mask=job.masks[r]), count)  # noqa: B023
             results.append(
                 ReplicaResult(
                     ys=[self.to_numpy(y) for y in ys],

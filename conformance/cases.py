@@ -125,7 +125,9 @@ def representable(x: np.ndarray, dtype: str) -> np.ndarray:
     return x.astype(dtype).astype(np.float64)
 
 
-def make_inputs(name: str, shape: tuple[int, ...], feature_axis: int, steps: int, keep: Any, dtype: str, loc_scale: Any):
+def make_inputs(
+    name: str, shape: tuple[int, ...], feature_axis: int, steps: int, keep: Any, dtype: str, loc_scale: Any
+):
     """(xs, masks, dy) for a case, deterministic in its name."""
     rng = np.random.default_rng(_seed(name))
     xs, masks = [], []
@@ -199,7 +201,8 @@ ERROR_CASES: tuple[ErrorCase, ...] = (
     ErrorCase("mode_unknown", "constructor", ValueError, "mode", layer={"mode": "train"}),
     ErrorCase("scale_initializer_shape", "constructor", ValueError, "scale_initializer",
               layer={"scale_initializer": np.ones(4)}),
-    ErrorCase("bias_initializer_type", "constructor", TypeError, "bias_initializer", layer={"bias_initializer": "zeros"}),
+    ErrorCase("bias_initializer_type", "constructor", TypeError, "bias_initializer",
+              layer={"bias_initializer": "zeros"}),
     ErrorCase("groups_without_axis_name", "constructor", ValueError, "axis_index_groups",
               layer={"axis_index_groups": [[0, 1]]}),
     ErrorCase("groups_unequal", "constructor", ValueError, "axis_index_groups",
@@ -223,8 +226,16 @@ SYNC_CASES: tuple[SyncCase, ...] = (
     SyncCase("sync_groups", (2, 5, 3), (0.9, 0.3, 0.6, 1.0), {"axis_index_groups": [[0, 1], [2, 3]]}),
     SyncCase("sync_groups_interleaved", (2, 5, 3), (None, 0.5, None, 0.5), {"axis_index_groups": [[0, 2], [1, 3]]}),
     SyncCase("sync_fast_variance", (2, 5, 3), (0.9, 0.3, 0.6, 1.0), {"fast_variance": True}),
-    SyncCase("sync_ill_conditioned_float64", (2, 5, 3), (None, 0.5, None, 0.5), {"momentum": 0.0}, "float64",
-             loc=1e4, scale=1e-2, tolerance_override=1e-8),
+    SyncCase(
+        "sync_ill_conditioned_float64",
+        (2, 5, 3),
+        (None, 0.5, None, 0.5),
+        {"momentum": 0.0},
+        "float64",
+        loc=1e4,
+        scale=1e-2,
+        tolerance_override=1e-8,
+    ),
 )
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bn1d.backends.numpy import BatchNorm1d
 
-from bn1d.backends.numpy import BatchNorm1d, run_replicas
-
+from .builtin import NumpyBackend
 from .cases import CASES, SYNC_CASES, case_inputs, sync_inputs
+from .registry import ReplicaJob
 
 __all__ = ["GOLDEN_PATH", "generate", "load", "save"]
 
@@ -45,18 +46,18 @@ def generate() -> dict[str, np.ndarray]:
             training = case.steps[-1].training
             for key, value in layer.vjp(xs[-1], dy, mask=masks[-1], training=training).items():
                 golden[f"{case.name}/grad/{key}"] = value
+    jobs = []
     for sync in SYNC_CASES:
         xs, masks, dys = sync_inputs(sync)
-        layers = [_spec_layer(sync.constructor()) for _ in xs]
-        grads = run_replicas(lambda r: layers[r].vjp(xs[r], dys[r], mask=masks[r]), sync.replicas)
-        ys = run_replicas(lambda r: layers[r](xs[r], mask=masks[r]), sync.replicas)
+        jobs.append(ReplicaJob({**sync.constructor(), "param_dtype": "float64"}, xs, masks, dys))
+    for sync, job, result in zip(SYNC_CASES, jobs, NumpyBackend().run_replicated(jobs)):
         for r in range(sync.replicas):
             prefix = f"{sync.name}/{r}"
-            golden[f"{prefix}/x"], golden[f"{prefix}/dy"], golden[f"{prefix}/y"] = xs[r], dys[r], ys[r]
-            if masks[r] is not None:
-                golden[f"{prefix}/mask"] = masks[r]
-            golden[f"{prefix}/grad/x"] = grads[r]["x"]
-            for key, value in layers[r].state_dict().items():
+            golden[f"{prefix}/x"], golden[f"{prefix}/dy"], golden[f"{prefix}/y"] = job.xs[r], job.dys[r], result.ys[r]
+            if job.masks[r] is not None:
+                golden[f"{prefix}/mask"] = job.masks[r]
+            golden[f"{prefix}/grad/x"] = result.x_grads[r]
+            for key, value in result.states[r].items():
                 golden[f"{prefix}/state/{key}"] = value
     return golden
 

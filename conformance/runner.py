@@ -10,8 +10,9 @@ exception type was raised, naming the argument, with the state unchanged.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +108,9 @@ def run_error_case(backend: ConformanceBackend, case: ErrorCase) -> Check:
             fn()
         except case.exception as error:
             if not str(error).startswith(f"{case.argument}:"):
-                return Check(case.name, backend.name, None, None, False, f"message does not name {case.argument}: {error}")
+                return Check(
+                    case.name, backend.name, None, None, False, f"message does not name {case.argument}: {error}"
+                )
             if before is not None:
                 after = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
                 if any(not np.array_equal(before[k], after[k]) for k in before):

@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import pytest
-
 from bn1d.conformance import golden as golden_vectors
 from bn1d.conformance.cases import CASES, ERROR_CASES, SYNC_CASES
 from bn1d.conformance.registry import BackendUnavailable, load_backend, registered_backends
@@ -26,7 +25,7 @@ def _selected_names(config: pytest.Config) -> tuple[list[str], bool]:
     return (list(names), True) if names else (sorted(registered_backends()), False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend(name: str):
     return load_backend(name)
 
@@ -56,7 +55,7 @@ def golden():
     return golden_vectors.load()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sync_checks(name: str):
     # Run every synced case in one go: a backend may start processes for them.
     return {c.case: c for c in run_sync_cases(_backend(name), golden_vectors.load())}

@@ -12,9 +12,9 @@ import importlib.util
 
 import numpy as np
 import pytest
+from bn1d.backends.numpy import BatchNorm1d
 
 from bn1d import batch_norm
-from bn1d.backends.numpy import BatchNorm1d
 
 
 def _strict():
@@ -102,4 +102,6 @@ def test_core_with_sum_hook_on_library(library):
         )  # fmt: skip
         assert calls == [2, 1]  # two-pass: (count, sum), then the centred squares
         n = 2 * 20  # the same batch twice: same mean and variance, twice the count
-        np.testing.assert_allclose(np.asarray(result.running_var), x.reshape(-1, 3).var(axis=0) * n / (n - 1), rtol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(result.running_var), x.reshape(-1, 3).var(axis=0) * n / (n - 1), rtol=1e-12
+        )

@@ -5,7 +5,6 @@ import re
 
 import numpy as np
 import pytest
-
 from bn1d.backends.numpy import BatchNorm1d
 
 X = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32)
@@ -30,7 +29,11 @@ CONSTRUCTOR_ERRORS = [
     (dict(num_features=3, epsilon="1e-5"), TypeError, r"epsilon: expected a finite float > 0, got '1e-5'"),
     (dict(num_features=3, momentum=1.5), ValueError, r"momentum: expected a finite float in \[0, 1\], got 1\.5"),
     (dict(num_features=3, momentum=-0.1), ValueError, r"momentum: expected a finite float in \[0, 1\], got -0\.1"),
-    (dict(num_features=3, momentum=float("nan")), ValueError, r"momentum: expected a finite float in \[0, 1\], got nan"),
+    (
+        dict(num_features=3, momentum=float("nan")),
+        ValueError,
+        r"momentum: expected a finite float in \[0, 1\], got nan",
+    ),
     (dict(num_features=3, momentum=None), TypeError, r"momentum: expected a finite float in \[0, 1\], got None"),
     (dict(num_features=3, affine=1), TypeError, r"affine: expected a bool, got 1"),
     (dict(num_features=3, fast_variance="yes"), TypeError, r"fast_variance: expected a bool, got 'yes'"),
@@ -51,19 +54,35 @@ CONSTRUCTOR_ERRORS = [
     (dict(num_features=3, axis_name="i", axis_index_groups=[[1, 2]]), ValueError, r"axis_index_groups: expected"),
     (dict(num_features=3, axis_name="i", axis_index_groups=[]), TypeError, r"axis_index_groups: expected"),
     (dict(num_features=3, axis_name="i", axis_index_groups=[[0, "1"]]), TypeError, r"axis_index_groups: expected"),
-    (dict(num_features=3, mode="train"), ValueError, r"mode: expected one of \(None, 'training', 'inference'\), got 'train'"),
+    (
+        dict(num_features=3, mode="train"),
+        ValueError,
+        r"mode: expected one of \(None, 'training', 'inference'\), got 'train'",
+    ),
     (dict(num_features=3, name=5), TypeError, r"name: expected None or a str, got 5"),
     (dict(num_features=3, scale_initializer="ones"), TypeError, r"scale_initializer: expected a callable"),
-    (dict(num_features=3, scale_initializer=np.ones(4)), ValueError, r"scale_initializer: expected shape \(3,\), got \(4,\)"),
+    (
+        dict(num_features=3, scale_initializer=np.ones(4)),
+        ValueError,
+        r"scale_initializer: expected shape \(3,\), got \(4,\)",
+    ),
     (
         dict(num_features=3, bias_initializer=lambda shape, dtype: np.zeros((3, 1), dtype)),
         ValueError,
         r"bias_initializer: expected shape \(3,\), got \(3, 1\)",
     ),
-    (dict(num_features=3, bias_initializer=[1.0, np.nan, 0.0]), ValueError, r"bias_initializer: expected finite values"),
+    (
+        dict(num_features=3, bias_initializer=[1.0, np.nan, 0.0]),
+        ValueError,
+        r"bias_initializer: expected finite values",
+    ),
     (dict(num_features=3, bias_initializer=True), TypeError, r"bias_initializer: expected a callable"),
     (dict(num_features=3, dtype=np.int32), TypeError, r"dtype: expected numpy\.float32 or numpy\.float64"),
-    (dict(num_features=3, dtype="float16"), TypeError, r"dtype: expected numpy\.float32 or numpy\.float64, got 'float16'"),
+    (
+        dict(num_features=3, dtype="float16"),
+        TypeError,
+        r"dtype: expected numpy\.float32 or numpy\.float64, got 'float16'",
+    ),
 ]
 
 
@@ -99,8 +118,18 @@ CALL_ERRORS = [
     (lambda: (X[None],), {}, ValueError, r"x: expected a 3-D input for reduced axes \(0, 1\), got \(1, 4, 5, 3\)"),
     (lambda: (X[..., :2],), {}, ValueError, r"x: expected num_features=3 on axis 2, got \(4, 5, 2\)"),
     (lambda: (X[:1, :1],), {}, ValueError, r"x: expected more than 1 value per feature when training, got \(1, 1, 3\)"),
-    (lambda: (X,), {"mask": np.ones((4, 5), np.int8)}, TypeError, r"mask: expected a boolean array, got dtype\('int8'\)"),
-    (lambda: (X,), {"mask": np.ones((4, 5, 3), bool)}, ValueError, r"mask: expected shape \(4, 5\) \(x's shape without"),
+    (
+        lambda: (X,),
+        {"mask": np.ones((4, 5), np.int8)},
+        TypeError,
+        r"mask: expected a boolean array, got dtype\('int8'\)",
+    ),
+    (
+        lambda: (X,),
+        {"mask": np.ones((4, 5, 3), bool)},
+        ValueError,
+        r"mask: expected shape \(4, 5\) \(x's shape without",
+    ),
     (lambda: (X,), {"mask": np.ones((5, 4), bool)}, ValueError, r"mask: expected shape \(4, 5\).*got \(5, 4\)"),
     (lambda: (X,), {"training": 1}, TypeError, r"training: expected None or a bool, got 1"),
 ]
@@ -125,11 +154,27 @@ def test_single_value_in_inference_is_fine():
 
 STATE_ERRORS = [
     (lambda s: [1, 2], TypeError, r"state_dict: expected a mapping, got 'list'"),
-    (lambda s: {k: v for k, v in s.items() if k != "bias"}, ValueError, r"state_dict: expected exactly the keys .*missing \['bias'\]"),
-    (lambda s: {**s, "extra": np.zeros(3)}, ValueError, r"state_dict: expected exactly the keys .*unexpected \['extra'\]"),
+    (
+        lambda s: {k: v for k, v in s.items() if k != "bias"},
+        ValueError,
+        r"state_dict: expected exactly the keys .*missing \['bias'\]",
+    ),
+    (
+        lambda s: {**s, "extra": np.zeros(3)},
+        ValueError,
+        r"state_dict: expected exactly the keys .*unexpected \['extra'\]",
+    ),
     (lambda s: {**s, "scale": np.ones(4)}, ValueError, r"state_dict\['scale'\]: expected shape \(3,\), got \(4,\)"),
-    (lambda s: {**s, "running_var": -np.ones(3)}, ValueError, r"state_dict\['running_var'\]: expected non-negative values"),
-    (lambda s: {**s, "running_mean": np.array([0, np.inf, 0])}, ValueError, r"state_dict\['running_mean'\]: expected finite"),
+    (
+        lambda s: {**s, "running_var": -np.ones(3)},
+        ValueError,
+        r"state_dict\['running_var'\]: expected non-negative values",
+    ),
+    (
+        lambda s: {**s, "running_mean": np.array([0, np.inf, 0])},
+        ValueError,
+        r"state_dict\['running_mean'\]: expected finite",
+    ),
     (lambda s: {**s, "bias": np.array(["a", "b", "c"])}, TypeError, r"state_dict\['bias'\]: expected a real array"),
     (lambda s: {**s, "bias": object()}, TypeError, r"state_dict\['bias'\]: expected a real array|expected an array"),
 ]

@@ -9,15 +9,16 @@ import threading
 
 import numpy as np
 import pytest
-from reference import reference
-
 from bn1d.backends.numpy import BatchNorm1d, run_replicas
+from reference import reference
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 
 
 def synced_layers(count, groups=None, **kwargs):
-    return [BatchNorm1d(3, axis_name="batch", axis_index_groups=groups, dtype=np.float64, **kwargs) for _ in range(count)]
+    return [
+        BatchNorm1d(3, axis_name="batch", axis_index_groups=groups, dtype=np.float64, **kwargs) for _ in range(count)
+    ]
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -29,7 +30,9 @@ def test_uneven_batches_and_masks_give_the_concatenated_statistics(groups, fast)
     layers = synced_layers(4, groups, fast_variance=fast)
     ys = run_replicas(lambda r: layers[r](xs[r], mask=masks[r]), 4)
     for group in groups or [[0, 1, 2, 3]]:
-        ref_ys, rm, rv = reference([xs[r] for r in group], [masks[r] for r in group], feature_axis=2, fast_variance=fast)
+        ref_ys, rm, rv = reference(
+            [xs[r] for r in group], [masks[r] for r in group], feature_axis=2, fast_variance=fast
+        )
         for r, y_ref in zip(group, ref_ys):
             np.testing.assert_allclose(ys[r], y_ref, **F64)
             np.testing.assert_allclose(layers[r].running_mean, rm, **F64)

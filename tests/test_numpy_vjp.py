@@ -8,7 +8,6 @@ contract's bound of 1e-7 relative error has three orders of margin.
 
 import numpy as np
 import pytest
-
 from bn1d.backends.numpy import BatchNorm1d, run_replicas
 
 H = 1e-5
@@ -39,7 +38,9 @@ def fresh_layer(c, axis, affine=True, fast=False, **kwargs):
         c, axis=axis, affine=affine, dtype=np.float64, fast_variance=fast, epsilon=1e-3,
         scale_initializer=rng.uniform(0.5, 2, c), bias_initializer=rng.normal(size=c), **kwargs,
     )  # fmt: skip
-    layer.load_state_dict({**layer.state_dict(), "running_mean": rng.normal(size=c), "running_var": rng.uniform(0.5, 2, c)})
+    layer.load_state_dict(
+        {**layer.state_dict(), "running_mean": rng.normal(size=c), "running_var": rng.uniform(0.5, 2, c)}
+    )
     return layer
 
 
