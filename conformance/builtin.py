@@ -14,7 +14,7 @@ import numpy as np
 
 from .registry import ReplicaJob, ReplicaResult
 
-__all__ = ["numpy_backend"]
+__all__ = ["numpy_backend", "jax_backend"]
 
 
 class NumpyBackend:
@@ -62,3 +62,87 @@ class NumpyBackend:
 
 def numpy_backend() -> NumpyBackend:
     return NumpyBackend()
+
+
+class JaxBackend:
+    """``bn1d.backends.jax``; gradients by ``jax.grad`` through ``apply``, synced
+    cases under ``jax.vmap`` with an ``axis_name`` (works on one device).
+
+    Loading it turns on ``jax_enable_x64`` for the process so that the float64
+    cases can run; every other case passes its dtype explicitly.
+    """
+
+    name = "jax"
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+
+    def __init__(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        from bn1d.backends import jax as jax_backend_module
+
+        jax.config.update("jax_enable_x64", True)
+        self.jax, self.jnp, self.module = jax, jnp, jax_backend_module
+
+    def make_layer(self, param_dtype: str = "float32", **kwargs: Any) -> Any:
+        return self.module.BatchNorm1d(**kwargs, dtype=self.jnp.dtype(param_dtype))
+
+    def asarray(self, array: np.ndarray, dtype: str | None = None) -> Any:
+        return self.jnp.asarray(np.asarray(array), dtype=None if dtype is None else self.jnp.dtype(dtype))
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        array = np.asarray(array)
+        return array.astype(np.float64) if array.dtype.kind in "fV" else array
+
+    def _loss_dtype(self, dtype: Any) -> Any:
+        return self.jnp.promote_types(dtype, self.jnp.float32)
+
+    def gradients(self, layer: Any, x: Any, dy: Any, mask: Any, training: bool) -> dict[str, np.ndarray]:
+        jnp = self.jnp
+
+        def loss(params: Any, x: Any) -> Any:
+            y, _ = layer.apply(params, layer.state, x, mask=mask, training=training)
+            wide = self._loss_dtype(y.dtype)
+            return jnp.sum(y.astype(wide) * dy.astype(wide))
+
+        params_grad, x_grad = self.jax.grad(loss, argnums=(0, 1))(layer.params, x)
+        return {"x": self.to_numpy(x_grad), **{k: self.to_numpy(v) for k, v in params_grad.items()}}
+
+    def run_replicated(self, jobs: Sequence[ReplicaJob]) -> list[ReplicaResult]:
+        jax, jnp = self.jax, self.jnp
+        results = []
+        for job in jobs:
+            layer = self.make_layer(**job.layer)
+            dtype = layer.dtype if job.xs[0].dtype == np.float64 else jnp.float32
+            xs = jnp.stack([jnp.asarray(x, dtype) for x in job.xs])
+            dys = jnp.stack([jnp.asarray(dy, dtype) for dy in job.dys])
+            masks = None
+            if any(m is not None for m in job.masks):
+                masks = jnp.stack(
+                    [jnp.ones(x.shape[:-1], bool) if m is None else jnp.asarray(m) for x, m in zip(job.xs, job.masks)]
+                )
+
+            def replica(x: Any, mask: Any) -> Any:
+                return layer.apply(layer.params, layer.state, x, mask=mask, training=True)
+
+            def loss(xs: Any) -> Any:
+                ys, states = jax.vmap(
+                    replica, in_axes=(0, None if masks is None else 0), axis_name=job.layer["axis_name"]
+                )(xs, masks)
+                return jnp.sum(ys * dys), (ys, states)
+
+            x_grads, (ys, states) = jax.grad(loss, has_aux=True)(xs)
+            replicas = range(len(job.xs))
+            results.append(
+                ReplicaResult(
+                    ys=[self.to_numpy(ys[r]) for r in replicas],
+                    states=[{**{k: self.to_numpy(v) for k, v in layer.params.items()},
+                             **{k: self.to_numpy(v[r]) for k, v in states.items()}} for r in replicas],
+                    x_grads=[self.to_numpy(x_grads[r]) for r in replicas],
+                )
+            )  # fmt: skip
+        return results
+
+
+def jax_backend() -> JaxBackend:
+    return JaxBackend()
