@@ -40,24 +40,18 @@ class NumpyBackend:
         return {k: self.to_numpy(v) for k, v in layer.vjp(x, dy, mask=mask, training=training).items()}
 
     def run_replicated(self, jobs: Sequence[ReplicaJob]) -> list[ReplicaResult]:
-        results = []
-        for job in jobs:
-            layers = [self.make_layer(**job.layer) for _ in job.xs]
-            count = len(layers)
-            # Both calls finish before the loop moves on, so the closures see this job.
-            grads = self.module.run_replicas(
-                lambda r: layers[r].vjp(job.xs[r], job.dys[r], mask=job.masks[r]),  # noqa: B023
-                count,
-            )
-            ys = self.module.run_replicas(lambda r: layers[r](job.xs[r], mask=job.masks[r]), count)  # noqa: B023
-            results.append(
-                ReplicaResult(
-                    ys=[self.to_numpy(y) for y in ys],
-                    states=[{k: self.to_numpy(v) for k, v in layer.state_dict().items()} for layer in layers],
-                    x_grads=[self.to_numpy(g["x"]) for g in grads],
-                )
-            )
-        return results
+        return [self._run_job(job) for job in jobs]
+
+    def _run_job(self, job: ReplicaJob) -> ReplicaResult:
+        layers = [self.make_layer(**job.layer) for _ in job.xs]
+        count = len(layers)
+        grads = self.module.run_replicas(lambda r: layers[r].vjp(job.xs[r], job.dys[r], mask=job.masks[r]), count)
+        ys = self.module.run_replicas(lambda r: layers[r](job.xs[r], mask=job.masks[r]), count)
+        return ReplicaResult(
+            ys=[self.to_numpy(y) for y in ys],
+            states=[{k: self.to_numpy(v) for k, v in layer.state_dict().items()} for layer in layers],
+            x_grads=[self.to_numpy(g["x"]) for g in grads],
+        )
 
 
 def numpy_backend() -> NumpyBackend:
@@ -109,39 +103,35 @@ class JaxBackend:
         return {"x": self.to_numpy(x_grad), **{k: self.to_numpy(v) for k, v in params_grad.items()}}
 
     def run_replicated(self, jobs: Sequence[ReplicaJob]) -> list[ReplicaResult]:
+        return [self._run_job(job) for job in jobs]
+
+    def _run_job(self, job: ReplicaJob) -> ReplicaResult:
         jax, jnp = self.jax, self.jnp
-        results = []
-        for job in jobs:
-            layer = self.make_layer(**job.layer)
-            dtype = layer.dtype if job.xs[0].dtype == np.float64 else jnp.float32
-            xs = jnp.stack([jnp.asarray(x, dtype) for x in job.xs])
-            dys = jnp.stack([jnp.asarray(dy, dtype) for dy in job.dys])
-            masks = None
-            if any(m is not None for m in job.masks):
-                masks = jnp.stack(
-                    [jnp.ones(x.shape[:-1], bool) if m is None else jnp.asarray(m) for x, m in zip(job.xs, job.masks)]
-                )
+        layer = self.make_layer(**job.layer)
+        dtype = layer.dtype if job.xs[0].dtype == np.float64 else jnp.float32
+        xs = jnp.stack([jnp.asarray(x, dtype) for x in job.xs])
+        dys = jnp.stack([jnp.asarray(dy, dtype) for dy in job.dys])
+        masks = None
+        if any(m is not None for m in job.masks):  # a replica without a mask keeps everything
+            masks = jnp.stack(
+                [jnp.ones(x.shape[:-1], bool) if m is None else jnp.asarray(m) for x, m in zip(job.xs, job.masks)]
+            )
 
-            def replica(x: Any, mask: Any) -> Any:
-                return layer.apply(layer.params, layer.state, x, mask=mask, training=True)
+        def replica(x: Any, mask: Any) -> Any:
+            return layer.apply(layer.params, layer.state, x, mask=mask, training=True)
 
-            def loss(xs: Any) -> Any:
-                ys, states = jax.vmap(
-                    replica, in_axes=(0, None if masks is None else 0), axis_name=job.layer["axis_name"]
-                )(xs, masks)
-                return jnp.sum(ys * dys), (ys, states)
+        def loss(xs: Any) -> Any:
+            mapped = jax.vmap(replica, in_axes=(0, None if masks is None else 0), axis_name=job.layer["axis_name"])
+            ys, states = mapped(xs, masks)
+            return jnp.sum(ys * dys), (ys, states)
 
-            x_grads, (ys, states) = jax.grad(loss, has_aux=True)(xs)
-            replicas = range(len(job.xs))
-            results.append(
-                ReplicaResult(
-                    ys=[self.to_numpy(ys[r]) for r in replicas],
-                    states=[{**{k: self.to_numpy(v) for k, v in layer.params.items()},
-                             **{k: self.to_numpy(v[r]) for k, v in states.items()}} for r in replicas],
-                    x_grads=[self.to_numpy(x_grads[r]) for r in replicas],
-                )
-            )  # fmt: skip
-        return results
+        x_grads, (ys, states) = jax.grad(loss, has_aux=True)(xs)
+        params = {k: self.to_numpy(v) for k, v in layer.params.items()}
+        return ReplicaResult(
+            ys=[self.to_numpy(y) for y in ys],
+            states=[{**params, **{k: self.to_numpy(v[r]) for k, v in states.items()}} for r in range(len(job.xs))],
+            x_grads=[self.to_numpy(g) for g in x_grads],
+        )
 
 
 def jax_backend() -> JaxBackend:

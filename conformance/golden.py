@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from bn1d.backends.numpy import BatchNorm1d
 
 from .builtin import NumpyBackend

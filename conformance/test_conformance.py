@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+
 from bn1d.conformance import golden as golden_vectors
 from bn1d.conformance.cases import CASES, ERROR_CASES, SYNC_CASES
 from bn1d.conformance.registry import BackendUnavailable, load_backend, registered_backends

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+
 from bn1d.conformance.cases import CASES, ERROR_CASES, SYNC_CASES
 from bn1d.conformance.registry import BackendUnavailable, load_backend, registered_backends
 

@@ -12,9 +12,9 @@ import importlib.util
 
 import numpy as np
 import pytest
-from bn1d.backends.numpy import BatchNorm1d
 
 from bn1d import batch_norm
+from bn1d.backends.numpy import BatchNorm1d
 
 
 def _strict():

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+
 from bn1d.backends.numpy import BatchNorm1d
 
 X = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32)

@@ -9,10 +9,11 @@ float16 outputs are rounded to 2**-11 relative, so |y| <= ~10 gives ~5e-3.
 """
 
 import numpy as np
-from bn1d.backends.numpy import BatchNorm1d
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference
+
+from bn1d.backends.numpy import BatchNorm1d
 
 TOLERANCE = {np.float64: 1e-10, np.float32: 5e-4, np.float16: 2e-2}
 

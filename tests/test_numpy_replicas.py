@@ -9,8 +9,9 @@ import threading
 
 import numpy as np
 import pytest
-from bn1d.backends.numpy import BatchNorm1d, run_replicas
 from reference import reference
+
+from bn1d.backends.numpy import BatchNorm1d, run_replicas
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 

@@ -10,8 +10,9 @@ divides by ``sqrt(var + eps)`` >= 0.3 here.
 
 import numpy as np
 import pytest
-from bn1d.backends.numpy import BatchNorm1d
 from reference import reference
+
+from bn1d.backends.numpy import BatchNorm1d
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 F32 = dict(rtol=2e-5, atol=2e-5)

@@ -8,6 +8,7 @@ contract's bound of 1e-7 relative error has three orders of margin.
 
 import numpy as np
 import pytest
+
 from bn1d.backends.numpy import BatchNorm1d, run_replicas
 
 H = 1e-5
