@@ -175,7 +175,7 @@ def _moments(
 
 def static_count(shape: Sequence[int], reduce_axes: Sequence[int]) -> int:
     """Values per feature that a shape alone implies (no mask, no sync)."""
-    return math.prod(shape[a] for a in reduce_axes)
+    return math.prod([shape[a] for a in reduce_axes])  # a list: a generator breaks torch.compile graphs
 
 
 def compute_dtype(xp: Any, *dtypes: Any) -> Any:

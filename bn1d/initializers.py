@@ -55,12 +55,21 @@ class Ones(Constant):
 
 
 def _to_host(value: Any) -> np.ndarray:
-    """An array of any backend as a NumPy array (via ``__array__`` or DLPack)."""
+    """An array of any backend as a NumPy array (via ``__array__``).
+
+    torch tensors are detached and moved to the CPU first, and a bfloat16 tensor
+    (which NumPy cannot represent) is widened to float32, exactly.
+    """
     if hasattr(value, "detach"):  # torch tensors refuse __array__ while requiring grad
         value = value.detach()
     if hasattr(value, "cpu"):
         value = value.cpu()
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except TypeError:
+        if hasattr(value, "float"):  # torch.bfloat16
+            return np.asarray(value.float())
+        raise
 
 
 def initial_value(initializer: Any, name: str, num_features: int, dtype: Any = np.float32) -> np.ndarray:

@@ -82,8 +82,12 @@ def check_state(state: Any, *, num_features: int, affine: bool, dtype: Any = np.
 
 
 def torch_momentum(momentum: float) -> float:
-    """PyTorch's ``momentum`` for ours (and back): the weight of the new batch, ``1 - m``."""
-    return 1.0 - momentum
+    """PyTorch's ``momentum`` for ours (and back): the weight of the new batch, ``1 - m``.
+
+    Rounded to 15 significant decimals so that 0.99 maps to 0.01 (not
+    0.010000000000000009) and a round trip returns the value it started from.
+    """
+    return round(1.0 - momentum, 15)
 
 
 def to_torch_state_dict(state: Mapping[str, Any], num_batches_tracked: int = 0) -> dict[str, np.ndarray]:

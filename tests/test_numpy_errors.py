@@ -207,3 +207,17 @@ def test_messages_name_expected_and_given():
     with pytest.raises(ValueError) as info:
         BatchNorm1d(3, momentum=2.0)
     assert re.fullmatch(r"momentum: expected .+, got 2\.0", str(info.value))
+
+
+def test_torch_momentum_round_trips_exactly():
+    from bn1d.state import torch_momentum
+
+    assert torch_momentum(0.99) == 0.01
+    for m in (0.0, 0.1, 0.9, 0.99, 0.999, 1.0):
+        assert torch_momentum(torch_momentum(m)) == m
+
+
+def test_static_count_is_a_plain_int_from_a_list():
+    from bn1d.algorithm import static_count
+
+    assert static_count((4, 5, 3), (0, 1)) == 20 and static_count((0, 5, 3), (0, 1)) == 0
