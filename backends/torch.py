@@ -1,0 +1,329 @@
+r"""The PyTorch backend: ``BatchNorm1d`` as a ``torch.nn.Module``.
+
+It computes what ``bn1d.backends.numpy`` specifies (see that module and SPEC.md).
+Per feature (the one axis not in ``axis``), over the ``n`` unmasked positions of
+all synced ranks, in training::
+
+    mean = sum(x) / n;  var = sum((x - mean) ** 2) / n          # two-pass, biased
+    y = (x - mean) * (scale / sqrt(var + epsilon)) + bias
+    running_mean = momentum * running_mean + (1 - momentum) * mean
+    running_var  = momentum * running_var  + (1 - momentum) * var * n / (n - 1)
+
+and in inference ``y`` with the running statistics, nothing updated and no
+communication. Gradients flow through ``mean`` and ``var``, never into the
+running statistics.
+
+PyTorch idioms: ``scale``/``bias`` are ``nn.Parameter`` (absent, not ``None``,
+when not affine), ``running_mean``/``running_var`` buffers; ``num_batches_tracked``
+(training calls, as PyTorch counts them) is a non-persistent buffer kept for
+:meth:`BatchNorm1d.to_torch`, so ``state_dict()`` has exactly SPEC section 6's
+keys. ``.train()``/``.eval()`` set the mode and each call's ``training=``
+overrides it.
+
+Two execution paths, same contract:
+
+* PyTorch's native kernel (``torch.batch_norm``, as ``F.batch_norm``) where its
+  semantics are ours: no mask in training, no sync, two-pass variance, unbiased
+  running variance, running statistics in the input's dtype or float32 for
+  float16/bfloat16 input, more than one value per feature, features on axis 1
+  (run directly) or last (``(B, L, C)`` runs as ``(B*L, C)``). PyTorch's momentum
+  is ``1 - momentum``. Its CPU kernel is two-pass too but accumulates less
+  accurately on channel-last input: measured at ``|mean| / std = 1e4`` and
+  ``n = 32768`` in float32, a 6e-5 relative variance error (the core's: 3e-7;
+  the one-pass formula's: 100%). ``native_kernel=False`` always uses the core.
+* The core (:func:`bn1d.algorithm.batch_norm`) otherwise: masks, sync,
+  ``fast_variance``, ``unbiased_running_var=False``, other dtype pairs,
+  ``n <= 1``, features on another axis.
+
+Deviations from PyTorch's ``nn.BatchNorm1d``: BrainPy's momentum convention
+(``momentum=None``, PyTorch's cumulative average, has no equivalent); any layout
+(``axis``); masks; synced statistics also on CPU (gloo), weighted by counts; a
+batch with no value leaves the running statistics unchanged instead of NaN;
+float32 statistics for half input; ``scale`` folded into the inverse standard
+deviation (BrainPy's rounding order). From BrainPy and Flax: see
+``bn1d.backends.numpy``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from bn1d.algorithm import batch_norm, check_inputs
+from bn1d.config import BatchNormConfig, argument_error
+from bn1d.initializers import Ones, Zeros, initial_value
+from bn1d.state import check_state, from_torch_state_dict, state_keys, to_torch_state_dict, torch_momentum
+
+__all__ = ["BatchNorm1d"]
+
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
+_PARAM_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_CONTIGUOUS_GRAD_MIN_NUMEL = 1 << 17  # below, the hook's ~10 us fixed cost outweighs what it saves
+
+
+def _contiguous_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """PyTorch's CPU batch-norm backward is ~4x slower on a non-contiguous gradient (e.g. from y.sum())."""
+    return grad.contiguous()
+
+
+class BatchNorm1d(nn.Module):
+    """1-D batch normalization with BrainPy's signature, as a ``torch.nn.Module``.
+
+    ``layer(x, mask=None, training=None) -> y``. Keyword-only extras:
+
+    * ``process_group``: the ``torch.distributed`` group to sync over when
+      ``axis_name`` is set (``None``: WORLD). ``axis_name`` is only a label here;
+      setting it turns syncing on. ``axis_index_groups`` partitions the group's
+      ranks into subgroups that sync separately (created with ``dist.new_group``
+      on the first synced training call, which every rank must make). Without an
+      initialised ``torch.distributed``, a synced layer uses its local batch.
+    * ``device``, ``dtype`` (float32 by default, or float64) of parameters and
+      running statistics.
+    * ``fast_variance``, ``unbiased_running_var``: see ``bn1d.algorithm``.
+    * ``timeout``: seconds each collective may wait (``None``: the process
+      group's timeout); past it, a ``RuntimeError``.
+    * ``native_kernel``: use PyTorch's kernel where its semantics are ours.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        axis: int | Sequence[int] = (0, 1),
+        epsilon: float = 1e-5,
+        momentum: float = 0.99,
+        affine: bool = True,
+        bias_initializer: Any = Zeros(),
+        scale_initializer: Any = Ones(1.0),
+        axis_name: str | Sequence[str] | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        mode: str | None = None,
+        name: str | None = None,
+        *,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        fast_variance: bool = False,
+        unbiased_running_var: bool = True,
+        timeout: float | None = None,
+        native_kernel: bool = True,
+    ):
+        config = BatchNormConfig.from_arguments(
+            num_features, axis, epsilon, momentum, affine, axis_name, axis_index_groups, mode, name,
+            fast_variance=fast_variance, unbiased_running_var=unbiased_running_var,
+        )  # fmt: skip
+        dtype = torch.float32 if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or dtype not in _PARAM_DTYPES:
+            raise argument_error("dtype", "None, torch.float32 or torch.float64", dtype, TypeError)
+        if process_group is not None:
+            if not config.synced:
+                raise argument_error(
+                    "process_group", "None when axis_name is None (axis_name turns sync on)", process_group
+                )
+            if not (torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)):
+                raise argument_error(
+                    "process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError
+                )
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not (0 < timeout < math.inf)
+        ):
+            raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
+        if not isinstance(native_kernel, bool):
+            raise argument_error("native_kernel", "a bool", native_kernel, TypeError)
+        c = config.num_features
+        if affine:
+            scale = initial_value(scale_initializer, "scale_initializer", c, _PARAM_DTYPES[dtype])
+            bias = initial_value(bias_initializer, "bias_initializer", c, _PARAM_DTYPES[dtype])
+        super().__init__()
+        self.config = config
+        self.name = name
+        self.process_group = process_group
+        self.timeout = None if timeout is None else float(timeout)
+        factory = {"device": device, "dtype": dtype}
+        if affine:  # not affine: no scale/bias attributes at all (SPEC section 1), not None ones
+            self.scale = nn.Parameter(torch.as_tensor(scale, **factory))
+            self.bias = nn.Parameter(torch.as_tensor(bias, **factory))
+        self.register_buffer("running_mean", torch.zeros(c, **factory))
+        self.register_buffer("running_var", torch.ones(c, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
+        self.train(config.training)
+        # Precomputed for the per-call hot path.
+        self._ndim, self._feature_axis = config.ndim, config.feature_axis
+        self._channels_last = config.feature_axis == config.ndim - 1  # runs as (-1, C)
+        self._native = (
+            native_kernel and not fast_variance and unbiased_running_var and config.feature_axis in (1, config.ndim - 1)
+        )
+        self._pytorch_momentum = torch_momentum(config.momentum)
+
+    # -- the uniform layer protocol -------------------------------------------------
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None) -> torch.Tensor:
+        """``y`` for ``x``; in training also updates the running statistics."""
+        if training is None:
+            training = self.training
+        elif not isinstance(training, bool):
+            raise argument_error("training", "None or a bool", training, TypeError)
+        c, fa = self.config.num_features, self._feature_axis
+        if mask is not None or not (
+            isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES and x.dim() == self._ndim and x.shape[fa] == c
+        ):
+            check_inputs(x, mask, num_features=c, reduce_axes=self.config.reduce_axes)
+            if not isinstance(x, torch.Tensor):
+                raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
+        group = self._sync_group() if training and self.config.synced else None
+        stats_dtype = self.running_mean.dtype
+        if (
+            self._native
+            and group is None
+            and (not training or (mask is None and x.numel() > c))
+            and (x.dtype == stats_dtype or (stats_dtype == torch.float32 and x.dtype in _HALF_DTYPES))
+        ):
+            return self._native_forward(x, training)
+        all_sum = None
+        if group is not None:
+            from . import torch_distributed
+
+            torch_distributed.check_peers(
+                x, num_features=c, feature_axis=fa, fast_variance=self.config.fast_variance,
+                float64=torch.float64 in (x.dtype, stats_dtype), group=self._parent_group(),
+                fingerprint=torch_distributed.groups_fingerprint(self.config.axis_index_groups), timeout=self.timeout,
+            )  # fmt: skip
+            all_sum = torch_distributed.make_all_sum(group, self.timeout)
+        running_mean, running_var = self.running_mean, self.running_var
+        if training:  # copies: under torch.compile with graph breaks, a graph may save them for backward
+            running_mean, running_var = running_mean.clone(), running_var.clone()  # before copy_ below
+        result = batch_norm(
+            x, running_mean, running_var, self._parameters.get("scale"), self._parameters.get("bias"),
+            reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon, momentum=self.config.momentum,
+            training=training, mask=mask, fast_variance=self.config.fast_variance,
+            unbiased_running_var=self.config.unbiased_running_var, all_sum=all_sum,
+        )  # fmt: skip
+        if training:
+            with torch.no_grad():
+                self.running_mean.copy_(result.running_mean)
+                self.running_var.copy_(result.running_var)
+                self.num_batches_tracked.add_(1)
+        return result.y
+
+    def _native_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """PyTorch's kernel on ``x`` seen as ``(N, C, ...)`` (features on axis 1 or last)."""
+        params, buffers = self._parameters, self._buffers
+        # Contiguous input: PyTorch's generic strided kernel rounds half-input parameter gradients to half.
+        view = x.reshape(-1, self.config.num_features) if self._channels_last else x.contiguous()
+        y = torch.batch_norm(
+            view, params.get("scale"), params.get("bias"), buffers["running_mean"], buffers["running_var"],
+            training, self._pytorch_momentum, self.config.epsilon, torch.backends.cudnn.enabled,
+        )  # fmt: skip
+        if training:
+            buffers["num_batches_tracked"].add_(1)
+        if y.requires_grad and y.numel() >= _CONTIGUOUS_GRAD_MIN_NUMEL and not torch.compiler.is_compiling():
+            y.register_hook(_contiguous_gradient)
+        return y.view(x.shape) if self._channels_last else y
+
+    def train(self, mode: bool = True) -> BatchNorm1d:
+        if not isinstance(mode, bool):
+            raise argument_error("mode", "a bool", mode, TypeError)
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load ``scale``, ``bias`` (when affine), ``running_mean``, ``running_var``:
+        strict and atomic (``bn1d.state.check_state``), values copied in place."""
+        if strict is not True:
+            raise argument_error("strict", "True (loading is always strict)", strict)
+        self._copy_state(self._checked_state(state_dict))
+        return _IncompatibleKeys([], [])
+
+    # -- interop with torch.nn.BatchNorm1d -------------------------------------------
+    @classmethod
+    def from_torch(cls, module: nn.BatchNorm1d, axis: int | Sequence[int] = (0, 2), **kwargs: Any) -> BatchNorm1d:
+        """A layer computing what ``module`` computes. PyTorch's ``(N, C, L)`` input is
+        ``axis=(0, 2)`` here (the default) and its ``(N, C)`` input ``axis=0``; any
+        other ``axis`` takes the same state for another layout. ``kwargs`` go to the
+        constructor (e.g. ``axis_name``)."""
+        if not isinstance(module, nn.BatchNorm1d):
+            raise argument_error("module", "a torch.nn.BatchNorm1d", type(module).__name__, TypeError)
+        if module.momentum is None:
+            raise argument_error(
+                "module.momentum", "a float (PyTorch's cumulative average, None, has no equivalent)", None
+            )
+        if not module.track_running_stats or module.running_mean is None:
+            raise argument_error("module.track_running_stats", "True (running statistics to convert)", False)
+        state = from_torch_state_dict(module.state_dict())
+        layer = cls(
+            module.num_features, axis, module.eps, torch_momentum(module.momentum), module.affine,
+            mode=None if module.training else "inference", device=module.running_mean.device,
+            dtype=module.running_mean.dtype, **kwargs,
+        )  # fmt: skip
+        layer.load_state_dict(state)
+        layer.num_batches_tracked.copy_(module.num_batches_tracked)
+        return layer
+
+    def to_torch(self) -> nn.BatchNorm1d:
+        """An ``nn.BatchNorm1d`` with this layer's state, momentum ``1 - momentum`` and
+        mode. It takes PyTorch's layout (features on axis 1): the same outputs as
+        this layer when ``axis`` is ``(0, 2)`` or ``0``. Raises ``ValueError`` for the
+        options PyTorch's layer cannot reproduce."""
+        for option, value, default in (
+            ("fast_variance", self.config.fast_variance, False),
+            ("unbiased_running_var", self.config.unbiased_running_var, True),
+            ("axis_name", self.config.axis_name, None),
+        ):
+            if value != default:
+                raise argument_error(option, f"{default} to convert to torch.nn.BatchNorm1d", value)
+        module = nn.BatchNorm1d(
+            self.config.num_features, eps=self.config.epsilon, momentum=torch_momentum(self.config.momentum),
+            affine=self.config.affine, device=self.running_mean.device, dtype=self.running_mean.dtype,
+        )  # fmt: skip
+        state = to_torch_state_dict(self.state_dict(), int(self.num_batches_tracked))
+        module.load_state_dict({key: torch.as_tensor(value) for key, value in state.items()})
+        return module.train(self.training)
+
+    # -- internals ----------------------------------------------------------------------
+    def _parent_group(self) -> Any:
+        return torch.distributed.group.WORLD if self.process_group is None else self.process_group
+
+    def _sync_group(self) -> Any:
+        """The group to sum statistics over, or ``None`` without ``torch.distributed``."""
+        if self.process_group is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        from . import torch_distributed
+
+        return torch_distributed.sync_group(self.process_group, self.config.axis_index_groups, self.timeout)
+
+    def _checked_state(self, state_dict: Any) -> dict[str, np.ndarray]:
+        np_dtype = np.float64 if self.running_mean.dtype == torch.float64 else np.float32
+        return check_state(state_dict, num_features=self.config.num_features, affine=self.config.affine, dtype=np_dtype)
+
+    def _copy_state(self, checked: Mapping[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for key, value in checked.items():
+                getattr(self, key).copy_(torch.from_numpy(value))
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:  # fmt: skip
+        """Loading as part of a parent module: the same checks, errors reported to the parent."""
+        local = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        if not strict and not local:
+            missing_keys.extend(prefix + key for key in state_keys(self.config.affine))
+            return
+        try:
+            checked = self._checked_state(local)
+        except (TypeError, ValueError) as error:
+            error_msgs.append(str(error))
+            return
+        self._copy_state(checked)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{c.num_features}, axis={c.reduce_axes}, epsilon={c.epsilon}, momentum={c.momentum}, "
+            f"affine={c.affine}, axis_name={c.axis_name!r}"
+        )

@@ -1,0 +1,271 @@
+"""Synced statistics of ``bn1d.backends.torch`` over torch.distributed (gloo, CPU).
+
+Two launches (4 ranks, then 2 ranks) of tests/torch_backend/torch_workers/sync_worker.py, each
+running many checks, spawned on loopback with a ``file://`` rendezvous in a tmp
+dir, killed if they outlive a hard timeout. The results are compared here with
+the NumPy specification: ``run_replicas`` (threads summing exactly) and, for
+the groups and uneven batches, a single unsynced layer on the concatenated
+batch of each group.
+
+Tolerances: float32 cases compare float32 results with the float64
+specification. Outputs and input gradients are O(1) per element and go through
+~3 float32 roundings plus sums of <= 24 values per feature, so 2e-5 absolute
+and relative is ~100 float32 ulps; parameter gradients are sums of <= 24 O(1)
+terms, hence 1e-4 absolute. float64 cases leave only summation-order rounding:
+1e-10.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from bn1d.backends import numpy as spec  # noqa: E402
+
+pytestmark = pytest.mark.dist
+
+WORKER = Path(__file__).parent / "torch_workers" / "sync_worker.py"
+LAUNCH_TIMEOUT_S = 240
+C = 4
+
+
+def launch(job: dict, world: int, workdir: Path) -> list[dict]:
+    """Run ``world`` worker processes on ``job``; their results, in rank order."""
+    workdir.mkdir(parents=True)
+    with open(workdir / "job.pkl", "wb") as file:
+        pickle.dump(job, file)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    logs = [open(workdir / f"rank{r}.log", "w") for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(workdir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for r, log in enumerate(logs)
+    ]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        timed_out = [p.poll() is None for p in procs]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    if any(timed_out) or any(p.returncode != 0 for p in procs):
+        text = "\n".join(f"--- rank {r} (rc {p.returncode}) ---\n{(workdir / f'rank{r}.log').read_text()[-3000:]}"
+                         for r, p in enumerate(procs))  # fmt: skip
+        pytest.fail(f"workers failed or outlived {LAUNCH_TIMEOUT_S}s (timed out: {timed_out}):\n{text}")
+    results = []
+    for r in range(world):
+        with open(workdir / f"rank{r}.pkl", "rb") as file:
+            results.append(pickle.load(file))
+    return results
+
+
+def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, masked=False, dtype="float32",
+              fast_variance=False, steps=2, seed=0):  # fmt: skip
+    """Per-rank data with rank-dependent means and spreads, so that weighting the
+    ranks by their counts matters when batch sizes or masks differ."""
+    rng = np.random.default_rng(seed)
+    feature_axis = 1 if axis in ((0, 2), 0) else 2
+    ndim = 2 if axis == 0 else 3
+
+    def shape(batch):
+        return (batch, C) if ndim == 2 else ((batch, C, length) if feature_axis == 1 else (batch, length, C))
+
+    def batch_data(rank):
+        x = (rank + (1 + rank) * rng.standard_normal(shape(batches[rank]))).astype(dtype)
+        mask = None
+        if masked:
+            mask_shape = tuple(s for a, s in enumerate(shape(batches[rank])) if a != feature_axis)
+            mask = rng.random(mask_shape) < 0.7
+        return x, mask, rng.standard_normal(shape(batches[rank])).astype(dtype)
+
+    return {
+        "name": name, "world": world, "num_features": C, "axis": axis, "groups": groups, "momentum": 0.9,
+        "fast_variance": fast_variance, "param_dtype": dtype, "feature_axis": feature_axis,
+        "scale": (1 + 0.5 * rng.standard_normal(C)).astype(dtype), "bias": rng.standard_normal(C).astype(dtype),
+        "steps": [[batch_data(r) for _ in range(steps)] for r in range(world)],
+        "eval_x": [rng.standard_normal(shape(2)).astype(dtype) for _ in range(world)],
+    }  # fmt: skip
+
+
+FOUR = [
+    make_case("equal batches", 4, [3, 3, 3, 3]),
+    make_case("uneven batches, one empty, channel-first", 4, [3, 1, 0, 5], axis=(0, 2), seed=1),
+    make_case("groups, uneven batches, masks", 4, [2, 4, 3, 1], groups=[[0, 1], [2, 3]], masked=True, seed=2),
+    make_case(
+        "groups, fast variance, float64",
+        4,
+        [2, 3, 1, 4],
+        groups=[[0, 1], [2, 3]],
+        fast_variance=True,
+        dtype="float64",
+        seed=3,
+    ),  # fmt: skip
+    make_case("uneven batches, masks, float64", 4, [1, 2, 3, 4], masked=True, dtype="float64", seed=4),
+]
+TWO = [make_case("two ranks, (B, C) input, uneven", 2, [5, 2], axis=0, seed=5)]
+DDP = {"in_features": 3, "num_features": C, "xs": [np.random.default_rng(6).standard_normal((b, 5, 3)).astype("float32")
+                                                 for b in (2, 5)]}  # fmt: skip
+DDP["dys"] = [np.random.default_rng(7).standard_normal((b, 5, C)).astype("float32") for b in (2, 5)]
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return launch({"cases": FOUR, "eval_silent": True}, 4, tmp_path_factory.mktemp("torch4") / "run")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return launch({"cases": TWO, "ddp": DDP, "faults": True}, 2, tmp_path_factory.mktemp("torch2") / "run")
+
+
+def specification(case: dict) -> list[dict]:
+    """The NumPy specification of each rank's steps, on run_replicas' threads."""
+
+    def replica(rank):
+        layer = spec.BatchNorm1d(
+            C, axis=case["axis"], momentum=case["momentum"], axis_name="batch", axis_index_groups=case["groups"],
+            fast_variance=case["fast_variance"], scale_initializer=case["scale"].astype(np.float64),
+            bias_initializer=case["bias"].astype(np.float64), dtype=np.float64,
+        )  # fmt: skip
+        steps = []
+        for x, mask, dy in case["steps"][rank]:
+            grads = layer.vjp(x.astype(np.float64), dy.astype(np.float64), mask)
+            y = layer(x.astype(np.float64), mask)
+            steps.append({"y": y, "dx": grads["x"], "dscale": grads["scale"], "dbias": grads["bias"],
+                          "running_mean": layer.running_mean, "running_var": layer.running_var})  # fmt: skip
+        return {"steps": steps, "eval_y": layer(case["eval_x"][rank].astype(np.float64), training=False)}
+
+    return spec.run_replicas(replica, case["world"], timeout=60)
+
+
+def tolerances(case: dict) -> dict:
+    if case["param_dtype"] == "float64":
+        return {"y": 1e-10, "dx": 1e-10, "dscale": 1e-10, "dbias": 1e-10, "running_mean": 1e-10, "running_var": 1e-10}
+    return {"y": 2e-5, "dx": 2e-5, "dscale": 1e-4, "dbias": 1e-4, "running_mean": 2e-5, "running_var": 2e-5}
+
+
+def check_case(case: dict, results: list[dict]) -> None:
+    expected = specification(case)
+    tol = tolerances(case)
+    for rank, (got, want) in enumerate(zip(results, expected)):
+        for step, (g, w) in enumerate(zip(got["steps"], want["steps"])):
+            for key, atol in tol.items():
+                np.testing.assert_allclose(
+                    g[key], w[key], rtol=atol, atol=atol, err_msg=f"rank {rank} step {step} {key}"
+                )
+        np.testing.assert_allclose(
+            got["eval_y"], want["eval_y"], rtol=tol["y"], atol=tol["y"], err_msg=f"rank {rank} eval"
+        )
+
+
+def check_against_concatenation(case: dict, results: list[dict]) -> None:
+    """First step of each group = one unsynced layer on the group's concatenated batch."""
+    groups = case["groups"] or [list(range(case["world"]))]
+    tol = tolerances(case)
+    for group in groups:
+        layer = spec.BatchNorm1d(C, axis=case["axis"], momentum=case["momentum"], fast_variance=case["fast_variance"],
+                                 scale_initializer=case["scale"].astype(np.float64),
+                                 bias_initializer=case["bias"].astype(np.float64), dtype=np.float64)  # fmt: skip
+        xs, masks, dys = zip(*(case["steps"][r][0] for r in group))
+        x, dy = np.concatenate(xs).astype(np.float64), np.concatenate(dys).astype(np.float64)
+        mask = None if masks[0] is None else np.concatenate(masks)
+        grads = layer.vjp(x, dy, mask)
+        y = layer(x, mask)
+        splits = np.cumsum([len(b) for b in xs])[:-1]
+        for r, y_r, dx_r in zip(group, np.split(y, splits), np.split(grads["x"], splits)):
+            got = results[r]["steps"][0]
+            np.testing.assert_allclose(got["y"], y_r, rtol=tol["y"], atol=tol["y"], err_msg=f"rank {r} y")
+            np.testing.assert_allclose(got["dx"], dx_r, rtol=tol["dx"], atol=tol["dx"], err_msg=f"rank {r} dx")
+            np.testing.assert_allclose(
+                got["running_var"], layer.running_var, rtol=tol["running_var"], atol=tol["running_var"]
+            )
+        for key in ("scale", "bias"):  # each rank holds its share of the parameter gradients
+            total = sum(results[r]["steps"][0]["d" + key] for r in group)
+            np.testing.assert_allclose(total, grads[key], rtol=tol["d" + key], atol=tol["d" + key], err_msg=key)
+
+
+@pytest.mark.parametrize("index", range(len(FOUR)), ids=[case["name"] for case in FOUR])
+def test_four_ranks_equal_the_specification(four_ranks, index):
+    check_case(FOUR[index], [r["cases"][index] for r in four_ranks])
+
+
+@pytest.mark.parametrize("index", [1, 2, 4], ids=[FOUR[i]["name"] for i in (1, 2, 4)])
+def test_four_ranks_equal_the_concatenated_batch(four_ranks, index):
+    check_against_concatenation(FOUR[index], [r["cases"][index] for r in four_ranks])
+
+
+def test_empty_rank_gets_an_empty_output_and_the_global_statistics(four_ranks):
+    empty = four_ranks[2]["cases"][1]["steps"][0]
+    assert empty["y"].shape == (0, C, 5)
+    assert np.all(np.isfinite(empty["running_var"]))
+    np.testing.assert_array_equal(empty["running_var"], four_ranks[0]["cases"][1]["steps"][0]["running_var"])
+
+
+def test_inference_does_not_communicate(four_ranks):
+    # Rank 0 called a synced layer in inference while ranks 1-3 waited in a
+    # barrier; a collective would have blocked it until its 5 s timeout.
+    assert four_ranks[0]["eval_silent"]["seconds"] < 4
+
+
+def test_two_ranks_equal_the_specification(two_ranks):
+    check_case(TWO[0], [r["cases"][0] for r in two_ranks])
+    check_against_concatenation(TWO[0], [r["cases"][0] for r in two_ranks])
+
+
+def test_ddp_gradients_equal_the_global_batch(two_ranks):
+    for rank, result in enumerate(two_ranks):
+        ddp = result["ddp"]
+        assert ddp["grads"].keys() == ddp["expected"].keys() == {"0.weight", "0.bias", "1.scale", "1.bias"}
+        for name, grad in ddp["grads"].items():
+            # sums of 35 float32 products, then DDP's float32 average: 1e-4 absolute.
+            np.testing.assert_allclose(grad, ddp["expected"][name], rtol=1e-4, atol=1e-4, err_msg=f"rank {rank} {name}")
+        np.testing.assert_allclose(ddp["running_var"], ddp["expected_running_var"], rtol=2e-5, atol=2e-5)
+
+
+def test_num_features_mismatch_names_both_ranks(two_ranks):
+    for result in two_ranks:
+        error = result["mismatch"]
+        assert error["type"] == "ValueError", error
+        assert error["message"].startswith("x: expected the same num_features"), error["message"]
+        assert "ranks [0]: num_features=3 on axis 2 of a 3-D input (rank 0: shape (4, 5, 3))" in error["message"]
+        assert "ranks [1]: num_features=4 on axis 2 of a 3-D input (rank 1: shape (4, 5, 4))" in error["message"]
+
+
+def test_dtype_mismatch_names_both_ranks(two_ranks):
+    for result in two_ranks:
+        error = result["dtype_mismatch"]
+        assert error["type"] == "ValueError", error
+        assert "ranks [0]: num_features=3" in error["message"] and "float32 statistics" in error["message"]
+        assert "ranks [1]: num_features=3" in error["message"] and "float64 statistics" in error["message"]
+
+
+def test_a_rank_that_never_calls_is_an_error_within_the_timeout(two_ranks):
+    error = two_ranks[0]["never_calls"]
+    assert error["type"] == "RuntimeError" and "timeout=2.0" in error["message"], error
+    assert 1.5 < error["seconds"] < 10, error
+
+
+def test_a_dead_rank_is_an_error_not_a_hang(two_ranks):
+    error = two_ranks[0]["dies"]
+    assert error["type"] == "RuntimeError" and "a rank may have died" in error["message"], error
+    assert error["seconds"] < 30, error

@@ -1,0 +1,129 @@
+"""Conversion between ``bn1d.backends.torch.BatchNorm1d`` and ``torch.nn.BatchNorm1d``
+(SPEC section 6): layout (PyTorch's ``(N, C, L)`` is ``axis=(0, 2)``, its ``(N, C)``
+is ``axis=0``), momentum ``1 - m``, running statistics and ``num_batches_tracked``.
+
+Both layers run PyTorch's float32 kernel on the same data, so they agree to the
+last bits except where the two formulas differ in rounding order (BrainPy folds
+``scale`` into the inverse standard deviation, PyTorch does not; the momentum
+``0.9`` is stored as ``1 - 0.1``): 1e-6 absolute and relative on O(1) values,
+a few float32 ulps, over several training steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from bn1d.backends import numpy as spec  # noqa: E402
+from bn1d.backends.torch import BatchNorm1d  # noqa: E402
+
+TOL = 1e-6
+
+
+def close(actual, expected, what, tol=TOL):
+    np.testing.assert_allclose(actual.detach().double().numpy(), expected.detach().double().numpy(), rtol=tol,
+                               atol=tol, err_msg=what)  # fmt: skip
+
+
+def trained_torch_module(c, shape, steps=3, **kwargs):
+    torch.manual_seed(0)
+    module = nn.BatchNorm1d(c, **kwargs)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+    for _ in range(steps):
+        module(torch.randn(shape) * 2 + 1)
+    return module
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 3, 6), (0, 2)), ((8, 3), 0)], ids=["NCL", "NC"])
+def test_from_torch_then_train_side_by_side(shape, axis):
+    module = trained_torch_module(3, shape, momentum=0.1, eps=1e-3)
+    layer = BatchNorm1d.from_torch(module, axis=axis)
+    assert layer.config.reduce_axes == ((0, 2) if axis == (0, 2) else (0,))
+    assert layer.config.momentum == 0.9 and layer.config.epsilon == 1e-3 and layer.training
+    assert int(layer.num_batches_tracked) == 3
+    torch.manual_seed(1)
+    for step in range(4):
+        x = torch.randn(shape) * 3 - 1
+        dy = torch.randn(shape)
+        x_ours, x_theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y_ours, y_theirs = layer(x_ours), module(x_theirs)
+        y_ours.backward(dy)
+        y_theirs.backward(dy)
+        close(y_ours, y_theirs, f"step {step} y")
+        close(x_ours.grad, x_theirs.grad, f"step {step} dx")
+        close(layer.scale.grad, module.weight.grad, f"step {step} dscale", 1e-5)  # sums of 24 terms
+        close(layer.running_mean, module.running_mean, f"step {step} running_mean")
+        close(layer.running_var, module.running_var, f"step {step} running_var")
+        layer.zero_grad()
+        module.zero_grad()
+    assert int(layer.num_batches_tracked) == int(module.num_batches_tracked) == 7
+    layer.eval()
+    module.eval()
+    x = torch.randn(shape)
+    close(layer(x), module(x), "inference y")
+
+
+def test_to_torch_round_trip():
+    layer = BatchNorm1d(3, axis=(0, 2), momentum=0.9, epsilon=1e-3, scale_initializer=np.array([1.0, 2.0, 0.5]))
+    for _ in range(3):
+        layer(torch.randn(4, 3, 6) * 2 + 1)
+    layer.eval()
+    module = layer.to_torch()
+    assert isinstance(module, nn.BatchNorm1d) and not module.training
+    assert module.momentum == 0.1 and module.eps == 1e-3 and module.affine and module.track_running_stats
+    assert int(module.num_batches_tracked) == 3
+    x = torch.randn(5, 3, 7)
+    close(module(x), layer(x), "inference y")
+    module.train()
+    layer.train()
+    close(module(x), layer(x), "training y")
+    close(module.running_var, layer.running_var, "running_var")
+    back = BatchNorm1d.from_torch(module)
+    assert back.config == layer.config
+    for key, value in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_to_torch_without_affine_and_in_float64():
+    layer = BatchNorm1d(3, axis=0, affine=False, dtype=torch.float64)
+    layer(torch.randn(8, 3, dtype=torch.float64))
+    module = layer.to_torch()
+    assert not module.affine and module.running_var.dtype == torch.float64
+    x = torch.randn(6, 3, dtype=torch.float64)
+    np.testing.assert_allclose(module.eval()(x).numpy(), layer.eval()(x).numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_state_reaches_the_numpy_specification():
+    module = trained_torch_module(3, (4, 3, 6))
+    layer = BatchNorm1d.from_torch(module)
+    reference = spec.BatchNorm1d(3, axis=(0, 2), momentum=0.9)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 3, 6)
+    np.testing.assert_allclose(reference(x.numpy(), training=False), module.eval()(x).detach().numpy(), rtol=1e-6,
+                               atol=1e-6)  # fmt: skip
+
+
+CONVERSION_ERRORS = [
+    (lambda: BatchNorm1d.from_torch(nn.BatchNorm2d(3)), TypeError, r"^module: expected a torch\.nn\.BatchNorm1d"),
+    (lambda: BatchNorm1d.from_torch(nn.BatchNorm1d(3, momentum=None)), ValueError, r"^module\.momentum: expected"),
+    (
+        lambda: BatchNorm1d.from_torch(nn.BatchNorm1d(3, track_running_stats=False)),
+        ValueError,
+        r"^module\.track_running_stats: expected True",
+    ),
+    (lambda: BatchNorm1d(3, fast_variance=True).to_torch(), ValueError, r"^fast_variance: expected False"),
+    (lambda: BatchNorm1d(3, unbiased_running_var=False).to_torch(), ValueError, r"^unbiased_running_var: expected"),
+    (lambda: BatchNorm1d(3, axis_name="batch").to_torch(), ValueError, r"^axis_name: expected None"),
+]
+
+
+@pytest.mark.parametrize("convert, exception, pattern", CONVERSION_ERRORS)
+def test_conversion_errors(convert, exception, pattern):
+    with pytest.raises(exception, match=pattern):
+        convert()

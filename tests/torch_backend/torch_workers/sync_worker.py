@@ -1,0 +1,158 @@
+"""One rank of a multi-process test of ``bn1d.backends.torch`` on gloo (CPU).
+
+Usage: ``python sync_worker.py RANK WORLD_SIZE WORKDIR``. Reads ``WORKDIR/job.pkl``
+(written by tests/test_torch_distributed.py), joins the process group through
+``file://WORKDIR/init`` and writes ``WORKDIR/rank{RANK}.pkl``. Every check of one
+launch runs here, so torch is imported once per process. The test process
+compares the results with the NumPy specification.
+
+Sections of the job (each optional):
+
+* ``cases``: synced training steps (forward, backward with a given cotangent)
+  and one inference call per case; outputs, gradients, running statistics.
+* ``eval_silent``: rank 0 alone calls a synced layer in inference while the
+  others wait at a barrier: it must not communicate (a collective would time out).
+* ``ddp``: a Linear + synced BatchNorm1d model under DistributedDataParallel,
+  its gradients, and those of the same model on the concatenated global batch.
+* ``faults`` (2 ranks): a num_features mismatch, a dtype mismatch, a rank that
+  never calls the layer, and a rank that dies; rank 0 records each error and how
+  long it took.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bn1d.backends.torch import BatchNorm1d
+
+torch.set_num_threads(1)
+
+
+def run_case(case: dict, rank: int) -> dict:
+    layer = BatchNorm1d(
+        case["num_features"], axis=case["axis"], momentum=case["momentum"], axis_name="batch",
+        axis_index_groups=case["groups"], fast_variance=case["fast_variance"],
+        scale_initializer=case["scale"], bias_initializer=case["bias"],
+        dtype=getattr(torch, case["param_dtype"]), timeout=60,
+    )  # fmt: skip
+    steps = []
+    for x, mask, dy in case["steps"][rank]:
+        xt = torch.tensor(x, requires_grad=True)
+        y = layer(xt, None if mask is None else torch.tensor(mask))
+        y.backward(torch.tensor(dy))
+        steps.append(
+            {
+                "y": y.detach().numpy(),
+                "dx": xt.grad.numpy(),
+                "dscale": layer.scale.grad.numpy().copy(),
+                "dbias": layer.bias.grad.numpy().copy(),
+                "running_mean": layer.running_mean.numpy().copy(),
+                "running_var": layer.running_var.numpy().copy(),
+            }
+        )
+        layer.zero_grad(set_to_none=True)
+    eval_y = layer(torch.tensor(case["eval_x"][rank]), training=False).detach().numpy()
+    return {"steps": steps, "eval_y": eval_y}
+
+
+def eval_is_silent(rank: int) -> dict:
+    layer = BatchNorm1d(3, axis_name="batch", timeout=5)
+    start = time.monotonic()
+    if rank == 0:  # the other ranks are already waiting in the barrier below
+        layer(torch.randn(4, 5, 3), training=False)
+    dist.barrier()
+    return {"seconds": time.monotonic() - start}
+
+
+def run_ddp(job: dict, rank: int, world: int) -> dict:
+    torch.manual_seed(0)  # the same initial model on every rank
+    linear = nn.Linear(job["in_features"], job["num_features"])
+    model = nn.Sequential(linear, BatchNorm1d(job["num_features"], axis_name="batch", timeout=60))
+    reference = nn.Sequential(copy.deepcopy(linear), BatchNorm1d(job["num_features"]))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x, dy = torch.tensor(job["xs"][rank]), torch.tensor(job["dys"][rank])
+    (ddp(x) * dy).sum().backward()
+    # DDP averages over ranks; the global loss is the sum of the local losses.
+    grads = {name: p.grad.numpy() * world for name, p in ddp.module.named_parameters()}
+    global_x, global_dy = torch.tensor(np.concatenate(job["xs"])), torch.tensor(np.concatenate(job["dys"]))
+    (reference(global_x) * global_dy).sum().backward()
+    expected = {name: p.grad.numpy() for name, p in reference.named_parameters()}
+    return {"grads": grads, "expected": expected, "running_var": model[1].running_var.numpy().copy(),
+            "expected_running_var": reference[1].running_var.numpy().copy()}  # fmt: skip
+
+
+def timed_error(fn) -> dict:
+    start = time.monotonic()
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - recorded for the test to judge
+        return {"type": type(error).__name__, "message": str(error), "seconds": time.monotonic() - start}
+    return {"type": None, "message": "", "seconds": time.monotonic() - start}
+
+
+def run_faults(rank: int, workdir: str, out: dict, out_path: str) -> None:
+    never_group, dead_group = dist.new_group([0, 1]), dist.new_group([0, 1])
+    # 1. num_features differs between ranks: every rank gets a ValueError naming both.
+    c = 3 + rank
+    mismatched = BatchNorm1d(c, axis_name="batch", timeout=30)
+    out["mismatch"] = timed_error(lambda: mismatched(torch.randn(4, 5, c)))
+    # 2. float32 input on rank 0, float64 on rank 1: float32 and float64 statistics.
+    layer = BatchNorm1d(3, axis_name="batch", timeout=30)
+    out["dtype_mismatch"] = timed_error(lambda: layer(torch.randn(4, 5, 3, dtype=(torch.float32, torch.float64)[rank])))
+    dist.barrier()
+    marker = os.path.join(workdir, "rank0_done_waiting")
+    if rank == 0:
+        # 3. rank 1 never calls the layer.
+        layer = BatchNorm1d(3, axis_name="batch", process_group=never_group, timeout=2)
+        out["never_calls"] = timed_error(lambda: layer(torch.randn(4, 5, 3)))
+        open(marker, "w").close()
+        # 4. rank 1 dies (after writing its results) instead of calling the layer.
+        layer = BatchNorm1d(3, axis_name="batch", process_group=dead_group, timeout=30)
+        out["dies"] = timed_error(lambda: layer(torch.randn(4, 5, 3)))
+        save(out, out_path)
+        os._exit(0)  # the process groups are broken: skip their teardown
+    deadline = time.monotonic() + 60
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    save(out, out_path)
+    os._exit(0)  # dies without calling the layer
+
+
+def save(out: dict, path: str) -> None:
+    with open(path + ".tmp", "wb") as file:
+        pickle.dump(out, file)
+    os.replace(path + ".tmp", path)
+
+
+def main() -> None:
+    rank, world, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    with open(os.path.join(workdir, "job.pkl"), "rb") as file:
+        job = pickle.load(file)
+    dist.init_process_group(
+        "gloo", init_method="file://" + os.path.join(workdir, "init"), rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    out: dict = {"cases": [run_case(case, rank) for case in job.get("cases", [])]}
+    if job.get("eval_silent"):
+        out["eval_silent"] = eval_is_silent(rank)
+    if job.get("ddp"):
+        out["ddp"] = run_ddp(job["ddp"], rank, world)
+    out_path = os.path.join(workdir, f"rank{rank}.pkl")
+    if job.get("faults"):
+        run_faults(rank, workdir, out, out_path)
+    save(out, out_path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
