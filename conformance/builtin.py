@@ -7,6 +7,11 @@ shows up as :class:`~bn1d.conformance.registry.BackendUnavailable`.
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +19,7 @@ import numpy as np
 
 from .registry import ReplicaJob, ReplicaResult
 
-__all__ = ["numpy_backend", "jax_backend"]
+__all__ = ["numpy_backend", "jax_backend", "torch_backend"]
 
 
 class NumpyBackend:
@@ -136,3 +141,97 @@ class JaxBackend:
 
 def jax_backend() -> JaxBackend:
     return JaxBackend()
+
+
+class TorchBackend:
+    """``bn1d.backends.torch``; gradients by autograd, synced cases on real
+    ``torch.distributed`` collectives: one gloo process per replica on this host,
+    started once for all the synced cases and bounded in time."""
+
+    name = "torch"
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+    #: Seconds the whole multi-process launch may take before it is killed.
+    launch_timeout = 300.0
+
+    def __init__(self) -> None:
+        import torch
+
+        from bn1d.backends import torch as torch_backend_module
+
+        self.torch, self.module = torch, torch_backend_module
+
+    def _dtype(self, name: str) -> Any:
+        return getattr(self.torch, name)
+
+    def make_layer(self, param_dtype: str = "float32", **kwargs: Any) -> Any:
+        return self.module.BatchNorm1d(**kwargs, dtype=self._dtype(param_dtype))
+
+    def asarray(self, array: np.ndarray, dtype: str | None = None) -> Any:
+        tensor = self.torch.from_numpy(np.array(array))
+        return tensor if dtype is None else tensor.to(self._dtype(dtype))
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        tensor = array.detach().cpu()
+        return tensor.double().numpy() if tensor.is_floating_point() else tensor.numpy()
+
+    def gradients(self, layer: Any, x: Any, dy: Any, mask: Any, training: bool) -> dict[str, np.ndarray]:
+        torch = self.torch
+        x = x.detach().requires_grad_()
+        y = layer(x, mask=mask, training=training)
+        wide = torch.promote_types(y.dtype, torch.float32)
+        params = dict(layer.named_parameters())
+        grads = torch.autograd.grad((y.to(wide) * dy.to(wide)).sum(), [x, *params.values()])
+        return {"x": self.to_numpy(grads[0]), **{k: self.to_numpy(g) for k, g in zip(params, grads[1:])}}
+
+    def run_replicated(self, jobs: Sequence[ReplicaJob]) -> list[ReplicaResult]:
+        if not jobs:
+            return []
+        world = len(jobs[0].xs)
+        if any(len(job.xs) != world for job in jobs):
+            raise ValueError(
+                f"jobs: expected the same number of replicas in every job, got {[len(j.xs) for j in jobs]}"
+            )
+        with tempfile.TemporaryDirectory() as scratch:
+            jobs_path = os.path.join(scratch, "jobs.pkl")
+            with open(jobs_path, "wb") as stream:
+                pickle.dump(list(jobs), stream)
+            command = [sys.executable, "-m", "bn1d.conformance.torch_replicas", jobs_path]
+            rendezvous = os.path.join(scratch, "rendezvous")
+            processes = [
+                subprocess.Popen(
+                    [*command, str(rank), str(world), rendezvous, scratch],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )  # fmt: skip
+                for rank in range(world)
+            ]
+            outputs = []
+            try:
+                for process in processes:
+                    outputs.append(process.communicate(timeout=self.launch_timeout)[0])
+            finally:
+                for process in processes:  # never leave a rank behind
+                    if process.poll() is None:
+                        process.kill()
+                        process.wait()
+            failed = [(r, p.returncode, out) for r, (p, out) in enumerate(zip(processes, outputs)) if p.returncode]
+            if failed or len(outputs) < world:
+                rank, code, out = failed[0] if failed else (len(outputs), None, "timed out")
+                raise RuntimeError(f"torch replica {rank} failed (exit {code}):\n{out[-2000:]}")
+            per_rank = [dict(np.load(os.path.join(scratch, f"{rank}.npz"))) for rank in range(world)]
+        return [
+            ReplicaResult(
+                ys=[arrays[f"{index}/y"] for arrays in per_rank],
+                states=[
+                    {k.split("/", 2)[2]: v for k, v in arrays.items() if k.startswith(f"{index}/state/")}
+                    for arrays in per_rank
+                ],
+                x_grads=[arrays[f"{index}/grad/x"] for arrays in per_rank],
+            )
+            for index in range(len(jobs))
+        ]
+
+
+def torch_backend() -> TorchBackend:
+    return TorchBackend()
