@@ -27,9 +27,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from bn1d.backends.jax import BatchNorm1d
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bn1d.backends.jax import BatchNorm1d
 from bn1d.config import argument_error
 
 __all__ = ["initialize", "batch_partition_specs", "global_batch", "shard_map_apply", "main"]

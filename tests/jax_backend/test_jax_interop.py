@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from bn1d.backends import numpy as spec
 from bn1d.backends.jax import BatchNorm1d
 

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from bn1d.backends import numpy as spec
 from bn1d.backends.jax import BatchNorm1d
-
 from bn1d.protocol import BatchNormLayer
 
 # Float32 against the float64 specification: inputs are ~3 +- 1.5 and statistics sum

@@ -46,10 +46,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+
 from bn1d.backends import numpy as spec  # noqa: E402
 from bn1d.backends.jax import BatchNorm1d  # noqa: E402
 from bn1d.backends.jax_distributed import shard_map_apply  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
 
 _IN_FRESH_PROCESS = "BN1D_JAX_FRESH_PROCESS"
 

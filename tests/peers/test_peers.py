@@ -82,7 +82,10 @@ def test_flax(shape, fast):
     variables = module.init(jax.random.key(0), jnp.asarray(xs[0]), use_running_average=False)
     rng = np.random.default_rng(4)
     variables = {
-        "params": {"scale": jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32), "bias": jnp.asarray(rng.normal(size=c), jnp.float32)},
+        "params": {
+            "scale": jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=c), jnp.float32),
+        },
         "batch_stats": variables["batch_stats"],
     }
     ported = bn1d_jax.BatchNorm1d.from_flax(variables, momentum=0.9, epsilon=1e-4, fast_variance=fast)

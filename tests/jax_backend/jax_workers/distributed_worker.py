@@ -17,9 +17,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
 from bn1d.backends.jax import BatchNorm1d  # noqa: E402
 from bn1d.backends.jax_distributed import batch_partition_specs, global_batch, initialize, shard_map_apply  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from replica_cases import DY, LAYER_KWARGS, MASKS, NUM_REPLICAS, PARAMS, STATE, X  # noqa: E402

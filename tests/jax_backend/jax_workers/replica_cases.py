@@ -9,6 +9,7 @@ Imports no JAX, so a test module can set ``XLA_FLAGS`` after importing it.
 from __future__ import annotations
 
 import numpy as np
+
 from bn1d.backends import numpy as spec
 
 NUM_REPLICAS, ROWS_PER_REPLICA = 4, 2
