@@ -114,8 +114,8 @@ def _seed(name: str) -> int:
 def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float32 values rounded (to nearest even) onto bfloat16's grid, still float32."""
     bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.astype(np.uint32).view(np.float32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
 
 
 def representable(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -130,7 +130,8 @@ def make_inputs(
 ):
     """(xs, masks, dy) for a case, deterministic in its name."""
     rng = np.random.default_rng(_seed(name))
-    xs, masks = [], []
+    xs: list[np.ndarray] = []
+    masks: list[np.ndarray | None] = []
     mask_shape = shape[:feature_axis] + shape[feature_axis + 1 :]
     for i in range(steps):
         loc, scale = loc_scale[i]

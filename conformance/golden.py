@@ -55,15 +55,16 @@ def generate() -> dict[str, np.ndarray]:
         for r in range(sync.replicas):
             prefix = f"{sync.name}/{r}"
             golden[f"{prefix}/x"], golden[f"{prefix}/dy"], golden[f"{prefix}/y"] = job.xs[r], job.dys[r], result.ys[r]
-            if job.masks[r] is not None:
-                golden[f"{prefix}/mask"] = job.masks[r]
+            mask = job.masks[r]
+            if mask is not None:
+                golden[f"{prefix}/mask"] = mask
             golden[f"{prefix}/grad/x"] = result.x_grads[r]
             for key, value in result.states[r].items():
                 golden[f"{prefix}/state/{key}"] = value
     return golden
 
 
-def save(golden: dict[str, np.ndarray], path: Path = GOLDEN_PATH) -> None:
+def save(golden: dict[str, Any], path: Path = GOLDEN_PATH) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **golden)
     path.write_bytes(buffer.getvalue())

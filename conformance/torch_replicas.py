@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ def run_job(job, rank: int) -> dict[str, np.ndarray]:
     mask = None if job.masks[rank] is None else torch.from_numpy(job.masks[rank])
     y = layer(x, mask=mask)
     (y * torch.from_numpy(job.dys[rank]).to(dtype)).sum().backward()
+    assert x.grad is not None
     result = {"y": y.detach().double().numpy(), "grad/x": x.grad.double().numpy()}
     for key, value in layer.state_dict().items():
         result[f"state/{key}"] = value.detach().double().numpy()
@@ -42,7 +44,7 @@ def main(jobs_path: str, rank: str, world: str, init_file: str, out_dir: str) ->
     try:
         with open(jobs_path, "rb") as stream:
             jobs = pickle.load(stream)
-        arrays = {}
+        arrays: dict[str, Any] = {}
         for index, job in enumerate(jobs):
             for key, value in run_job(job, int(rank)).items():
                 arrays[f"{index}/{key}"] = value
