@@ -117,7 +117,7 @@ class BatchNorm1d:
     # -- the uniform layer protocol -------------------------------------------------
     def __call__(self, x: Any, mask: Any = None, training: bool | None = None) -> np.ndarray:
         """``y`` for ``x``; in training also updates ``running_mean``/``running_var``."""
-        x, mask, training = self._check_call(x, mask, training)
+        x, mask, training = self._check_call(x, mask, training, check=False)  # batch_norm checks first
         result = batch_norm(
             x, self.running_mean, self.running_var, *self._affine_params(),
             reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon,
@@ -175,14 +175,15 @@ class BatchNorm1d:
     def _affine_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         return (self.scale, self.bias) if self.config.affine else (None, None)
 
-    def _check_call(self, x: Any, mask: Any, training: Any) -> tuple[np.ndarray, Any, bool]:
+    def _check_call(self, x: Any, mask: Any, training: Any, check: bool = True) -> tuple[np.ndarray, Any, bool]:
         if training is None:
             training = self.training
         if not isinstance(training, bool):
             raise argument_error("training", "None or a bool", training, TypeError)
         x = np.asarray(x)
         mask = None if mask is None else np.asarray(mask)
-        check_inputs(x, mask, num_features=self.config.num_features, reduce_axes=self.config.reduce_axes)
+        if check:
+            check_inputs(x, mask, num_features=self.config.num_features, reduce_axes=self.config.reduce_axes)
         return x, mask, training
 
     def _all_sum(self) -> AllSum | None:
@@ -229,31 +230,45 @@ def batch_norm_vjp(
     gradient is this one wherever the clamp is inactive.
     """
     xp_dtype = compute_dtype(np, x.dtype, running_mean.dtype)
-    xc, dyc = x.astype(xp_dtype), dy.astype(xp_dtype)
+    xc, dyc = x.astype(xp_dtype, copy=False), dy.astype(xp_dtype, copy=False)
     axes = tuple(reduce_axes)
     feature_axis = next(a for a in range(x.ndim) if a not in axes)
     shape = tuple(-1 if a == feature_axis else 1 for a in range(x.ndim))
     mean, var = running_mean.astype(xp_dtype), running_var.astype(xp_dtype)
     n: Any = 0
+    centered = None
     if training:
-        n, batch_mean, batch_var = batch_moments(
+        # The core's moments, with the x - mean it computed (None for the fast variance).
+        n, batch_mean, batch_var, centered = batch_moments(
             xc, mask, reduce_axes=axes, fast_variance=fast_variance, all_sum=all_sum
         )
-        has_data = np.asarray(n) > 0
-        mean, var = np.where(has_data, batch_mean, mean), np.where(has_data, batch_var, var)
+        if np.asarray(n) > 0:
+            mean, var = batch_mean, batch_var
+        else:  # no data: inference
+            centered = None
     inv = 1.0 / np.sqrt(var + epsilon)
-    xhat = (xc - mean.reshape(shape)) * inv.reshape(shape)
-    g = dyc if scale is None else dyc * scale.astype(xp_dtype).reshape(shape)
+    s = np.ones((), xp_dtype) if scale is None else scale.astype(xp_dtype)
+    xhat = xc - mean.reshape(shape) if centered is None else centered
+    xhat *= inv.reshape(shape)
     dbias = dyc.sum(axis=axes)
     dscale = (dyc * xhat).sum(axis=axes)
-    dx = g * inv.reshape(shape)
-    if training:
-        sums = (g.sum(axis=axes), (g * xhat).sum(axis=axes))
-        G, H = sums if all_sum is None else all_sum(sums)
-        keep = 1.0 if mask is None else np.expand_dims(mask, feature_axis).astype(xp_dtype)
-        weight = np.where(np.asarray(n) > 0, 1.0 / np.maximum(n, 1), 0.0)  # n == 0: inference
-        dx = dx - (inv * weight).reshape(shape) * keep * (G.reshape(shape) + xhat * H.reshape(shape))
-    return dx.astype(x.dtype), dscale, dbias
+    if not training:
+        return (dyc * (s * inv).reshape(shape)).astype(x.dtype, copy=False), dscale, dbias
+    # G = sum(g) and H = sum(g * xhat) with g = dy * scale: scale is per feature, so
+    # they are scale * dbias and scale * dscale (no further pass over the input).
+    sums = (s * dbias, s * dscale)
+    G, H = sums if all_sum is None else all_sum(sums)
+    weight = np.where(np.asarray(n) > 0, 1.0 / np.maximum(n, 1), 0.0).astype(xp_dtype)  # n == 0: inference
+    # dx = inv * g - inv * weight * keep * (G + xhat * H), with the per-feature factors
+    # folded; in place, so that at most two input-sized arrays are alive.
+    correction = xhat  # xhat is not needed any more
+    correction *= (inv * weight * H).reshape(shape)
+    correction += (inv * weight * G).reshape(shape)
+    if mask is not None:
+        correction *= np.expand_dims(mask, feature_axis)
+    dx = dyc * (s * inv).reshape(shape)
+    dx -= correction
+    return dx.astype(x.dtype, copy=False), dscale, dbias
 
 
 # -- simulated replicas ------------------------------------------------------------------

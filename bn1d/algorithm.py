@@ -71,8 +71,9 @@ class BatchNormResult(NamedTuple):
     running_var: Array
 
 
-def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes: Sequence[int]) -> None:
-    """Raise ``TypeError``/``ValueError`` for an input the layer cannot take.
+def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes: Sequence[int]) -> Any:
+    """Raise ``TypeError``/``ValueError`` for an input the layer cannot take; return
+    ``x``'s Array API namespace.
 
     Only shapes and dtypes are read, so under ``jax.jit`` this runs at trace time.
     """
@@ -92,7 +93,7 @@ def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes
     if shape[feature_axis] != num_features:
         raise argument_error("x", f"num_features={num_features} on axis {feature_axis}", shape)
     if mask is None:
-        return
+        return xp
     try:
         array_namespace(mask, x)
     except TypeError as error:
@@ -104,15 +105,19 @@ def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes
     expected = shape[:feature_axis] + shape[feature_axis + 1 :]
     if tuple(mask.shape) != expected:
         raise argument_error("mask", f"shape {expected} (x's shape without the feature axis)", tuple(mask.shape))
+    return xp
 
 
 class Moments(NamedTuple):
     """Batch statistics: ``count`` (a Python int when the shape alone fixes it, else
-    an array that may be 0), ``mean`` and the biased ``var``, per feature."""
+    an array that may be 0), ``mean`` and the biased ``var``, per feature, and
+    ``centered``, the input minus ``mean`` (``None`` with the fast variance, which
+    never forms it)."""
 
     count: Any
     mean: Array
     var: Array
+    centered: Array | None
 
 
 def batch_moments(
@@ -127,8 +132,7 @@ def batch_moments(
     compute dtype. With a dynamic count of 0 the mean and variance are 0."""
     xp = array_namespace(x)
     xc = xp.astype(x, compute_dtype(xp, x.dtype), copy=False)
-    n, mean, var, _ = _moments(xc, mask, reduce_axes=tuple(reduce_axes), fast_variance=fast_variance, all_sum=all_sum)
-    return Moments(n, mean, var)
+    return Moments(*_moments(xc, mask, reduce_axes=tuple(reduce_axes), fast_variance=fast_variance, all_sum=all_sum))
 
 
 def _moments(
@@ -206,25 +210,29 @@ def batch_norm(
     it is never called in inference. See the module docstring for the maths.
     """
     reduce_axes = tuple(reduce_axes)
-    check_inputs(x, mask, num_features=running_mean.shape[0], reduce_axes=reduce_axes)
-    xp = array_namespace(x, running_mean, running_var)
+    xp = check_inputs(x, mask, num_features=running_mean.shape[0], reduce_axes=reduce_axes)
+    if not type(x) is type(running_mean) is type(running_var):  # the same type: the same namespace
+        xp = array_namespace(x, running_mean, running_var)
     dtype = compute_dtype(xp, x.dtype, running_mean.dtype)
     feature_axis = next(a for a in range(x.ndim) if a not in reduce_axes)
     broadcast_shape = tuple(-1 if a == feature_axis else 1 for a in range(x.ndim))
 
+    def cast(v: Array, to: Any = dtype) -> Array:  # astype(copy=False) without its call overhead
+        return v if v.dtype == to else xp.astype(v, to)
+
     def per_feature(v: Array) -> Array:  # (C,) -> broadcastable against x
-        return xp.reshape(xp.astype(v, dtype, copy=False), broadcast_shape)
+        return cast(v) if feature_axis == x.ndim - 1 else xp.reshape(cast(v), broadcast_shape)
 
     def normalize(centered: Array, var: Array) -> Array:
-        factor = 1.0 / xp.sqrt(xp.astype(var, dtype, copy=False) + epsilon)
+        factor = 1.0 / xp.sqrt(cast(var) + epsilon)
         if scale is not None:
-            factor = xp.astype(scale, dtype, copy=False) * factor
+            factor = cast(scale) * factor
         y = centered * per_feature(factor)
-        if bias is not None:
-            y = y + per_feature(bias)
-        return xp.astype(y, x.dtype, copy=False)
+        if bias is not None:  # in place where the library allows it: no second input-sized array
+            y += per_feature(bias)  # (immutable JAX arrays rebind; XLA fuses either form)
+        return cast(y, x.dtype)
 
-    xc = xp.astype(x, dtype, copy=False)
+    xc = cast(x)
     n: Any = static_count(x.shape, reduce_axes)
     if not training or (mask is None and all_sum is None and n == 0):
         y = normalize(xc - per_feature(running_mean), running_var)
@@ -234,6 +242,9 @@ def batch_norm(
 
     n, mean, var, centered = _moments(xc, mask, reduce_axes=reduce_axes, fast_variance=fast_variance, all_sum=all_sum)
     dynamic = not isinstance(n, int)
+    # Synced without a mask, this replica's values alone make the global count >= its
+    # static count, so it cannot be 0: no run-time fallback, and ``centered`` stays valid.
+    may_be_empty = dynamic and (mask is not None or static_count(x.shape, reduce_axes) == 0)
 
     if unbiased_running_var:
         if dynamic:
@@ -243,20 +254,20 @@ def batch_norm(
             bessel = n / (n - 1)
     else:
         bessel = 1.0
-    new_mean = momentum * xp.astype(running_mean, dtype) + (1.0 - momentum) * mean
-    new_var = momentum * xp.astype(running_var, dtype) + (1.0 - momentum) * (var * bessel)
+    new_mean = momentum * cast(running_mean) + (1.0 - momentum) * mean
+    new_var = momentum * cast(running_var) + (1.0 - momentum) * (var * bessel)
 
-    if dynamic:  # n == 0 at run time: behave as inference, change nothing
+    if may_be_empty:  # n == 0 at run time: behave as inference, change nothing
         has_data = n > 0
-        mean = xp.where(has_data, mean, xp.astype(running_mean, dtype))
-        var = xp.where(has_data, var, xp.astype(running_var, dtype))
+        mean = xp.where(has_data, mean, cast(running_mean))
+        var = xp.where(has_data, var, cast(running_var))
         centered = None  # the mean may now be the running mean
-        new_mean = xp.where(has_data, new_mean, xp.astype(running_mean, dtype))
-        new_var = xp.where(has_data, new_var, xp.astype(running_var, dtype))
+        new_mean = xp.where(has_data, new_mean, cast(running_mean))
+        new_var = xp.where(has_data, new_var, cast(running_var))
     if centered is None:
         centered = xc - per_feature(mean)
     return BatchNormResult(
         normalize(centered, var),
-        xp.astype(new_mean, running_mean.dtype),
-        xp.astype(new_var, running_var.dtype),
+        cast(new_mean, running_mean.dtype),
+        cast(new_var, running_var.dtype),
     )
