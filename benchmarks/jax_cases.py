@@ -1,0 +1,98 @@
+"""JAX: ``layer.apply`` under ``jax.jit`` against Flax linen ``BatchNorm``'s ``apply`` under ``jax.jit``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bn1d.backends.jax import BatchNorm1d
+
+from .results import PASSES, Row, Target
+from .timing import Budget, interleaved_medians
+
+MEMORY = "XLA's compiled memory_analysis(): temp + output buffers of the jitted function"
+VARIANTS = {"two-pass": False, "fast variance": True}  # bn1d fast_variance == Flax use_fast_variance
+
+
+def _compiled_bytes(jitted: Any, *args: Any) -> float | None:
+    try:
+        stats = jitted.lower(*args).compile().memory_analysis()
+        return float(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+    except Exception:  # noqa: BLE001 - memory analysis is optional on some platforms
+        return None
+
+
+def _blocking(jitted: Any, *args: Any):
+    return lambda: jax.block_until_ready(jitted(*args))
+
+
+def pair(shape: tuple[int, ...], fast: bool, pass_: str) -> tuple[tuple[Any, tuple], tuple[Any, tuple], jax.Array]:
+    """(bn1d jitted fn, args), (Flax jitted fn, args) and x for one case."""
+    c = shape[-1]
+    key_x, key_dy = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(key_x, shape, jnp.float32)
+    dy = jax.random.normal(key_dy, shape, jnp.float32)
+    layer = BatchNorm1d(c, fast_variance=fast)
+    module = nn.BatchNorm(momentum=0.99, epsilon=1e-5, use_fast_variance=fast)
+    variables = module.init(jax.random.key(1), x, use_running_average=False)
+    params, state = layer.params, layer.state
+    if pass_ == "train fwd":
+        ours = jax.jit(lambda p, s, x: layer.apply(p, s, x, training=True))
+        flax = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]))
+        return (ours, (params, state, x)), (flax, (variables, x)), x
+    if pass_ == "inference":
+        ours = jax.jit(lambda p, s, x: layer.apply(p, s, x, training=False)[0])
+        flax = jax.jit(lambda v, x: module.apply(v, x, use_running_average=True))
+        return (ours, (params, state, x)), (flax, (variables, x)), x
+
+    def our_loss(p, s, x, dy):  # the same loss on both sides: sum(y * dy)
+        y, new_state = layer.apply(p, s, x, training=True)
+        return jnp.sum(y * dy), new_state
+
+    def flax_loss(p, s, x, dy):
+        y, updates = module.apply(
+            {"params": p, "batch_stats": s}, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        return jnp.sum(y * dy), updates
+
+    ours = jax.jit(jax.grad(our_loss, argnums=(0, 2), has_aux=True))
+    flax = jax.jit(jax.grad(flax_loss, argnums=(0, 2), has_aux=True))
+    return (ours, (params, state, x, dy)), (flax, (variables["params"], variables["batch_stats"], x, dy)), x
+
+
+def run(
+    shapes: dict[str, tuple[int, ...]], budget: Budget, target: Target, passes: tuple[str, ...] = PASSES
+) -> list[Row]:
+    rows = []
+    copy = jax.jit(lambda x: x + 1.0)  # a streaming read + write (an identity would be elided)
+    for size, shape in shapes.items():
+        for pass_ in passes:
+            for variant, fast in VARIANTS.items():
+                if fast and (pass_ == "inference" or passes != PASSES):
+                    continue  # no variance in inference; the size sweep runs the default
+                (ours, our_args), (flax, flax_args), x = pair(shape, fast, pass_)
+                fns = {"bn1d": _blocking(ours, *our_args), "peer": _blocking(flax, *flax_args)}
+                times = interleaved_medians({**fns, "copy": _blocking(copy, x)}, budget)
+                peer = f"flax.linen.BatchNorm(use_fast_variance={fast})"
+                rows.append(
+                    Row(
+                        "jax",
+                        shape,
+                        pass_,
+                        variant if pass_ != "inference" else "",
+                        peer,
+                        times["bn1d"],
+                        times["peer"],
+                        int(np.prod(shape)) * 4,
+                        copy_s=times["copy"],
+                        bn1d_peak=_compiled_bytes(ours, *our_args),
+                        peer_peak=_compiled_bytes(flax, *flax_args),
+                        memory=MEMORY,
+                        target=target(pass_, size),
+                    )  # fmt: skip
+                )
+    return rows

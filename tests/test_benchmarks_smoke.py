@@ -1,0 +1,36 @@
+"""``python -m benchmarks --quick`` runs and prints the full table (a smoke test, not a timing)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSES = ("train fwd", "train fwd+bwd", "inference")
+
+
+def _have(*modules):
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def test_quick_benchmark_table(tmp_path):
+    backends = ["numpy"] + (["jax"] if _have("jax", "flax") else []) + (["torch"] if _have("torch") else [])
+    sync = _have("jax", "torch")
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--backends", ",".join(backends), "--json", str(out)]
+    if not sync:
+        command.append("--no-sync")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| backend | shape | pass |" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    seen = {(r["backend"], r["pass"]) for r in rows}
+    for backend in backends:
+        for pass_ in PASSES:
+            assert (backend, pass_) in seen
+            assert sum(1 for r in rows if (r["backend"], r["pass"]) == (backend, pass_)) >= 2  # both shapes
+    for row in rows:
+        assert row["bn1d_s"] > 0 and row["peer_s"] > 0 and row["ratio"] > 0
+    if sync:
+        assert {r["backend"] for r in rows} >= {"jax sync (shard_map)", "torch sync (gloo)"}
