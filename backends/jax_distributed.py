@@ -52,8 +52,8 @@ def batch_partition_specs(layer: BatchNorm1d) -> tuple[PartitionSpec, PartitionS
         raise argument_error("layer", "a BatchNorm1d with axis_name naming the mesh axes", layer)
     batch_axis = config.reduce_axes[0]
     mask_batch_axis = batch_axis - (config.feature_axis < batch_axis)
-    x_spec = [None] * config.ndim
-    mask_spec = [None] * (config.ndim - 1)
+    x_spec: list[Any] = [None] * config.ndim
+    mask_spec: list[Any] = [None] * (config.ndim - 1)
     x_spec[batch_axis] = mask_spec[mask_batch_axis] = config.axis_name
     return PartitionSpec(*x_spec), PartitionSpec(*mask_spec)
 

@@ -93,6 +93,10 @@ class BatchNorm1d(nn.Module):
     * ``native_kernel``: use PyTorch's kernel where its semantics are ours.
     """
 
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -221,7 +225,7 @@ class BatchNorm1d(nn.Module):
             training, self._pytorch_momentum, self.config.epsilon, torch.backends.cudnn.enabled,
         )  # fmt: skip
         if training:
-            buffers["num_batches_tracked"].add_(1)
+            self.num_batches_tracked.add_(1)
         if y.requires_grad and y.numel() >= _CONTIGUOUS_GRAD_MIN_NUMEL and not torch.compiler.is_compiling():
             y.register_hook(_contiguous_gradient)
         return y.view(x.shape) if self._channels_last else y
@@ -261,7 +265,8 @@ class BatchNorm1d(nn.Module):
             dtype=module.running_mean.dtype, **kwargs,
         )  # fmt: skip
         layer.load_state_dict(state)
-        layer.num_batches_tracked.copy_(module.num_batches_tracked)
+        if module.num_batches_tracked is not None:  # None without running statistics (rejected above)
+            layer.num_batches_tracked.copy_(module.num_batches_tracked)
         return layer
 
     def to_torch(self) -> nn.BatchNorm1d:

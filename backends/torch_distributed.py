@@ -71,7 +71,7 @@ def sync_group(process_group: Any, axis_index_groups: tuple[tuple[int, ...], ...
     key = (parent, axis_index_groups)
     if key not in _subgroups:  # every rank creates every subgroup, in the same order
         ranks = dist.get_process_group_ranks(parent)
-        kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
         _subgroups[key] = [dist.new_group([ranks[i] for i in g], **kwargs) for g in axis_index_groups]
     me = dist.get_rank(parent)
     return next(sub for g, sub in zip(axis_index_groups, _subgroups[key]) if me in g)
