@@ -66,6 +66,7 @@ from jax import lax
 from bn1d.algorithm import AllSum, batch_norm, check_inputs
 from bn1d.config import BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros, initial_value
+from bn1d.protocol import TrainingSwitch
 from bn1d.state import STATE_KEYS, check_state, from_brainpy, from_flax_variables, to_brainpy, to_flax_variables
 
 __all__ = ["BatchNorm1d", "replica_all_sum"]
@@ -110,7 +111,7 @@ def replica_all_sum(axis_name: str | tuple[Hashable, ...], axis_index_groups: Se
     return grouped_all_sum
 
 
-class BatchNorm1d:
+class BatchNorm1d(TrainingSwitch):
     """1-D batch normalization with BrainPy's signature, on JAX arrays.
 
     Parameters are those of ``brainpy.dnn.BatchNorm1d`` (see ``bn1d.protocol``);
@@ -175,7 +176,7 @@ class BatchNorm1d:
         the running statistics. Bad inputs raise at trace time. To jit it directly,
         make ``training`` static: ``jax.jit(layer.apply, static_argnames="training")``.
         """
-        training = self._resolve_training(training)
+        training = self.resolve_training(training)
         scale, bias = self._check_variables(params, state)
         x, mask = _as_jax_inputs(x, mask, self.config)
         axis_name = self.config.axis_name
@@ -197,7 +198,7 @@ class BatchNorm1d:
         A training call must run eagerly: inside ``jit``/``grad``/``vmap`` use
         :meth:`apply`, which returns the new state instead of storing a tracer.
         """
-        training = self._resolve_training(training)
+        training = self.resolve_training(training)
         if training and isinstance(x, jax.core.Tracer):
             raise argument_error(
                 "x", "a concrete array for a stateful training call (use layer.apply inside JAX transformations)",
@@ -208,15 +209,6 @@ class BatchNorm1d:
         if training:
             self.state = new_state
         return y
-
-    def train(self, mode: bool = True) -> BatchNorm1d:
-        if not isinstance(mode, bool):
-            raise argument_error("mode", "a bool", mode, TypeError)
-        self.training = mode
-        return self
-
-    def eval(self) -> BatchNorm1d:
-        return self.train(False)
 
     def state_dict(self) -> dict[str, jax.Array]:
         """``scale``, ``bias`` (when affine), ``running_mean``, ``running_var`` (immutable JAX arrays)."""
@@ -283,13 +275,6 @@ class BatchNorm1d:
         return layer
 
     # -- internals ----------------------------------------------------------------------
-    def _resolve_training(self, training: Any) -> bool:
-        if training is None:
-            return self.training
-        if not isinstance(training, bool):
-            raise argument_error("training", "None or a bool", training, TypeError)
-        return training
-
     def _check_variables(self, params: Any, state: Any) -> tuple[Any, Any]:
         """``(scale, bias)`` (``None`` when not affine) after checking both pytrees' keys and shapes."""
         shape = (self.config.num_features,)

@@ -61,6 +61,7 @@ import numpy as np
 from bn1d.algorithm import AllSum, batch_moments, batch_norm, check_inputs, compute_dtype
 from bn1d.config import BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros, initial_value
+from bn1d.protocol import TrainingSwitch
 from bn1d.state import check_state, state_keys
 
 __all__ = ["BatchNorm1d", "batch_norm_vjp", "run_replicas"]
@@ -68,7 +69,7 @@ __all__ = ["BatchNorm1d", "batch_norm_vjp", "run_replicas"]
 _PARAM_DTYPES = (np.float32, np.float64)
 
 
-class BatchNorm1d:
+class BatchNorm1d(TrainingSwitch):
     """1-D batch normalization with BrainPy's signature, on NumPy arrays.
 
     Parameters are those of ``brainpy.dnn.BatchNorm1d``; keyword-only extras:
@@ -129,15 +130,6 @@ class BatchNorm1d:
         self.running_mean, self.running_var = result.running_mean, result.running_var
         return result.y
 
-    def train(self, mode: bool = True) -> BatchNorm1d:
-        if not isinstance(mode, bool):
-            raise argument_error("mode", "a bool", mode, TypeError)
-        self.training = mode
-        return self
-
-    def eval(self) -> BatchNorm1d:
-        return self.train(False)
-
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of ``scale``, ``bias`` (when affine), ``running_mean``, ``running_var``."""
         return {key: np.array(getattr(self, key)) for key in state_keys(self.config.affine)}
@@ -176,10 +168,7 @@ class BatchNorm1d:
         return (self.scale, self.bias) if self.config.affine else (None, None)
 
     def _check_call(self, x: Any, mask: Any, training: Any, check: bool = True) -> tuple[np.ndarray, Any, bool]:
-        if training is None:
-            training = self.training
-        if not isinstance(training, bool):
-            raise argument_error("training", "None or a bool", training, TypeError)
+        training = self.resolve_training(training)
         x = np.asarray(x)
         mask = None if mask is None else np.asarray(mask)
         if check:

@@ -22,9 +22,13 @@ Every bad argument raises the ``ValueError``/``TypeError`` of ``bn1d.config`` or
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["BatchNormLayer"]
+from .config import argument_error
+
+__all__ = ["BatchNormLayer", "TrainingSwitch"]
+
+_Layer = TypeVar("_Layer", bound="TrainingSwitch")
 
 
 @runtime_checkable
@@ -40,3 +44,27 @@ class BatchNormLayer(Protocol):
     def train(self, mode: bool = True) -> Any: ...
 
     def eval(self) -> Any: ...
+
+
+class TrainingSwitch:
+    """``train()``/``eval()`` and the per-call ``training=`` of the protocol, for
+    layers that are not ``torch.nn.Module`` (which has its own ``train``/``eval``)."""
+
+    training: bool
+
+    def train(self: _Layer, mode: bool = True) -> _Layer:
+        if not isinstance(mode, bool):
+            raise argument_error("mode", "a bool", mode, TypeError)
+        self.training = mode
+        return self
+
+    def eval(self: _Layer) -> _Layer:
+        return self.train(False)
+
+    def resolve_training(self, training: Any) -> bool:
+        """A call's ``training``: ``None`` means the layer's mode."""
+        if training is None:
+            return self.training
+        if not isinstance(training, bool):
+            raise argument_error("training", "None or a bool", training, TypeError)
+        return training
