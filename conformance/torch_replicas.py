@@ -9,6 +9,7 @@ call, then ``backward`` of ``sum(y * dy)``) and writes ``OUT_DIR/RANK.npz``.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import sys
 from typing import Any
@@ -49,8 +50,13 @@ def main(jobs_path: str, rank: str, world: str, init_file: str, out_dir: str) ->
             for key, value in run_job(job, int(rank)).items():
                 arrays[f"{index}/{key}"] = value
         np.savez(f"{out_dir}/{rank}.npz", **arrays)
+        dist.barrier()  # nobody tears down while a peer still communicates
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter finalization: gloo's threads can abort it with SIGABRT
+    # while they still hold tensors (pytorch/pytorch#179291). The results are on disk.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
