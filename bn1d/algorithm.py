@@ -211,7 +211,7 @@ def batch_norm(
     """
     reduce_axes = tuple(reduce_axes)
     xp = check_inputs(x, mask, num_features=running_mean.shape[0], reduce_axes=reduce_axes)
-    if not type(x) is type(running_mean) is type(running_var):  # the same type: the same namespace
+    if not (type(x) is type(running_mean) is type(running_var)):  # one type: one namespace
         xp = array_namespace(x, running_mean, running_var)
     dtype = compute_dtype(xp, x.dtype, running_mean.dtype)
     feature_axis = next(a for a in range(x.ndim) if a not in reduce_axes)
