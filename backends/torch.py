@@ -59,6 +59,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from bn1d.algorithm import batch_norm, check_inputs
 from bn1d.config import BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros, initial_value
+from bn1d.protocol import resolve_training
 from bn1d.state import check_state, from_torch_state_dict, state_keys, to_torch_state_dict, torch_momentum
 
 __all__ = ["BatchNorm1d"]
@@ -169,10 +170,7 @@ class BatchNorm1d(nn.Module):
     # -- the uniform layer protocol -------------------------------------------------
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None) -> torch.Tensor:
         """``y`` for ``x``; in training also updates the running statistics."""
-        if training is None:
-            training = self.training
-        elif not isinstance(training, bool):
-            raise argument_error("training", "None or a bool", training, TypeError)
+        training = resolve_training(training, self.training)
         c, fa = self.config.num_features, self._feature_axis
         if mask is not None or not (
             isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES and x.dim() == self._ndim and x.shape[fa] == c

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from .config import argument_error
 
-__all__ = ["BatchNormLayer", "TrainingSwitch"]
+__all__ = ["BatchNormLayer", "TrainingSwitch", "resolve_training"]
 
 _Layer = TypeVar("_Layer", bound="TrainingSwitch")
 
@@ -63,8 +63,13 @@ class TrainingSwitch:
 
     def resolve_training(self, training: Any) -> bool:
         """A call's ``training``: ``None`` means the layer's mode."""
-        if training is None:
-            return self.training
-        if not isinstance(training, bool):
-            raise argument_error("training", "None or a bool", training, TypeError)
-        return training
+        return resolve_training(training, self.training)
+
+
+def resolve_training(training: Any, mode: bool) -> bool:
+    """A call's ``training=``: ``None`` means the layer's ``mode``; else a bool."""
+    if training is None:
+        return mode
+    if not isinstance(training, bool):
+        raise argument_error("training", "None or a bool", training, TypeError)
+    return training
