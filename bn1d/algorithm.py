@@ -3,8 +3,13 @@ r"""The batch-normalization algorithm, written once against the Array API standa
 :func:`batch_norm` is a pure function: it takes arrays of any Array API library
 (NumPy, JAX, PyTorch, ``array_api_strict``...), gets ``xp`` from
 ``array_api_compat.array_namespace`` and never branches on the library. The
-backends only add state handling and, for cross-replica statistics, an
-``all_sum`` hook.
+backends only add state handling and, for cross-replica statistics, one of two
+hooks: ``all_sum`` (a sum over the replicas; the two-pass variance takes two
+rounds: the global mean, then the centred squares around it) or ``all_gather``
+(each replica's count, mean and centred squares, merged by
+:func:`combine_moments`: one round). JAX's ``psum`` and the NumPy replicas use
+the first, ``torch.distributed`` the second; both give the statistics of the
+concatenated batches, differing by rounding only.
 
 The maths, per feature ``c`` (the one axis that is not reduced), with ``M`` the
 set of unmasked positions over all synced replicas and ``n = |M|``:
@@ -46,13 +51,16 @@ from array_api_compat import array_namespace, device
 from .config import argument_error
 
 __all__ = [
+    "AllGather",
     "AllSum",
     "BatchNormResult",
     "Moments",
     "batch_moments",
     "batch_norm",
     "check_inputs",
+    "combine_moments",
     "compute_dtype",
+    "running_statistics",
     "static_count",
 ]
 
@@ -61,6 +69,10 @@ Array = Any
 #: group and returns the sums, in order and with the same shapes. The arrays are
 #: per-feature vectors ``(C,)`` and scalar counts ``()``, in the compute dtype.
 AllSum = Callable[[tuple[Array, ...]], Sequence[Array]]
+#: The cross-replica gather hook, the one-round alternative to ``AllSum``: for each
+#: array, the values of every replica of this replica's group stacked on a new
+#: leading axis, ``(R, *shape)``, in the same replica order on every replica.
+AllGather = Callable[[tuple[Array, ...]], Sequence[Array]]
 
 
 class BatchNormResult(NamedTuple):
@@ -127,21 +139,35 @@ def batch_moments(
     reduce_axes: Sequence[int],
     fast_variance: bool = False,
     all_sum: AllSum | None = None,
+    all_gather: AllGather | None = None,
 ) -> Moments:
     """The count, mean and biased variance that training normalises with, in the
     compute dtype. With a dynamic count of 0 the mean and variance are 0."""
     xp = array_namespace(x)
     xc = xp.astype(x, compute_dtype(xp, x.dtype), copy=False)
-    return Moments(*_moments(xc, mask, reduce_axes=tuple(reduce_axes), fast_variance=fast_variance, all_sum=all_sum))
+    return Moments(
+        *_moments(
+            xc, mask, reduce_axes=tuple(reduce_axes), fast_variance=fast_variance, all_sum=all_sum,
+            all_gather=all_gather,
+        )
+    )  # fmt: skip
 
 
 def _moments(
-    xc: Array, mask: Array | None, *, reduce_axes: tuple[int, ...], fast_variance: bool, all_sum: AllSum | None
+    xc: Array,
+    mask: Array | None,
+    *,
+    reduce_axes: tuple[int, ...],
+    fast_variance: bool,
+    all_sum: AllSum | None,
+    all_gather: AllGather | None = None,
 ) -> tuple[Any, Array, Array, Array | None]:
     """(count, mean, var, x - mean or None) of ``xc`` (already in the compute dtype).
 
-    The two-pass variance needs two rounds of ``all_sum``: the global mean first,
-    then the centred squares around it, so it stays exact in sync.
+    Synced, the two-pass variance needs either two rounds of ``all_sum`` (the
+    global mean first, then the centred squares around it) or one ``all_gather``
+    of each replica's (count, mean, centred squares), combined by
+    :func:`combine_moments`; both stay exact where the one-pass formula cancels.
     """
     xp = array_namespace(xc)
     feature_axis = next(a for a in range(xc.ndim) if a not in reduce_axes)
@@ -153,28 +179,62 @@ def _moments(
         keep = xp.expand_dims(mask, axis=feature_axis)
         x_kept = xp.where(keep, xc, xp.zeros_like(xc))
         n = xp.sum(xp.astype(mask, xc.dtype))
-    if all_sum is not None and isinstance(n, int):
+    synced = all_sum is not None or all_gather is not None
+    if synced and isinstance(n, int):
         n = xp.asarray(n, dtype=xc.dtype, device=device(xc))
     total = xp.sum(x_kept, axis=reduce_axes)
 
     def safe(count: Any) -> Any:  # a divisor that is never 0
         return max(count, 1) if isinstance(count, int) else xp.where(count > 0, count, xp.ones_like(count))
 
+    def centered_squares(mean: Array) -> tuple[Array, Array]:
+        centered = xc - xp.reshape(mean, tuple(-1 if a == feature_axis else 1 for a in range(xc.ndim)))
+        centered_kept = centered if keep is None else xp.where(keep, centered, xp.zeros_like(centered))
+        return centered, xp.sum(centered_kept * centered_kept, axis=reduce_axes)
+
     if fast_variance:
         total_sq = xp.sum(x_kept * x_kept, axis=reduce_axes)
         if all_sum is not None:
             n, total, total_sq = all_sum((n, total, total_sq))
+        elif all_gather is not None:  # every replica adds the same rows in the same order
+            n, total, total_sq = (xp.sum(rows, axis=0) for rows in all_gather((n, total, total_sq)))
         mean = total / safe(n)
         return n, mean, xp.clip(total_sq / safe(n) - mean * mean, min=0.0), None
+    if all_gather is not None:
+        local_mean = total / safe(n)
+        _, local_squares = centered_squares(local_mean)
+        n, mean, var = combine_moments(*all_gather((n, local_mean, local_squares)))
+        return n, mean, var, None  # x - mean is formed from the global mean by the caller
     if all_sum is not None:
         n, total = all_sum((n, total))
     mean = total / safe(n)
-    centered = xc - xp.reshape(mean, tuple(-1 if a == feature_axis else 1 for a in range(xc.ndim)))
-    centered_kept = centered if keep is None else xp.where(keep, centered, xp.zeros_like(centered))
-    total_sq_dev = xp.sum(centered_kept * centered_kept, axis=reduce_axes)
+    centered, total_sq_dev = centered_squares(mean)
     if all_sum is not None:
         (total_sq_dev,) = all_sum((total_sq_dev,))
     return n, mean, total_sq_dev / safe(n), centered
+
+
+def combine_moments(counts: Array, means: Array, squares: Array) -> tuple[Array, Array, Array]:
+    r"""The count, mean and biased variance of a union of batches, from each
+    batch's count ``counts`` ``(R,)``, mean ``means`` ``(R, C)`` and sum of squared
+    deviations from its own mean ``squares`` ``(R, C)`` (Chan, Golub and LeVeque):
+
+    .. math::
+
+        n = \sum_r n_r, \quad \mu = \frac{1}{n}\sum_r n_r\mu_r, \quad
+        \sigma^2 = \frac{1}{n}\Bigl(\sum_r M_r + \sum_r n_r(\mu_r - \mu)^2\Bigr)
+
+    Every term is a sum of non-negative values: no cancellation, unlike
+    ``E[x**2] - E[x]**2``. An empty batch (``n_r = 0``) contributes nothing; for
+    ``n = 0`` the mean and variance are 0.
+    """
+    xp = array_namespace(counts, means, squares)
+    n = xp.sum(counts, axis=0)
+    safe_n = xp.where(n > 0, n, xp.ones_like(n))
+    weights = xp.reshape(counts, (-1, 1))
+    mean = xp.sum(weights * means, axis=0) / safe_n
+    deviation = means - mean
+    return n, mean, (xp.sum(squares, axis=0) + xp.sum(weights * deviation * deviation, axis=0)) / safe_n
 
 
 def static_count(shape: Sequence[int], reduce_axes: Sequence[int]) -> int:
@@ -202,13 +262,17 @@ def batch_norm(
     fast_variance: bool = False,
     unbiased_running_var: bool = True,
     all_sum: AllSum | None = None,
+    all_gather: AllGather | None = None,
 ) -> BatchNormResult:
     """Normalise ``x`` over ``reduce_axes`` (non-negative) and update the running statistics.
 
     ``scale`` and ``bias`` are ``None`` when the layer is not affine. ``all_sum``
-    makes the statistics those of the concatenated batches of a replica group;
-    it is never called in inference. See the module docstring for the maths.
+    or ``all_gather`` (at most one) makes the statistics those of the
+    concatenated batches of a replica group; neither is called in inference.
+    See the module docstring for the maths.
     """
+    if all_sum is not None and all_gather is not None:
+        raise argument_error("all_gather", "None when all_sum is given (one cross-replica hook)", all_gather)
     reduce_axes = tuple(reduce_axes)
     xp = check_inputs(x, mask, num_features=running_mean.shape[0], reduce_axes=reduce_axes)
     if not (type(x) is type(running_mean) is type(running_var)):  # one type: one namespace
@@ -233,37 +297,29 @@ def batch_norm(
         return cast(y, x.dtype)
 
     xc = cast(x)
+    synced = all_sum is not None or all_gather is not None
     n: Any = static_count(x.shape, reduce_axes)
-    if not training or (mask is None and all_sum is None and n == 0):
+    if not training or (mask is None and not synced and n == 0):
         y = normalize(xc - per_feature(running_mean), running_var)
         return BatchNormResult(y, running_mean, running_var)
-    if mask is None and all_sum is None and n == 1:
+    if mask is None and not synced and n == 1:
         raise argument_error("x", "more than 1 value per feature when training", tuple(x.shape))
 
-    n, mean, var, centered = _moments(xc, mask, reduce_axes=reduce_axes, fast_variance=fast_variance, all_sum=all_sum)
-    dynamic = not isinstance(n, int)
+    n, mean, var, centered = _moments(
+        xc, mask, reduce_axes=reduce_axes, fast_variance=fast_variance, all_sum=all_sum, all_gather=all_gather
+    )
     # Synced without a mask, this replica's values alone make the global count >= its
     # static count, so it cannot be 0: no run-time fallback, and ``centered`` stays valid.
-    may_be_empty = dynamic and (mask is not None or static_count(x.shape, reduce_axes) == 0)
-
-    if unbiased_running_var:
-        if dynamic:
-            many = n > 1
-            bessel = xp.where(many, n / xp.where(many, n - 1, xp.ones_like(n)), xp.ones_like(n))
-        else:
-            bessel = n / (n - 1)
-    else:
-        bessel = 1.0
-    new_mean = momentum * cast(running_mean) + (1.0 - momentum) * mean
-    new_var = momentum * cast(running_var) + (1.0 - momentum) * (var * bessel)
-
-    if may_be_empty:  # n == 0 at run time: behave as inference, change nothing
+    may_be_empty = not isinstance(n, int) and (mask is not None or static_count(x.shape, reduce_axes) == 0)
+    new_mean, new_var = running_statistics(
+        cast(running_mean), cast(running_var), n, mean, var, momentum=momentum,
+        unbiased_running_var=unbiased_running_var, may_be_empty=may_be_empty,
+    )  # fmt: skip
+    if may_be_empty:  # n == 0 at run time: normalise as inference does
         has_data = n > 0
         mean = xp.where(has_data, mean, cast(running_mean))
         var = xp.where(has_data, var, cast(running_var))
         centered = None  # the mean may now be the running mean
-        new_mean = xp.where(has_data, new_mean, cast(running_mean))
-        new_var = xp.where(has_data, new_var, cast(running_var))
     if centered is None:
         centered = xc - per_feature(mean)
     return BatchNormResult(
@@ -271,3 +327,38 @@ def batch_norm(
         cast(new_mean, running_mean.dtype),
         cast(new_var, running_var.dtype),
     )
+
+
+def running_statistics(
+    running_mean: Array,
+    running_var: Array,
+    count: Any,
+    mean: Array,
+    var: Array,
+    *,
+    momentum: float,
+    unbiased_running_var: bool = True,
+    may_be_empty: bool = False,
+) -> tuple[Array, Array]:
+    """The running statistics after a training step on a batch of ``count``
+    values per feature with ``mean`` and biased ``var`` (all in the compute dtype):
+    ``momentum * old + (1 - momentum) * new``, the variance times ``n / (n - 1)``
+    when unbiased (1 for a run-time count of 1). ``count`` is a Python int when
+    the shape alone fixes it, else an array; ``may_be_empty``: it may be 0 at run
+    time, and then the running statistics are returned unchanged."""
+    xp = array_namespace(mean, running_mean)
+    dynamic = not isinstance(count, int)
+    if not unbiased_running_var:
+        bessel: Any = 1.0
+    elif dynamic:
+        many = count > 1
+        bessel = xp.where(many, count / xp.where(many, count - 1, xp.ones_like(count)), xp.ones_like(count))
+    else:
+        bessel = count / (count - 1)
+    new_mean = momentum * running_mean + (1.0 - momentum) * mean
+    new_var = momentum * running_var + (1.0 - momentum) * (var * bessel)
+    if may_be_empty:
+        has_data = count > 0
+        new_mean = xp.where(has_data, new_mean, running_mean)
+        new_var = xp.where(has_data, new_var, running_var)
+    return new_mean, new_var
