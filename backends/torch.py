@@ -22,18 +22,26 @@ overrides it.
 
 Two execution paths, same contract:
 
-* PyTorch's native kernel (``torch.batch_norm``, as ``F.batch_norm``) where its
-  semantics are ours: no mask in training, no sync, two-pass variance, unbiased
-  running variance, running statistics in the input's dtype or float32 for
-  float16/bfloat16 input, more than one value per feature, features on axis 1
-  (run directly) or last (``(B, L, C)`` runs as ``(B*L, C)``). PyTorch's momentum
-  is ``1 - momentum``. Its CPU kernel is two-pass too but accumulates less
-  accurately on channel-last input: measured at ``|mean| / std = 1e4`` and
+* PyTorch's native kernels where their semantics are ours: two-pass variance,
+  unbiased running variance, features on axis 1 (run directly) or last
+  (``(B, L, C)`` runs as ``(B*L, C)``), and
+
+  - unsynced: ``torch.batch_norm`` (as ``F.batch_norm``) with no mask in
+    training, running statistics in the input's dtype or float32 for
+    float16/bfloat16 input, more than one value per feature;
+  - synced, no mask: ``batch_norm_update_stats`` for this rank's statistics, one
+    exchange (``torch_distributed.Gather``), then ``torch.batch_norm`` in
+    inference mode with the global statistics; a hand-written backward on
+    ``native_batch_norm_backward`` with one exchange of cotangents (not twice
+    differentiable, like ``nn.SyncBatchNorm``; ``native_kernel=False`` is).
+
+  PyTorch's momentum is ``1 - momentum``. Its CPU kernels are two-pass too but
+  accumulate less accurately on channel-last input: measured at ``|mean| / std = 1e4`` and
   ``n = 32768`` in float32, a 6e-5 relative variance error (the core's: 3e-7;
   the one-pass formula's: 100%). ``native_kernel=False`` always uses the core.
-* The core (:func:`bn1d.algorithm.batch_norm`) otherwise: masks, sync,
-  ``fast_variance``, ``unbiased_running_var=False``, other dtype pairs,
-  ``n <= 1``, features on another axis.
+* The core (:func:`bn1d.algorithm.batch_norm`) otherwise: masks, ``fast_variance``,
+  ``unbiased_running_var=False``, other dtype pairs, ``n <= 1``, features on
+  another axis. Synced, it uses the same exchange (the ``all_gather`` hook).
 
 Deviations from PyTorch's ``nn.BatchNorm1d``: BrainPy's momentum convention
 (``momentum=None``, PyTorch's cumulative average, has no equivalent); any layout
@@ -166,6 +174,7 @@ class BatchNorm1d(nn.Module):
             native_kernel and not fast_variance and unbiased_running_var and config.feature_axis in (1, config.ndim - 1)
         )
         self._pytorch_momentum = torch_momentum(config.momentum)
+        self._peers_checked = False  # synced: whether all ranks agreed on num_features etc. (first call)
 
     # -- the uniform layer protocol -------------------------------------------------
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None) -> torch.Tensor:
@@ -187,16 +196,29 @@ class BatchNorm1d(nn.Module):
             and (x.dtype == stats_dtype or (stats_dtype == torch.float32 and x.dtype in _HALF_DTYPES))
         ):
             return self._native_forward(x, training)
-        all_sum = None
+        all_gather = None
         if group is not None:
             from . import torch_distributed
 
-            torch_distributed.check_peers(
+            header = torch_distributed.make_header(
                 x, num_features=c, feature_axis=fa, fast_variance=self.config.fast_variance,
-                float64=torch.float64 in (x.dtype, stats_dtype), group=self._parent_group(),
-                fingerprint=torch_distributed.groups_fingerprint(self.config.axis_index_groups), timeout=self.timeout,
+                float64=torch.float64 in (x.dtype, stats_dtype),
+                fingerprint=torch_distributed.groups_fingerprint(self.config.axis_index_groups),
             )  # fmt: skip
-            all_sum = torch_distributed.make_all_sum(group, self.timeout)
+            if not self._peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
+                torch_distributed.check_peers(header, device=x.device, group=self._parent_group(), timeout=self.timeout)
+                self._peers_checked = True
+            gather = torch_distributed.Gather(group, header, self.timeout)
+            if self._native and mask is None:
+                params = self._parameters
+                view = x.reshape(-1, c) if self._channels_last else x.contiguous()
+                y, new_mean, new_var = torch_distributed.synced_native_batch_norm(
+                    view, params.get("scale"), params.get("bias"), self.running_mean, self.running_var, gather,
+                    epsilon=self.config.epsilon, momentum=self.config.momentum,
+                )  # fmt: skip
+                self._update_running(new_mean, new_var)
+                return y.view(x.shape) if self._channels_last else y
+            all_gather = torch_distributed.make_all_gather(gather)
         running_mean, running_var = self.running_mean, self.running_var
         if training:  # copies: under torch.compile with graph breaks, a graph may save them for backward
             running_mean, running_var = running_mean.clone(), running_var.clone()  # before copy_ below
@@ -204,14 +226,17 @@ class BatchNorm1d(nn.Module):
             x, running_mean, running_var, self._parameters.get("scale"), self._parameters.get("bias"),
             reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon, momentum=self.config.momentum,
             training=training, mask=mask, fast_variance=self.config.fast_variance,
-            unbiased_running_var=self.config.unbiased_running_var, all_sum=all_sum,
+            unbiased_running_var=self.config.unbiased_running_var, all_gather=all_gather,
         )  # fmt: skip
         if training:
-            with torch.no_grad():
-                self.running_mean.copy_(result.running_mean)
-                self.running_var.copy_(result.running_var)
-                self.num_batches_tracked.add_(1)
+            self._update_running(result.running_mean, result.running_var)
         return result.y
+
+    def _update_running(self, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.running_mean.copy_(running_mean)
+            self.running_var.copy_(running_var)
+            self.num_batches_tracked.add_(1)
 
     def _native_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """PyTorch's kernel on ``x`` seen as ``(N, C, ...)`` (features on axis 1 or last)."""

@@ -1,24 +1,32 @@
 r"""Cross-replica statistics for ``bn1d.backends.torch`` over ``torch.distributed``.
 
-The core (:func:`bn1d.algorithm.batch_norm`) asks for sums over the replicas of a
-group through its ``all_sum`` hook; this module provides that hook on a process
-group, device-agnostically (gloo on CPU, NCCL on GPU):
+One exchange per synced training call, device-agnostic (gloo on CPU, NCCL on
+GPU): every rank of a group contributes its count, mean and sum of squared
+deviations (or, with ``fast_variance``, its count, sum and sum of squares), and
+:func:`bn1d.algorithm.combine_moments` merges them (Chan, Golub and LeVeque: no
+cancellation). The backward pass makes one more exchange, of the cotangents.
 
 * :func:`sync_group` resolves the group of this rank: ``process_group`` (WORLD by
   default), or, with ``axis_index_groups``, the subgroup (``dist.new_group``) that
   holds this rank. Subgroups are created once per (process group, groups) and
   cached; ``dist.new_group`` must be entered by every rank of the default group,
   in the same order, so the first synced training call must run on every rank.
-* :func:`check_peers` all-gathers a small header (num_features, rank of the
-  input, feature axis, compute dtype, variance formula, groups) and raises a
-  ``ValueError`` naming every disagreeing rank, so that a mismatch is an error,
-  not a hang or garbage. Local batch sizes may differ: the statistics are
-  count-weighted (the core all-sums counts, sums and centred sums).
-* :func:`make_all_sum` returns the hook. Its sums are differentiable: the
-  backward pass all-reduces the cotangents, because
-  :math:`\partial L/\partial s_r = \sum_q \partial L_q/\partial S` for
-  :math:`S = \sum_r s_r` and a loss :math:`L = \sum_q L_q` summed over ranks, so
-  each rank's input gradient is that of the global-batch computation.
+* :func:`check_peers` all-gathers a small header (:func:`make_header`:
+  num_features, rank of the input, feature axis, compute dtype, variance
+  formula, groups) on a layer's first synced call and raises a ``ValueError``
+  naming every disagreeing rank: the exchanges' sizes depend on num_features,
+  so a mismatch must be an error before them, not a hang or garbage.
+* :class:`Gather` makes the exchange: one all-reduce of a zero buffer holding
+  this rank's row (header, then values) in float64. Each call's headers are
+  compared again, so a dtype or option that changes on one rank later is also a
+  ``ValueError`` on every rank. Local batch sizes may differ: the statistics are
+  count-weighted.
+* Two paths make the same exchanges, so ranks may take different ones (e.g. a
+  mask on some ranks only): the core (:func:`make_all_gather`, the core's
+  differentiable ``all_gather`` hook; its backward all-reduces the cotangents,
+  because :math:`\partial L/\partial a_r = \sum_q \partial L_q/\partial
+  \mathrm{rows}[r]` for a loss :math:`L = \sum_q L_q` summed over ranks), and
+  PyTorch's native kernels around the exchange (:func:`synced_native_batch_norm`).
 
 Every collective waits at most ``timeout`` seconds (``None``: the process group's
 own timeout): a rank that died or never calls the layer gives a ``RuntimeError``
@@ -28,6 +36,7 @@ on the others instead of a hang.
 from __future__ import annotations
 
 import datetime
+import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -36,17 +45,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bn1d.algorithm import AllSum
+from bn1d.algorithm import AllGather, combine_moments, running_statistics
 from bn1d.config import argument_error
 
-__all__ = ["check_peers", "groups_fingerprint", "make_all_sum", "sync_group"]
+__all__ = ["Gather", "check_peers", "groups_fingerprint", "make_all_gather", "make_header", "sync_group"]
 
 _MAX_HEADER_DIMS = 8
+_AGREED = 6  # header entries every rank must share; the dims after them may differ
 _subgroups: dict[tuple[Any, tuple[tuple[int, ...], ...]], list[Any]] = {}
 
 
-def _wait(work: Any, timeout: float | None, what: str, group: Any) -> None:
+_POLL_SECONDS = 0.02
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+
+
+def _wait(work: Any, timeout: float | None, what: str, group: Any, *, on_cpu: bool = False) -> None:
+    """Wait for ``work`` at most ``timeout`` seconds. CPU collectives (gloo) are
+    first polled for up to 20 ms, yielding the core between checks, then waited
+    for: a blocked thread's core can go idle, and waking it (measured on a 2-core
+    VM) adds ~1 ms to a 0.5 ms all-reduce. CUDA work is never polled (its wait does
+    not block the host)."""
     start = time.monotonic()
+    if on_cpu:
+        while not work.is_completed() and time.monotonic() - start < _POLL_SECONDS:
+            _yield()
     try:
         if timeout is None:
             work.wait()
@@ -91,59 +113,199 @@ def _describe(ranks: list[int], header: Sequence[int]) -> str:
     )
 
 
-def check_peers(
-    x: torch.Tensor,
-    *,
-    num_features: int,
-    feature_axis: int,
-    float64: bool,
-    fast_variance: bool,
-    fingerprint: int,
-    group: Any,
-    timeout: float | None,
-) -> None:
-    """Raise ``ValueError`` on every rank unless all ranks of ``group`` run the same
-    collectives on the same sizes (batch sizes may differ)."""
+def make_header(
+    x: torch.Tensor, *, num_features: int, feature_axis: int, float64: bool, fast_variance: bool, fingerprint: int
+) -> list[int]:
+    """What every rank of a group must agree on (all but the batch sizes), then the input's shape."""
     dims = list(x.shape[:_MAX_HEADER_DIMS]) + [-1] * (_MAX_HEADER_DIMS - min(x.dim(), _MAX_HEADER_DIMS))
-    header = [num_features, x.dim(), feature_axis, int(float64), int(fast_variance), fingerprint, *dims]
-    local = torch.tensor(header, dtype=torch.int64, device=x.device)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    _wait(dist.all_gather(gathered, local, group=group, async_op=True), timeout, "the all_gather of shapes", group)
-    headers = [h.tolist() for h in gathered]
+    return [num_features, x.dim(), feature_axis, int(float64), int(fast_variance), fingerprint, *dims]
+
+
+def _raise_on_mismatch(headers: list[list[int]]) -> None:
     signatures: dict[tuple[int, ...], list[int]] = {}
     for rank, h in enumerate(headers):  # the batch sizes (dims other than the feature axis) may differ
-        signatures.setdefault(tuple(h[:6]), []).append(rank)
+        signatures.setdefault(tuple(h[:_AGREED]), []).append(rank)
     if len(signatures) > 1:
         given = "; ".join(_describe(ranks, headers[ranks[0]]) for ranks in signatures.values())
         raise argument_error("x", "the same num_features, input rank, dtype and options on every rank", given)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """``all_reduce(SUM)`` whose backward all-reduces the cotangent (see the module docstring)."""
+def check_peers(header: list[int], *, device: Any, group: Any, timeout: float | None) -> None:
+    """Raise ``ValueError`` on every rank unless all ranks of ``group`` have the same
+    header (:func:`make_header`): run before the first exchange of statistics, whose
+    size depends on num_features."""
+    local = torch.tensor(header, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    _wait(dist.all_gather(gathered, local, group=group, async_op=True), timeout, "the all_gather of shapes", group)
+    _raise_on_mismatch([h.tolist() for h in gathered])
+
+
+class Gather:
+    """The exchange of per-rank statistics in one collective.
+
+    Each rank writes its row (the header, then the arrays flattened) into a
+    zero ``(ranks, header + values)`` float64 buffer, and an all-reduce sums the
+    buffers: every rank gets every row, exactly (float32 and float64 values and
+    the integer header are exact in float64). Every synced training call, on
+    either path, makes this same exchange for its ``(count, mean, centred
+    squares)`` (or ``(count, sum, sum of squares)``), and its backward pass one
+    all-reduce of the ``(ranks, values)`` cotangents: the collectives match
+    whatever path each rank takes. The headers are compared on every call.
+    """
+
+    def __init__(self, group: Any, header: list[int], timeout: float | None):
+        self.group, self.header, self.timeout = group, header, timeout
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+
+    def rows(self, arrays: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Every rank's ``arrays``, stacked: ``(ranks, *a.shape)`` each, in ``a``'s dtype."""
+        h, device = len(self.header), arrays[0].device
+        buffer = torch.zeros(self.size, h + sum(a.numel() for a in arrays), dtype=torch.float64, device=device)
+        buffer[self.rank, :h] = torch.tensor(self.header, dtype=torch.float64)
+        buffer[self.rank, h:] = torch.cat([a.detach().reshape(-1) for a in arrays])
+        work = dist.all_reduce(buffer, group=self.group, async_op=True)
+        _wait(work, self.timeout, "the exchange of statistics", self.group, on_cpu=buffer.device.type == "cpu")
+        _raise_on_mismatch(buffer[:, :h].long().tolist())
+        return self._split(buffer[:, h:], arrays)
+
+    def own_cotangents(self, cotangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """This rank's row of the sum over ranks of each rank's ``(ranks, *shape)`` cotangents."""
+        buffer = torch.cat([c.reshape(self.size, -1).to(torch.float64) for c in cotangents], dim=1)
+        work = dist.all_reduce(buffer, group=self.group, async_op=True)
+        _wait(work, self.timeout, "the exchange of gradients", self.group, on_cpu=buffer.device.type == "cpu")
+        return self._split(buffer[self.rank], tuple(c[0] for c in cotangents))
+
+    def _split(self, values: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        lead = values.shape[:-1]
+        parts = values.split([a.numel() for a in like], dim=-1)
+        return tuple(p.reshape((*lead, *a.shape)).to(a.dtype) for p, a in zip(parts, like))
+
+
+class _AllGather(torch.autograd.Function):
+    """:meth:`Gather.rows` for the core's ``all_gather`` hook. Its backward all-reduces
+    the cotangents and keeps this rank's row: for a loss summed over ranks, the
+    gradient of rank r's arrays is the sum over ranks q of dL_q / d rows[r]."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: Any, timeout: float | None) -> torch.Tensor:
-        ctx.group, ctx.timeout = group, timeout
-        result = tensor.clone(memory_format=torch.contiguous_format)
-        _wait(dist.all_reduce(result, group=group, async_op=True), timeout, "the all_reduce of statistics", group)
-        return result
+    def forward(ctx: Any, gather: Gather, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.gather = gather
+        return gather.rows(arrays)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        _wait(
-            dist.all_reduce(grad, group=ctx.group, async_op=True), ctx.timeout, "the all_reduce of gradients", ctx.group
+    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:
+        return (None, *ctx.gather.own_cotangents(cotangents))
+
+
+def make_all_gather(gather: Gather) -> AllGather:
+    """The core's differentiable ``all_gather`` hook over ``gather``."""
+    return lambda arrays: _AllGather.apply(gather, *arrays)
+
+
+class _SyncedNativeBatchNorm(torch.autograd.Function):
+    """Synced training on PyTorch's native CPU/CUDA kernels, for input seen as
+    ``(N, C, ...)``, no mask, the two-pass variance. The same exchanges as the core
+    path with :class:`Gather` (so ranks may take either path), fused passes:
+
+    forward: ``batch_norm_update_stats`` (this rank's mean and biased variance),
+    the exchange of ``(count, mean, centred squares)``, :func:`combine_moments`,
+    then ``batch_norm`` in inference mode with the global statistics: 3 passes
+    over ``x`` as in the unsynced kernel, one collective.
+
+    backward (``a = scale / sqrt(var + eps)``, sums over this rank's values):
+    ``native_batch_norm_backward`` gives ``sum(dy)`` and ``sum(dy * xhat)``; their
+    derivatives with respect to the global mean and variance become the
+    cotangents of every rank's row (the derivative of ``combine_moments``), one
+    all-reduce sums them over ranks, and this rank's row closes the chain through
+    its own mean and centred squares::
+
+        dx = a * dy + d_mean_r / n_r + 2 * d_squares_r * (x - mean_r)
+
+    which is ``a * (dy - sum_all(dy) / n - xhat * sum_all(dy * xhat) / n)``.
+    Parameter gradients are this rank's share (DDP all-reduces them). Not twice
+    differentiable (as ``nn.SyncBatchNorm``).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        gather: Gather,
+        epsilon: float,
+        momentum: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = torch.float64 if torch.float64 in (x.dtype, running_mean.dtype) else torch.float32
+        xc = x.to(dtype)
+        per_feature = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> broadcastable against (N, C, ...)
+        n_local = xc.numel() // xc.shape[1]
+        count = torch.tensor(float(n_local), dtype=dtype, device=x.device)
+        if n_local:
+            local_mean, local_var = torch.ops.aten.batch_norm_update_stats(xc, None, None, 0.0)
+        else:
+            local_mean = local_var = torch.zeros(xc.shape[1], dtype=dtype, device=x.device)
+        counts, means, squares = gather.rows((count, local_mean, local_var * n_local))
+        n, mean, var = combine_moments(counts, means, squares)
+        new_mean, new_var = running_statistics(
+            running_mean.to(dtype), running_var.to(dtype), n, mean, var, momentum=momentum, may_be_empty=n_local == 0
         )
-        return grad, None, None
+        weight = None if scale is None else scale.to(dtype)
+        y = torch.batch_norm(
+            xc, weight, None if bias is None else bias.to(dtype), mean, var, False, 0.0, epsilon, False
+        ).to(x.dtype)
+        ctx.save_for_backward(xc, weight, mean, torch.rsqrt(var + epsilon), counts, means)
+        ctx.gather, ctx.epsilon, ctx.per_feature, ctx.n_local = gather, epsilon, per_feature, n_local
+        ctx.x_dtype, ctx.param_dtype = x.dtype, None if scale is None else scale.dtype
+        new_stats = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+        ctx.mark_non_differentiable(*new_stats)
+        return (y, *new_stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        xc, weight, mean, invstd, counts, means = ctx.saved_tensors
+        dyc = dy.to(xc.dtype).contiguous()
+        if ctx.n_local:
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dyc, xc, weight, None, None, mean, invstd, True, ctx.epsilon, [False, True, True]
+            )
+        else:
+            sum_dy = sum_dy_xhat = torch.zeros_like(mean)
+        a = invstd if weight is None else weight * invstd
+        d_mean, d_var = -a * sum_dy, -0.5 * a * invstd * sum_dy_xhat  # of this rank's loss
+        n = counts.sum()
+        safe_n = torch.where(n > 0, n, torch.ones_like(n))
+        d_means = (counts / safe_n)[:, None] * (d_mean + 2.0 * d_var * (means - mean))  # via combine_moments
+        d_squares = (d_var / safe_n).expand_as(means)
+        _, own_d_mean, own_d_squares = ctx.gather.own_cotangents((torch.zeros_like(counts), d_means, d_squares))
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if ctx.n_local:
+                shape, own_mean = ctx.per_feature, means[ctx.gather.rank]
+                c = 2.0 * own_d_squares
+                dx = torch.addcmul((own_d_mean / ctx.n_local - c * own_mean).reshape(shape), xc, c.reshape(shape))
+                dx = dx.addcmul_(dyc, a.reshape(shape)).to(ctx.x_dtype)
+            else:
+                dx = torch.zeros_like(dyc, dtype=ctx.x_dtype)
+        affine = ctx.param_dtype is not None
+        dscale = sum_dy_xhat.to(ctx.param_dtype) if affine else None
+        dbias = sum_dy.to(ctx.param_dtype) if affine else None
+        return dx, dscale, dbias, None, None, None, None, None
 
 
-def make_all_sum(group: Any, timeout: float | None) -> AllSum:
-    """The core's ``all_sum`` hook: one differentiable all-reduce per call, on the
-    arrays flattened into one buffer."""
-
-    def all_sum(arrays: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        flat = torch.cat([a.reshape(-1) for a in arrays])
-        summed = _AllReduceSum.apply(flat, group, timeout)
-        return tuple(s.reshape(a.shape) for s, a in zip(summed.split([a.numel() for a in arrays]), arrays))
-
-    return all_sum
+def synced_native_batch_norm(
+    x: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    gather: Gather,
+    *,
+    epsilon: float,
+    momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, new running_mean, new running_var)`` for ``x`` of shape ``(N, C, ...)``
+    (contiguous), synced over ``gather``'s group; see :class:`_SyncedNativeBatchNorm`."""
+    return _SyncedNativeBatchNorm.apply(x, scale, bias, running_mean, running_var, gather, epsilon, momentum)

@@ -82,7 +82,8 @@ def launch(job: dict, world: int, workdir: Path) -> list[dict]:
 def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, masked=False, dtype="float32",
               fast_variance=False, steps=2, seed=0):  # fmt: skip
     """Per-rank data with rank-dependent means and spreads, so that weighting the
-    ranks by their counts matters when batch sizes or masks differ."""
+    ranks by their counts matters when batch sizes or masks differ. ``masked``:
+    True, or the ranks that pass a mask (the others pass none)."""
     rng = np.random.default_rng(seed)
     feature_axis = 1 if axis in ((0, 2), 0) else 2
     ndim = 2 if axis == 0 else 3
@@ -93,7 +94,7 @@ def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, maske
     def batch_data(rank):
         x = (rank + (1 + rank) * rng.standard_normal(shape(batches[rank]))).astype(dtype)
         mask = None
-        if masked:
+        if masked is True or (masked and rank in masked):
             mask_shape = tuple(s for a, s in enumerate(shape(batches[rank])) if a != feature_axis)
             mask = rng.random(mask_shape) < 0.7
         return x, mask, rng.standard_normal(shape(batches[rank])).astype(dtype)
@@ -121,6 +122,10 @@ FOUR = [
         seed=3,
     ),  # fmt: skip
     make_case("uneven batches, masks, float64", 4, [1, 2, 3, 4], masked=True, dtype="float64", seed=4),
+    # Ranks 0 and 2 pass masks (the core path), 1 and 3 none (the native kernels):
+    # both paths make the same exchanges, forward and backward.
+    make_case("masks on some ranks only", 4, [3, 2, 4, 1], masked=[0, 2], seed=8),
+    make_case("native kernels, float64, channel-first", 4, [2, 3, 1, 4], axis=(0, 2), dtype="float64", seed=9),
 ]
 TWO = [make_case("two ranks, (B, C) input, uneven", 2, [5, 2], axis=0, seed=5)]
 DDP = {"in_features": 3, "num_features": C, "xs": [np.random.default_rng(6).standard_normal((b, 5, 3)).astype("float32")
@@ -188,7 +193,11 @@ def check_against_concatenation(case: dict, results: list[dict]) -> None:
                                  bias_initializer=case["bias"].astype(np.float64), dtype=np.float64)  # fmt: skip
         xs, masks, dys = zip(*(case["steps"][r][0] for r in group))
         x, dy = np.concatenate(xs).astype(np.float64), np.concatenate(dys).astype(np.float64)
-        mask = None if masks[0] is None else np.concatenate(masks)
+        if all(m is None for m in masks):
+            mask = None
+        else:  # a rank without a mask keeps every value
+            kept = [np.ones(np.delete(b.shape, case["feature_axis"]), bool) for b in xs]
+            mask = np.concatenate([k if m is None else m for k, m in zip(kept, masks)])
         grads = layer.vjp(x, dy, mask)
         y = layer(x, mask)
         splits = np.cumsum([len(b) for b in xs])[:-1]
@@ -209,9 +218,19 @@ def test_four_ranks_equal_the_specification(four_ranks, index):
     check_case(FOUR[index], [r["cases"][index] for r in four_ranks])
 
 
-@pytest.mark.parametrize("index", [1, 2, 4], ids=[FOUR[i]["name"] for i in (1, 2, 4)])
+@pytest.mark.parametrize("index", [1, 2, 4, 5], ids=[FOUR[i]["name"] for i in (1, 2, 4, 5)])
 def test_four_ranks_equal_the_concatenated_batch(four_ranks, index):
     check_against_concatenation(FOUR[index], [r["cases"][index] for r in four_ranks])
+
+
+def test_native_kernels_run_wherever_there_is_no_mask(four_ranks):
+    # The paths are invisible in the results (both equal the specification), so
+    # the worker counts the native path's calls: 2 training steps per case.
+    for index, case in enumerate(FOUR):
+        for rank, result in enumerate(four_ranks):
+            masked = case["steps"][rank][0][1] is not None
+            expected = 0 if masked or case["fast_variance"] else len(case["steps"][rank])
+            assert result["cases"][index]["native_calls"] == expected, (case["name"], rank)
 
 
 def test_empty_rank_gets_an_empty_output_and_the_global_statistics(four_ranks):
@@ -254,6 +273,16 @@ def test_num_features_mismatch_names_both_ranks(two_ranks):
 def test_dtype_mismatch_names_both_ranks(two_ranks):
     for result in two_ranks:
         error = result["dtype_mismatch"]
+        assert error["type"] == "ValueError", error
+        assert "ranks [0]: num_features=3" in error["message"] and "float32 statistics" in error["message"]
+        assert "ranks [1]: num_features=3" in error["message"] and "float64 statistics" in error["message"]
+
+
+def test_a_dtype_change_after_the_first_call_names_both_ranks(two_ranks):
+    # The first call agreed on everything; the second call's exchange carries each
+    # rank's header and every rank raises, instead of mixing float32 and float64.
+    for result in two_ranks:
+        error = result["later_dtype_mismatch"]
         assert error["type"] == "ValueError", error
         assert "ranks [0]: num_features=3" in error["message"] and "float32 statistics" in error["message"]
         assert "ranks [1]: num_features=3" in error["message"] and "float64 statistics" in error["message"]

@@ -14,8 +14,8 @@ Sections of the job (each optional):
   others wait at a barrier: it must not communicate (a collective would time out).
 * ``ddp``: a Linear + synced BatchNorm1d model under DistributedDataParallel,
   its gradients, and those of the same model on the concatenated global batch.
-* ``faults`` (2 ranks): a num_features mismatch, a dtype mismatch, a rank that
-  never calls the layer, and a rank that dies; rank 0 records each error and how
+* ``faults`` (2 ranks): a num_features mismatch, a dtype mismatch (on a first
+  and on a later call), a rank that never calls the layer, and a rank that dies; rank 0 records each error and how
   long it took.
 """
 
@@ -33,9 +33,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bn1d.backends import torch_distributed
 from bn1d.backends.torch import BatchNorm1d
 
 torch.set_num_threads(1)
+native_calls = [0]  # synced calls that took the native-kernel path
+_synced_native = torch_distributed.synced_native_batch_norm
+
+
+def _counted(*args, **kwargs):
+    native_calls[0] += 1
+    return _synced_native(*args, **kwargs)
+
+
+torch_distributed.synced_native_batch_norm = _counted
 
 
 def run_case(case: dict, rank: int) -> dict:
@@ -46,6 +57,7 @@ def run_case(case: dict, rank: int) -> dict:
         dtype=getattr(torch, case["param_dtype"]), timeout=60,
     )  # fmt: skip
     steps = []
+    native_before = native_calls[0]
     for x, mask, dy in case["steps"][rank]:
         xt = torch.tensor(x, requires_grad=True)
         y = layer(xt, None if mask is None else torch.tensor(mask))
@@ -62,7 +74,7 @@ def run_case(case: dict, rank: int) -> dict:
         )
         layer.zero_grad(set_to_none=True)
     eval_y = layer(torch.tensor(case["eval_x"][rank]), training=False).detach().numpy()
-    return {"steps": steps, "eval_y": eval_y}
+    return {"steps": steps, "eval_y": eval_y, "native_calls": native_calls[0] - native_before}
 
 
 def eval_is_silent(rank: int) -> dict:
@@ -109,14 +121,20 @@ def run_faults(rank: int, workdir: str, out: dict, out_path: str) -> None:
     # 2. float32 input on rank 0, float64 on rank 1: float32 and float64 statistics.
     layer = BatchNorm1d(3, axis_name="batch", timeout=30)
     out["dtype_mismatch"] = timed_error(lambda: layer(torch.randn(4, 5, 3, dtype=(torch.float32, torch.float64)[rank])))
+    # 3. the same, on the second call of a layer whose first call agreed.
+    layer = BatchNorm1d(3, axis_name="batch", timeout=30)
+    layer(torch.randn(4, 5, 3))
+    out["later_dtype_mismatch"] = timed_error(
+        lambda: layer(torch.randn(4, 5, 3, dtype=(torch.float32, torch.float64)[rank]))
+    )
     dist.barrier()
     marker = os.path.join(workdir, "rank0_done_waiting")
     if rank == 0:
-        # 3. rank 1 never calls the layer.
+        # 4. rank 1 never calls the layer.
         layer = BatchNorm1d(3, axis_name="batch", process_group=never_group, timeout=2)
         out["never_calls"] = timed_error(lambda: layer(torch.randn(4, 5, 3)))
         open(marker, "w").close()
-        # 4. rank 1 dies (after writing its results) instead of calling the layer.
+        # 5. rank 1 dies (after writing its results) instead of calling the layer.
         layer = BatchNorm1d(3, axis_name="batch", process_group=dead_group, timeout=30)
         out["dies"] = timed_error(lambda: layer(torch.randn(4, 5, 3)))
         save(out, out_path)
