@@ -36,7 +36,6 @@ on the others instead of a hang.
 from __future__ import annotations
 
 import datetime
-import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -55,20 +54,8 @@ _AGREED = 6  # header entries every rank must share; the dims after them may dif
 _subgroups: dict[tuple[Any, tuple[tuple[int, ...], ...]], list[Any]] = {}
 
 
-_POLL_SECONDS = 0.02
-_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
-
-
-def _wait(work: Any, timeout: float | None, what: str, group: Any, *, on_cpu: bool = False) -> None:
-    """Wait for ``work`` at most ``timeout`` seconds. CPU collectives (gloo) are
-    first polled for up to 20 ms, yielding the core between checks, then waited
-    for: a blocked thread's core can go idle, and waking it (measured on a 2-core
-    VM) adds ~1 ms to a 0.5 ms all-reduce. CUDA work is never polled (its wait does
-    not block the host)."""
+def _wait(work: Any, timeout: float | None, what: str, group: Any) -> None:
     start = time.monotonic()
-    if on_cpu:
-        while not work.is_completed() and time.monotonic() - start < _POLL_SECONDS:
-            _yield()
     try:
         if timeout is None:
             work.wait()
@@ -164,7 +151,7 @@ class Gather:
         buffer[self.rank, :h] = torch.tensor(self.header, dtype=torch.float64)
         buffer[self.rank, h:] = torch.cat([a.detach().reshape(-1) for a in arrays])
         work = dist.all_reduce(buffer, group=self.group, async_op=True)
-        _wait(work, self.timeout, "the exchange of statistics", self.group, on_cpu=buffer.device.type == "cpu")
+        _wait(work, self.timeout, "the exchange of statistics", self.group)
         _raise_on_mismatch(buffer[:, :h].long().tolist())
         return self._split(buffer[:, h:], arrays)
 
@@ -172,7 +159,7 @@ class Gather:
         """This rank's row of the sum over ranks of each rank's ``(ranks, *shape)`` cotangents."""
         buffer = torch.cat([c.reshape(self.size, -1).to(torch.float64) for c in cotangents], dim=1)
         work = dist.all_reduce(buffer, group=self.group, async_op=True)
-        _wait(work, self.timeout, "the exchange of gradients", self.group, on_cpu=buffer.device.type == "cpu")
+        _wait(work, self.timeout, "the exchange of gradients", self.group)
         return self._split(buffer[self.rank], tuple(c[0] for c in cotangents))
 
     def _split(self, values: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
