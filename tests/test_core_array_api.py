@@ -105,3 +105,29 @@ def test_core_with_sum_hook_on_library(library):
         np.testing.assert_allclose(
             np.asarray(result.running_var), x.reshape(-1, 3).var(axis=0) * n / (n - 1), rtol=1e-12
         )
+
+
+@pytest.mark.parametrize("library", INSTALLED)
+@pytest.mark.parametrize("fast", [False, True])
+def test_core_with_gather_hook_on_library(library, fast):
+    """The all_gather hook and combine_moments on each library (here: a fake
+    two-replica group whose other member holds the same batch)."""
+    xp, precision = LIBRARIES[library]()
+    x = np.random.default_rng(2).normal(size=(4, 5, 3))
+    with precision:
+        calls = []
+
+        def twice(arrays):
+            calls.append(len(arrays))
+            return tuple(xp.stack([a, a]) for a in arrays)
+
+        result = batch_norm(
+            xp.asarray(x), xp.zeros(3, dtype=xp.float64), xp.ones(3, dtype=xp.float64),
+            reduce_axes=(0, 1), momentum=0.0, fast_variance=fast, all_gather=twice,
+        )  # fmt: skip
+        assert calls == [3]  # one round
+        n = 2 * 20
+        flat = x.reshape(-1, 3)
+        y_want = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+        np.testing.assert_allclose(np.asarray(result.y).reshape(-1, 3), y_want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(result.running_var), flat.var(axis=0) * n / (n - 1), rtol=1e-12)
