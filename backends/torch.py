@@ -40,8 +40,10 @@ Two execution paths, same contract:
   ``n = 32768`` in float32, a 6e-5 relative variance error (the core's: 3e-7;
   the one-pass formula's: 100%). ``native_kernel=False`` always uses the core.
 * The core (:func:`bn1d.algorithm.batch_norm`) otherwise: masks, ``fast_variance``,
-  ``unbiased_running_var=False``, other dtype pairs, ``n <= 1``, features on
-  another axis. Synced, it uses the same exchange (the ``all_gather`` hook).
+  ``unbiased_running_var=False``, features on another axis, and, unsynced only,
+  other dtype pairs and ``n <= 1`` (the synced native path upcasts to the compute
+  dtype and takes any local count). Synced, the core makes the same exchanges
+  (the ``all_gather`` hook), so ranks may take different paths.
 
 Deviations from PyTorch's ``nn.BatchNorm1d``: BrainPy's momentum convention
 (``momentum=None``, PyTorch's cumulative average, has no equivalent); any layout

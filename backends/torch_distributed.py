@@ -2,9 +2,10 @@ r"""Cross-replica statistics for ``bn1d.backends.torch`` over ``torch.distribute
 
 One exchange per synced training call, device-agnostic (gloo on CPU, NCCL on
 GPU): every rank of a group contributes its count, mean and sum of squared
-deviations (or, with ``fast_variance``, its count, sum and sum of squares), and
-:func:`bn1d.algorithm.combine_moments` merges them (Chan, Golub and LeVeque: no
-cancellation). The backward pass makes one more exchange, of the cotangents.
+deviations, which :func:`bn1d.algorithm.combine_moments` merges (Chan, Golub and
+LeVeque: no cancellation), or, with ``fast_variance``, its count, sum and sum of
+squares, which are added. The backward pass makes one more exchange, of the
+cotangents, when the input needs a gradient.
 
 * :func:`sync_group` resolves the group of this rank: ``process_group`` (WORLD by
   default), or, with ``axis_index_groups``, the subgroup (``dist.new_group``) that
@@ -15,7 +16,10 @@ cancellation). The backward pass makes one more exchange, of the cotangents.
   num_features, rank of the input, feature axis, compute dtype, variance
   formula, groups) on a layer's first synced call and raises a ``ValueError``
   naming every disagreeing rank: the exchanges' sizes depend on num_features,
-  so a mismatch must be an error before them, not a hang or garbage.
+  so a mismatch must be an error before them, not a hang or garbage. Exchanges
+  whose sizes differ later (e.g. layers called in a rank-dependent order) cannot
+  be detected from inside one collective: ``TORCH_DISTRIBUTED_DEBUG=DETAIL``
+  (PyTorch's check of every collective's shapes) reports them on every rank.
 * :class:`Gather` makes the exchange: one all-reduce of a zero buffer holding
   this rank's row (header, then values) in float64. Each call's headers are
   compared again, so a dtype or option that changes on one rank later is also a
@@ -208,8 +212,9 @@ class _SyncedNativeBatchNorm(torch.autograd.Function):
         dx = a * dy + d_mean_r / n_r + 2 * d_squares_r * (x - mean_r)
 
     which is ``a * (dy - sum_all(dy) / n - xhat * sum_all(dy * xhat) / n)``.
-    Parameter gradients are this rank's share (DDP all-reduces them). Not twice
-    differentiable (as ``nn.SyncBatchNorm``).
+    Without an input gradient there is no exchange (nor on the core path, whose
+    gathered values derive from ``x`` only). Parameter gradients are this rank's
+    share (DDP all-reduces them). Not twice differentiable (as ``nn.SyncBatchNorm``).
     """
 
     @staticmethod
@@ -260,15 +265,15 @@ class _SyncedNativeBatchNorm(torch.autograd.Function):
             )
         else:
             sum_dy = sum_dy_xhat = torch.zeros_like(mean)
-        a = invstd if weight is None else weight * invstd
-        d_mean, d_var = -a * sum_dy, -0.5 * a * invstd * sum_dy_xhat  # of this rank's loss
-        n = counts.sum()
-        safe_n = torch.where(n > 0, n, torch.ones_like(n))
-        d_means = (counts / safe_n)[:, None] * (d_mean + 2.0 * d_var * (means - mean))  # via combine_moments
-        d_squares = (d_var / safe_n).expand_as(means)
-        _, own_d_mean, own_d_squares = ctx.gather.own_cotangents((torch.zeros_like(counts), d_means, d_squares))
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # as on the core path, cotangents are exchanged only for x
+            a = invstd if weight is None else weight * invstd
+            d_mean, d_var = -a * sum_dy, -0.5 * a * invstd * sum_dy_xhat  # of this rank's loss
+            n = counts.sum()
+            safe_n = torch.where(n > 0, n, torch.ones_like(n))
+            d_means = (counts / safe_n)[:, None] * (d_mean + 2.0 * d_var * (means - mean))  # via combine_moments
+            d_squares = (d_var / safe_n).expand_as(means)
+            _, own_d_mean, own_d_squares = ctx.gather.own_cotangents((torch.zeros_like(counts), d_means, d_squares))
             if ctx.n_local:
                 shape, own_mean = ctx.per_feature, means[ctx.gather.rank]
                 c = 2.0 * own_d_squares

@@ -38,12 +38,12 @@ LAUNCH_TIMEOUT_S = 240
 C = 4
 
 
-def launch(job: dict, world: int, workdir: Path) -> list[dict]:
+def launch(job: dict, world: int, workdir: Path, **extra_env: str) -> list[dict]:
     """Run ``world`` worker processes on ``job``; their results, in rank order."""
     workdir.mkdir(parents=True)
     with open(workdir / "job.pkl", "wb") as file:
         pickle.dump(job, file)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra_env)
     logs = [open(workdir / f"rank{r}.log", "w") for r in range(world)]
     procs = [
         subprocess.Popen(
@@ -80,10 +80,11 @@ def launch(job: dict, world: int, workdir: Path) -> list[dict]:
 
 
 def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, masked=False, dtype="float32",
-              fast_variance=False, steps=2, seed=0):  # fmt: skip
+              fast_variance=False, steps=2, seed=0, x_grad=True):  # fmt: skip
     """Per-rank data with rank-dependent means and spreads, so that weighting the
     ranks by their counts matters when batch sizes or masks differ. ``masked``:
-    True, or the ranks that pass a mask (the others pass none)."""
+    True, or the ranks that pass a mask (the others pass none); ``x_grad``:
+    whether the input requires a gradient (the parameters always do)."""
     rng = np.random.default_rng(seed)
     feature_axis = 1 if axis in ((0, 2), 0) else 2
     ndim = 2 if axis == 0 else 3
@@ -101,7 +102,7 @@ def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, maske
 
     return {
         "name": name, "world": world, "num_features": C, "axis": axis, "groups": groups, "momentum": 0.9,
-        "fast_variance": fast_variance, "param_dtype": dtype, "feature_axis": feature_axis,
+        "fast_variance": fast_variance, "param_dtype": dtype, "feature_axis": feature_axis, "x_grad": x_grad,
         "scale": (1 + 0.5 * rng.standard_normal(C)).astype(dtype), "bias": rng.standard_normal(C).astype(dtype),
         "steps": [[batch_data(r) for _ in range(steps)] for r in range(world)],
         "eval_x": [rng.standard_normal(shape(2)).astype(dtype) for _ in range(world)],
@@ -126,6 +127,11 @@ FOUR = [
     # both paths make the same exchanges, forward and backward.
     make_case("masks on some ranks only", 4, [3, 2, 4, 1], masked=[0, 2], seed=8),
     make_case("native kernels, float64, channel-first", 4, [2, 3, 1, 4], axis=(0, 2), dtype="float64", seed=9),
+    # Only the parameters need gradients (e.g. a first layer on raw data): neither
+    # path exchanges cotangents, so the mixed paths still match, step after step.
+    make_case(
+        "masks on some ranks only, no input gradient", 4, [2, 3, 3, 2], masked=[1, 2], x_grad=False, steps=3, seed=10
+    ),  # fmt: skip
 ]
 TWO = [make_case("two ranks, (B, C) input, uneven", 2, [5, 2], axis=0, seed=5)]
 DDP = {"in_features": 3, "num_features": C, "xs": [np.random.default_rng(6).standard_normal((b, 5, 3)).astype("float32")
@@ -141,6 +147,13 @@ def four_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return launch({"cases": TWO, "ddp": DDP, "faults": True}, 2, tmp_path_factory.mktemp("torch2") / "run")
+
+
+@pytest.fixture(scope="module")
+def two_ranks_debug(tmp_path_factory):
+    return launch(
+        {"layer_order": True}, 2, tmp_path_factory.mktemp("torch2debug") / "run", TORCH_DISTRIBUTED_DEBUG="DETAIL"
+    )
 
 
 def specification(case: dict) -> list[dict]:
@@ -175,6 +188,9 @@ def check_case(case: dict, results: list[dict]) -> None:
     for rank, (got, want) in enumerate(zip(results, expected)):
         for step, (g, w) in enumerate(zip(got["steps"], want["steps"])):
             for key, atol in tol.items():
+                if key == "dx" and not case["x_grad"]:
+                    assert g[key] is None
+                    continue
                 np.testing.assert_allclose(
                     g[key], w[key], rtol=atol, atol=atol, err_msg=f"rank {rank} step {step} {key}"
                 )
@@ -298,3 +314,14 @@ def test_a_dead_rank_is_an_error_not_a_hang(two_ranks):
     error = two_ranks[0]["dies"]
     assert error["type"] == "RuntimeError" and "a rank may have died" in error["message"], error
     assert error["seconds"] < 30, error
+
+
+def test_a_later_size_mismatch_is_reported_by_torch_distributed_debug(two_ranks_debug):
+    # After their first calls agreed, two layers (3 and 4 features) are called in a
+    # rank-dependent order: the exchanges differ in size, which the header inside
+    # them cannot report. The documented remedy, TORCH_DISTRIBUTED_DEBUG=DETAIL,
+    # compares every collective's shape across ranks: an error on both, no hang.
+    for result in two_ranks_debug:
+        error = result["layer_order"]
+        assert error["type"] == "RuntimeError", error
+        assert "Detected mismatch between collectives" in error["message"], error

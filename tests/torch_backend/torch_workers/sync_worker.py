@@ -14,6 +14,8 @@ Sections of the job (each optional):
   others wait at a barrier: it must not communicate (a collective would time out).
 * ``ddp``: a Linear + synced BatchNorm1d model under DistributedDataParallel,
   its gradients, and those of the same model on the concatenated global batch.
+* ``layer_order`` (2 ranks, run with ``TORCH_DISTRIBUTED_DEBUG=DETAIL``): two
+  layers whose first calls agree, then called in a rank-dependent order.
 * ``faults`` (2 ranks): a num_features mismatch, a dtype mismatch (on a first
   and on a later call), a rank that never calls the layer, and a rank that dies; rank 0 records each error and how
   long it took.
@@ -59,13 +61,13 @@ def run_case(case: dict, rank: int) -> dict:
     steps = []
     native_before = native_calls[0]
     for x, mask, dy in case["steps"][rank]:
-        xt = torch.tensor(x, requires_grad=True)
+        xt = torch.tensor(x, requires_grad=case["x_grad"])
         y = layer(xt, None if mask is None else torch.tensor(mask))
         y.backward(torch.tensor(dy))
         steps.append(
             {
                 "y": y.detach().numpy(),
-                "dx": xt.grad.numpy(),
+                "dx": None if xt.grad is None else xt.grad.numpy(),
                 "dscale": layer.scale.grad.numpy().copy(),
                 "dbias": layer.bias.grad.numpy().copy(),
                 "running_mean": layer.running_mean.numpy().copy(),
@@ -101,6 +103,14 @@ def run_ddp(job: dict, rank: int, world: int) -> dict:
     expected = {name: p.grad.numpy() for name, p in reference.named_parameters()}
     return {"grads": grads, "expected": expected, "running_var": model[1].running_var.numpy().copy(),
             "expected_running_var": reference[1].running_var.numpy().copy()}  # fmt: skip
+
+
+def rank_dependent_layer_order(rank: int) -> dict:
+    first, second = (BatchNorm1d(c, axis=0, axis_name="batch", timeout=30) for c in (3, 4))
+    first(torch.randn(5, 3))
+    second(torch.randn(5, 4))
+    order = (first, second) if rank == 0 else (second, first)
+    return timed_error(lambda: [layer(torch.randn(5, layer.config.num_features)) for layer in order])
 
 
 def timed_error(fn) -> dict:
@@ -163,6 +173,10 @@ def main() -> None:
     out: dict = {"cases": [run_case(case, rank) for case in job.get("cases", [])]}
     if job.get("eval_silent"):
         out["eval_silent"] = eval_is_silent(rank)
+    if job.get("layer_order"):
+        out["layer_order"] = rank_dependent_layer_order(rank)
+        save(out, os.path.join(workdir, f"rank{rank}.pkl"))
+        os._exit(0)  # the process group saw mismatched collectives: skip its teardown
     if job.get("ddp"):
         out["ddp"] = run_ddp(job["ddp"], rank, world)
     out_path = os.path.join(workdir, f"rank{rank}.pkl")
