@@ -198,29 +198,40 @@ class BatchNorm1d(nn.Module):
             and (x.dtype == stats_dtype or (stats_dtype == torch.float32 and x.dtype in _HALF_DTYPES))
         ):
             return self._native_forward(x, training)
-        all_gather = None
         if group is not None:
-            from . import torch_distributed
+            return self._synced_forward(x, mask, group)
+        return self._core_forward(x, mask, training)
 
-            header = torch_distributed.make_header(
-                x, num_features=c, feature_axis=fa, fast_variance=self.config.fast_variance,
-                float64=torch.float64 in (x.dtype, stats_dtype),
-                fingerprint=torch_distributed.groups_fingerprint(self.config.axis_index_groups),
-            )  # fmt: skip
-            if not self._peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
-                torch_distributed.check_peers(header, device=x.device, group=self._parent_group(), timeout=self.timeout)
-                self._peers_checked = True
-            gather = torch_distributed.Gather(group, header, self.timeout)
-            if self._native and mask is None:
-                params = self._parameters
-                view = x.reshape(-1, c) if self._channels_last else x.contiguous()
-                y, new_mean, new_var = torch_distributed.synced_native_batch_norm(
-                    view, params.get("scale"), params.get("bias"), self.running_mean, self.running_var, gather,
-                    epsilon=self.config.epsilon, momentum=self.config.momentum,
-                )  # fmt: skip
-                self._update_running(new_mean, new_var)
-                return y.view(x.shape) if self._channels_last else y
-            all_gather = torch_distributed.make_all_gather(gather)
+    def _synced_forward(self, x: torch.Tensor, mask: torch.Tensor | None, group: Any) -> torch.Tensor:
+        """Training with statistics exchanged over ``group``: native kernels without a
+        mask, else the core; the same collectives either way."""
+        from . import torch_distributed
+
+        c, config = self.config.num_features, self.config
+        header = torch_distributed.make_header(
+            x, num_features=c, feature_axis=self._feature_axis, fast_variance=config.fast_variance,
+            float64=torch.float64 in (x.dtype, self.running_mean.dtype),
+            fingerprint=torch_distributed.groups_fingerprint(config.axis_index_groups),
+        )  # fmt: skip
+        if not self._peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
+            torch_distributed.check_peers(header, device=x.device, group=self._parent_group(), timeout=self.timeout)
+            self._peers_checked = True
+        gather = torch_distributed.Gather(group, header, self.timeout)
+        if not (self._native and mask is None):
+            return self._core_forward(x, mask, True, torch_distributed.make_all_gather(gather))
+        params = self._parameters
+        view = x.reshape(-1, c) if self._channels_last else x.contiguous()
+        y, new_mean, new_var = torch_distributed.synced_native_batch_norm(
+            view, params.get("scale"), params.get("bias"), self.running_mean, self.running_var, gather,
+            epsilon=self.config.epsilon, momentum=self.config.momentum,
+        )  # fmt: skip
+        self._update_running(new_mean, new_var)
+        return y.view(x.shape) if self._channels_last else y
+
+    def _core_forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, training: bool, all_gather: Any = None
+    ) -> torch.Tensor:
+        """:func:`bn1d.algorithm.batch_norm` under autograd."""
         running_mean, running_var = self.running_mean, self.running_var
         if training:  # copies: under torch.compile with graph breaks, a graph may save them for backward
             running_mean, running_var = running_mean.clone(), running_var.clone()  # before copy_ below
