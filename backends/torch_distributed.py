@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bn1d.algorithm import AllGather, combine_moments, running_statistics
+from bn1d.algorithm import AllGather, combine_moments, compute_dtype, running_statistics
 from bn1d.config import argument_error
 
 __all__ = ["Gather", "check_peers", "groups_fingerprint", "make_all_gather", "make_header", "sync_group"]
@@ -229,7 +229,7 @@ class _SyncedNativeBatchNorm(torch.autograd.Function):
         epsilon: float,
         momentum: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = torch.float64 if torch.float64 in (x.dtype, running_mean.dtype) else torch.float32
+        dtype = compute_dtype(torch, x.dtype, running_mean.dtype)  # the core's rule
         xc = x.to(dtype)
         per_feature = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> broadcastable against (N, C, ...)
         n_local = xc.numel() // xc.shape[1]
