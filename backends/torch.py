@@ -66,7 +66,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from bn1d.algorithm import batch_norm, check_inputs
+from bn1d.algorithm import batch_norm, check_inputs, compute_dtype
 from bn1d.config import BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros, initial_value
 from bn1d.protocol import resolve_training
@@ -210,7 +210,7 @@ class BatchNorm1d(nn.Module):
         c, config = self.config.num_features, self.config
         header = torch_distributed.make_header(
             x, num_features=c, feature_axis=self._feature_axis, fast_variance=config.fast_variance,
-            float64=torch.float64 in (x.dtype, self.running_mean.dtype),
+            float64=compute_dtype(torch, x.dtype, self.running_mean.dtype) == torch.float64,
             fingerprint=torch_distributed.groups_fingerprint(config.axis_index_groups),
         )  # fmt: skip
         if not self._peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
