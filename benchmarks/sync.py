@@ -6,8 +6,12 @@
   and without (per-device statistics). Both are measured in that one process.
 * PyTorch: 2 processes over gloo on 127.0.0.1 (``torch.set_num_threads(1)`` each);
   each holds half of the global batch. The synced layer (``axis_name`` set: the
-  core with all-reduced sums) runs against the unsynced layer (the native kernel)
-  and against the unsynced core path (``native_kernel=False``).
+  native kernels around one exchange per pass) runs against the unsynced layer
+  (the native kernel) and against the unsynced core path (``native_kernel=False``).
+  Twice: with the processes placed by the OS, and, where Linux affinity allows,
+  each bound to a CPU of its own (``--pin``; what a launcher that binds ranks to
+  cores does). On 2 vCPUs, the OS sometimes runs both ranks on one CPU for a
+  few milliseconds, and a synced step waits for the slower rank.
 
 The parent starts the workers with a bounded timeout and kills them on expiry;
 each worker prints one ``RESULT {json}`` line.
@@ -21,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .results import Row
@@ -72,12 +77,16 @@ def jax_worker(shape: tuple[int, ...], budget: Budget) -> list[dict[str, Any]]:
     out = []
     for pass_, pair in fns.items():
         times = interleaved_medians(pair, budget)
-        out.append({"pass": pass_, "variant": f"{devices} devices", "peer": "unsynced", **times})
+        out.append({"pass": pass_, "variant": f"{devices} devices", "peer": "bn1d unsynced", **times})
     return out
 
 
-def torch_worker(shape: tuple[int, ...], budget: Budget, rank: int, world: int, port: int, timeout_s: float):
+def torch_worker(shape: tuple[int, ...], budget: Budget, rank: int, world: int, port: int, timeout_s: float, pin: bool):
     import datetime
+
+    if pin:  # before torch and the process group start threads: they inherit the CPU
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
 
     import torch
     import torch.distributed as dist
@@ -103,6 +112,8 @@ def torch_worker(shape: tuple[int, ...], budget: Budget, rank: int, world: int, 
         }
         fwd = {k: (lambda m=m: m(x)) for k, m in layers.items()}
         fwd_bwd = {k: (lambda m=m: torch.autograd.grad(m(xg), [xg, m.scale, m.bias], dy)) for k, m in layers.items()}
+        fwd["hand-written synced"] = hand = hand_synced_forward(x, world, momentum=0.99, epsilon=1e-5)
+        torch.testing.assert_close(hand(), layers["synced"](x), rtol=0, atol=1e-5)  # float32 rounding of y ~ 1
 
         def agree(number: dict[str, int]) -> dict[str, int]:
             t = torch.tensor(list(number.values()))
@@ -110,19 +121,57 @@ def torch_worker(shape: tuple[int, ...], budget: Budget, rank: int, world: int, 
             return dict(zip(number, t.tolist()))
 
         out = []
+        variant = f"{world} processes" + (", 1 CPU each" if pin else "")
         for pass_, fns in (("train fwd", fwd), ("train fwd+bwd", fwd_bwd)):
             times = interleaved_medians(fns, budget, agree=agree, before_sample=dist.barrier)
-            for peer in ("unsynced", "unsynced core"):
-                out.append(
-                    {"pass": pass_, "variant": f"{world} processes", "peer": peer, "synced": times["synced"],
-                     "unsynced": times[peer]}
-                )  # fmt: skip
+            for peer in [k for k in fns if k != "synced"]:
+                label = peer if peer.startswith("hand") else f"bn1d {peer}"
+                row = {"pass": pass_, "variant": variant, "peer": label}
+                out.append({**row, "synced": times["synced"], "unsynced": times[peer]})
         return out
     finally:
         dist.destroy_process_group()
 
 
+def hand_synced_forward(x: Any, world: int, *, momentum: float, epsilon: float) -> Callable[[], Any]:
+    """The floor of a synced training forward on PyTorch's CPU kernels, hand-written
+    for ``(..., C)`` float32 input with unit scale and zero bias: this rank's
+    statistics, one all_gather of ``(count, mean, variance)``, their combination
+    (Chan, Golub and LeVeque), the inference kernel with the global statistics and
+    the running statistics' update. No checks, no casts, no autograd: what any
+    synced forward on these kernels must do, so bn1d's synced layer against it is
+    bn1d's own overhead and the unsynced layer against it is the exchange's."""
+    import torch
+    import torch.distributed as dist
+
+    c = x.shape[-1]
+    view = x.reshape(-1, c)
+    weight, bias = torch.ones(c), torch.zeros(c)
+    running_mean, running_var = torch.zeros(c), torch.ones(c)
+    count = torch.tensor([float(view.shape[0])])
+    rows = torch.empty(world, 1 + 2 * c)
+
+    def forward() -> Any:
+        mean, var = torch.ops.aten.batch_norm_update_stats(view, None, None, 0.0)
+        dist.all_gather(list(rows.unbind(0)), torch.cat([count, mean, var]))
+        counts, means, variances = rows[:, :1], rows[:, 1 : c + 1], rows[:, c + 1 :]
+        n = counts.sum()
+        global_mean = (counts * means).sum(0) / n
+        global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / n
+        y = torch.batch_norm(view, weight, bias, global_mean, global_var, False, 0.0, epsilon, False)
+        running_mean.lerp_(global_mean, 1.0 - momentum)
+        running_var.lerp_(global_var * (n / (n - 1)), 1.0 - momentum)
+        return y.view(x.shape)
+
+    return forward
+
+
 # -- the parent side ---------------------------------------------------------------------------
+
+
+def _can_pin(ranks: int) -> bool:
+    """Whether each of ``ranks`` processes can have a CPU of its own (Linux affinity)."""
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= ranks
 
 
 def _free_port() -> int:
@@ -175,11 +224,11 @@ def _rows(backend: str, results: list[dict[str, Any]], shape, size: str, target:
                 shape,
                 r["pass"],
                 r["variant"],
-                f"bn1d {peer}",
+                peer,
                 r["synced"],
                 r["unsynced"],
                 int(shape[0] * shape[1] * shape[2]) * 4,
-                target=target if size == "large" and peer == "unsynced" else None,
+                target=target if size == "large" and peer == "bn1d unsynced" else None,
             )  # fmt: skip
         )
     return rows
@@ -196,11 +245,13 @@ def run(shapes: dict[str, tuple[int, ...]], budget_name: str, timeout_s: float, 
             rows += _rows("jax sync (shard_map)", _result(out), shape, size, target)
         except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:
             print(f"[benchmarks] JAX sync benchmark skipped: {error}", file=sys.stderr)
-        try:
-            outs = _launch(["torch", *spec, "--port", str(_free_port())], base_env, timeout_s, count=2)
-            rows += _rows("torch sync (gloo)", _result(outs[0]), shape, size, target)
-        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:
-            print(f"[benchmarks] PyTorch sync benchmark skipped: {error}", file=sys.stderr)
+        for pin in (False, True) if _can_pin(2) else (False,):
+            extra = ["--port", str(_free_port())] + (["--pin"] if pin else [])
+            try:
+                outs = _launch(["torch", *spec, *extra], base_env, timeout_s, count=2)
+                rows += _rows("torch sync (gloo)", _result(outs[0]), shape, size, target)
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:
+                print(f"[benchmarks] PyTorch sync benchmark skipped: {error}", file=sys.stderr)
     return rows
 
 
@@ -212,6 +263,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--pin", action="store_true", help="torch: bind rank r to the r-th allowed CPU")
     args = parser.parse_args()
     if os.environ.get("BN1D_BENCH_PIN_MALLOC") == "1":
         pin_allocator()
@@ -220,7 +272,7 @@ def main() -> None:
     if args.backend == "jax":
         results = jax_worker(shape, budget)
     else:
-        results = torch_worker(shape, budget, args.rank, 2, args.port, args.timeout)
+        results = torch_worker(shape, budget, args.rank, 2, args.port, args.timeout, args.pin)
     if args.rank == 0:
         print(RESULT + json.dumps(results), flush=True)
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,7 @@ def test_quick_benchmark_table(tmp_path):
         assert row["bn1d_s"] > 0 and row["peer_s"] > 0 and row["ratio"] > 0
     if sync:
         assert {r["backend"] for r in rows} >= {"jax sync (shard_map)", "torch sync (gloo)"}
+        variants = {r["variant"] for r in rows if r["backend"] == "torch sync (gloo)"}
+        assert "2 processes" in variants
+        if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:  # ranks bound to CPUs too
+            assert "2 processes, 1 CPU each" in variants
