@@ -18,8 +18,9 @@ cotangents, when the input needs a gradient.
   naming every disagreeing rank: the exchanges' sizes depend on num_features,
   so a mismatch must be an error before them, not a hang or garbage. Exchanges
   whose sizes differ later (e.g. layers called in a rank-dependent order) cannot
-  be detected from inside one collective: ``TORCH_DISTRIBUTED_DEBUG=DETAIL``
-  (PyTorch's check of every collective's shapes) reports them on every rank.
+  be reported on every rank from inside one collective (gloo aborts the rank that
+  receives the longer row): ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` (PyTorch's check of
+  every collective's shapes) reports them on every rank.
 * :class:`Gather` makes the exchange: one all-gather of this rank's row
   (header, then values) in float64. Each call's headers are
   compared again, so a dtype or option that changes on one rank later is also a
