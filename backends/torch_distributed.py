@@ -154,7 +154,7 @@ class Gather:
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
 
     def rows(self, arrays: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Every rank's ``arrays`` (all of one dtype), stacked: ``(ranks, *a.shape)`` each."""
+        """Every rank's ``arrays``, stacked: ``(ranks, *a.shape)`` each, in ``a``'s dtype."""
         h, device = len(self.header), arrays[0].device
         header = torch.tensor(self.header, dtype=torch.float64, device=device)
         row = torch.cat([header, *(a.detach().reshape(-1).to(torch.float64) for a in arrays)])
@@ -172,9 +172,9 @@ class Gather:
         return self._split(buffer[self.rank], tuple(c[0] for c in cotangents))
 
     def _split(self, values: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        lead, values = values.shape[:-1], values.to(like[0].dtype)
+        lead = values.shape[:-1]
         parts = values.split([a.numel() for a in like], dim=-1)
-        return tuple(p.reshape((*lead, *a.shape)) for p, a in zip(parts, like))
+        return tuple(p.reshape((*lead, *a.shape)).to(a.dtype) for p, a in zip(parts, like))
 
 
 class _AllGather(torch.autograd.Function):

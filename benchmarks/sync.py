@@ -110,10 +110,23 @@ def torch_worker(shape: tuple[int, ...], budget: Budget, rank: int, world: int, 
             "unsynced": BatchNorm1d(c),
             "unsynced core": BatchNorm1d(c, native_kernel=False),
         }
-        fwd = {k: (lambda m=m: m(x)) for k, m in layers.items()}
+        fwd: dict[str, Callable[..., Any]] = {k: (lambda m=m: m(x)) for k, m in layers.items()}
         fwd_bwd = {k: (lambda m=m: torch.autograd.grad(m(xg), [xg, m.scale, m.bias], dy)) for k, m in layers.items()}
-        fwd["hand-written synced"] = hand = hand_synced_forward(x, world, momentum=0.99, epsilon=1e-5)
-        torch.testing.assert_close(hand(), layers["synced"](x), rtol=0, atol=1e-5)  # float32 rounding of y ~ 1
+        hand, hand_running = hand_synced_forward(x, world, momentum=0.99, epsilon=1e-5)
+        fwd["hand-written synced"] = hand
+        # The floor computes what the layer computes. float32: |y| <= ~5 for randn input, so a
+        # few ulp of 5 (~1e-6; bitwise equal in a one-rank run); running statistics ~1, 1.2e-7 apart.
+        synced = layers["synced"]
+        failure = ""
+        try:
+            torch.testing.assert_close(hand(), synced(x), rtol=0, atol=1e-5)
+            torch.testing.assert_close(hand_running, (synced.running_mean, synced.running_var), rtol=0, atol=1e-6)
+        except AssertionError as error:
+            failure = str(error)
+        agreed = torch.tensor([0 if failure else 1])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # every rank raises, none waits for the others
+        if not agreed.item():
+            raise AssertionError(f"hand_synced_forward disagrees with bn1d: {failure or 'on another rank'}")
 
         def agree(number: dict[str, int]) -> dict[str, int]:
             t = torch.tensor(list(number.values()))
@@ -133,14 +146,18 @@ def torch_worker(shape: tuple[int, ...], budget: Budget, rank: int, world: int, 
         dist.destroy_process_group()
 
 
-def hand_synced_forward(x: Any, world: int, *, momentum: float, epsilon: float) -> Callable[[], Any]:
+def hand_synced_forward(
+    x: Any, world: int, *, momentum: float, epsilon: float
+) -> tuple[Callable[[], Any], tuple[Any, Any]]:
     """The floor of a synced training forward on PyTorch's CPU kernels, hand-written
-    for ``(..., C)`` float32 input with unit scale and zero bias: this rank's
-    statistics, one all_gather of ``(count, mean, variance)``, their combination
-    (Chan, Golub and LeVeque), the inference kernel with the global statistics and
-    the running statistics' update. No checks, no casts, no autograd: what any
-    synced forward on these kernels must do, so bn1d's synced layer against it is
-    bn1d's own overhead and the unsynced layer against it is the exchange's."""
+    for ``(..., C)`` float32 input with unit scale and zero bias and more than one
+    value per feature in all: this rank's statistics, one all_gather of ``(count,
+    mean, variance)``, their combination (Chan, Golub and LeVeque), the inference
+    kernel with the global statistics and the running statistics' update. No checks,
+    no casts, no autograd: what any synced forward on these kernels must do, so
+    bn1d's synced layer against it is bn1d's own overhead, and it against the
+    unsynced layer is the exchange's and the split kernels'. Returns the forward
+    and its ``(running_mean, running_var)``, updated in place."""
     import torch
     import torch.distributed as dist
 
@@ -163,7 +180,7 @@ def hand_synced_forward(x: Any, world: int, *, momentum: float, epsilon: float) 
         running_var.lerp_(global_var * (n / (n - 1)), 1.0 - momentum)
         return y.view(x.shape)
 
-    return forward
+    return forward, (running_mean, running_var)
 
 
 # -- the parent side ---------------------------------------------------------------------------

@@ -37,5 +37,6 @@ def test_quick_benchmark_table(tmp_path):
         assert {r["backend"] for r in rows} >= {"jax sync (shard_map)", "torch sync (gloo)"}
         variants = {r["variant"] for r in rows if r["backend"] == "torch sync (gloo)"}
         assert "2 processes" in variants
-        if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:  # ranks bound to CPUs too
+        assert any(r["peer"] == "hand-written synced" for r in rows)  # it agreed with bn1d on every rank
+        if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:  # as benchmarks.sync._can_pin
             assert "2 processes, 1 CPU each" in variants
