@@ -10,8 +10,9 @@
   (the native kernel) and against the unsynced core path (``native_kernel=False``).
   Twice: with the processes placed by the OS, and, where Linux affinity allows,
   each bound to a CPU of its own (``--pin``; what a launcher that binds ranks to
-  cores does). On 2 vCPUs, the OS sometimes runs both ranks on one CPU for a
-  few milliseconds, and a synced step waits for the slower rank.
+  cores does). On 2 vCPUs, one rank is sometimes delayed by a few milliseconds
+  (the ranks and gloo's threads share the CPUs), and a synced step waits for the
+  slower rank.
 
 The parent starts the workers with a bounded timeout and kills them on expiry;
 each worker prints one ``RESULT {json}`` line.
