@@ -186,7 +186,7 @@ class BatchNorm1d(TrainingSwitch):
             reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon, momentum=self.config.momentum,
             training=training, mask=mask, fast_variance=self.config.fast_variance,
             unbiased_running_var=self.config.unbiased_running_var,
-            all_sum=all_sum,
+            all_sum=all_sum, stop_gradient=lax.stop_gradient, recompute_shifted=True,
         )  # fmt: skip
         new_state = {"running_mean": result.running_mean, "running_var": result.running_var}
         return result.y, lax.stop_gradient(new_state)

@@ -218,44 +218,42 @@ def batch_norm_vjp(
     entered ``mean`` and ``var``. The fast variance's clamp at 0 is ignored: its
     gradient is this one wherever the clamp is inactive.
     """
-    xp_dtype = compute_dtype(np, x.dtype, running_mean.dtype)
-    xc, dyc = x.astype(xp_dtype, copy=False), dy.astype(xp_dtype, copy=False)
+    dtype = compute_dtype(np, x.dtype, running_mean.dtype)
+    xc, dyc = x.astype(dtype, copy=False), dy.astype(dtype, copy=False)
     axes = tuple(reduce_axes)
     feature_axis = next(a for a in range(x.ndim) if a not in axes)
     shape = tuple(-1 if a == feature_axis else 1 for a in range(x.ndim))
-    mean, var = running_mean.astype(xp_dtype), running_var.astype(xp_dtype)
     n: Any = 0
-    centered = None
-    if training:
-        # The core's moments, with the x - mean it computed (None for the fast variance).
-        n, batch_mean, batch_var, centered = batch_moments(
-            xc, mask, reduce_axes=axes, fast_variance=fast_variance, all_sum=all_sum
+    if training:  # the core's statistics, with the x - shift it computed
+        moments = batch_moments(
+            xc, mask, reduce_axes=axes, fast_variance=fast_variance, all_sum=all_sum, fallback=running_mean
         )
-        if np.asarray(n) > 0:
-            mean, var = batch_mean, batch_var
-        else:  # no data: inference
-            centered = None
-    inv = 1.0 / np.sqrt(var + epsilon)
-    s = np.ones((), xp_dtype) if scale is None else scale.astype(xp_dtype)
-    xhat = xc - mean.reshape(shape) if centered is None else centered
-    xhat *= inv.reshape(shape)
-    dbias = dyc.sum(axis=axes)
-    dscale = (dyc * xhat).sum(axis=axes)
+        n = moments.count
+    if training and np.asarray(n) > 0:
+        xhat, offset, var = moments.centered, moments.offset, moments.var
+    else:  # inference, or no data
+        xhat, offset, var = xc - running_mean.astype(dtype).reshape(shape), 0.0, running_var.astype(np.float64)
+    inv = 1.0 / np.sqrt(var + epsilon)  # per-feature factors in float64
+    s = np.ones((), np.float64) if scale is None else scale.astype(np.float64)
+    xhat -= np.asarray(offset, dtype).reshape(shape)  # x - mean, from the shifted x
+    xhat *= inv.astype(dtype).reshape(shape)
+    dbias = dyc.sum(axis=axes, dtype=np.float64)
+    dscale = (dyc * xhat).sum(axis=axes, dtype=np.float64)
     if not training:
-        return (dyc * (s * inv).reshape(shape)).astype(x.dtype, copy=False), dscale, dbias
+        return (dyc * (s * inv).astype(dtype).reshape(shape)).astype(x.dtype, copy=False), dscale, dbias
     # G = sum(g) and H = sum(g * xhat) with g = dy * scale: scale is per feature, so
     # they are scale * dbias and scale * dscale (no further pass over the input).
     sums = (s * dbias, s * dscale)
     G, H = sums if all_sum is None else all_sum(sums)
-    weight = np.where(np.asarray(n) > 0, 1.0 / np.maximum(n, 1), 0.0).astype(xp_dtype)  # n == 0: inference
+    weight = np.where(np.asarray(n) > 0, 1.0 / np.maximum(n, 1), 0.0)  # n == 0: inference
     # dx = inv * g - inv * weight * keep * (G + xhat * H), with the per-feature factors
     # folded; in place, so that at most two input-sized arrays are alive.
     correction = xhat  # xhat is not needed any more
-    correction *= (inv * weight * H).reshape(shape)
-    correction += (inv * weight * G).reshape(shape)
+    correction *= (inv * weight * H).astype(dtype).reshape(shape)
+    correction += (inv * weight * G).astype(dtype).reshape(shape)
     if mask is not None:
         correction *= np.expand_dims(mask, feature_axis)
-    dx = dyc * (s * inv).reshape(shape)
+    dx = dyc * (s * inv).astype(dtype).reshape(shape)
     dx -= correction
     return dx.astype(x.dtype, copy=False), dscale, dbias
 

@@ -72,6 +72,8 @@ from bn1d.initializers import Ones, Zeros, initial_value
 from bn1d.protocol import resolve_training
 from bn1d.state import check_state, from_torch_state_dict, state_keys, to_torch_state_dict, torch_momentum
 
+from . import torch_kernels
+
 __all__ = ["BatchNorm1d"]
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -177,6 +179,7 @@ class BatchNorm1d(nn.Module):
         )
         self._pytorch_momentum = torch_momentum(config.momentum)
         self._peers_checked = False  # synced: whether all ranks agreed on num_features etc. (first call)
+        self._inference_check: tuple[Any, bool] = (None, False)  # (running statistics' versions, accurate)
 
     # -- the uniform layer protocol -------------------------------------------------
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None) -> torch.Tensor:
@@ -190,21 +193,42 @@ class BatchNorm1d(nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
         group = self._sync_group() if training and self.config.synced else None
-        stats_dtype = self.running_mean.dtype
-        if (
-            self._native
-            and group is None
-            and (not training or (mask is None and x.numel() > c))
-            and (x.dtype == stats_dtype or (stats_dtype == torch.float32 and x.dtype in _HALF_DTYPES))
-        ):
-            return self._native_forward(x, training)
+        route = self._route(x, mask, training, group)
         if group is not None:
-            return self._synced_forward(x, mask, group)
+            return self._synced_forward(x, mask, group, native=route == "synced native")
+        if route == "native":
+            return self._native_forward(x, training)
         return self._core_forward(x, mask, training)
 
-    def _synced_forward(self, x: torch.Tensor, mask: torch.Tensor | None, group: Any) -> torch.Tensor:
-        """Training with statistics exchanged over ``group``: native kernels without a
-        mask, else the core; the same collectives either way."""
+    def _route(self, x: torch.Tensor, mask: torch.Tensor | None, training: bool, group: Any) -> str:
+        """The path of one call, one of:
+
+        * ``"core"``: :func:`bn1d.algorithm.batch_norm` under autograd, for masks in training,
+          ``fast_variance``, ``unbiased_running_var=False``, features on an axis
+          other than 1 or the last, ``native_kernel=False``, under ``torch.compile``
+          (Inductor fuses the core's operations), and, unsynced, for dtype pairs
+          other than (x, statistics) equal or (half, float32) and fewer than two
+          values per feature;
+        * ``"synced native"``: synced training otherwise (any dtype pair, in the
+          compute dtype): :class:`torch_kernels.NativeBatchNorm` with the exchange;
+        * ``"native"``: PyTorch's kernels otherwise, each where the accuracy rule
+          holds for it (``bn1d.backends.torch_kernels``).
+
+        Synced ranks may take different paths: both synced paths make the same
+        exchanges.
+        """
+        if not self._native or (training and mask is not None) or torch.compiler.is_compiling():
+            return "core"
+        if group is not None:
+            return "synced native"
+        stats = self.running_mean.dtype
+        if x.dtype != stats and not (stats == torch.float32 and x.dtype in _HALF_DTYPES):
+            return "core"
+        return "native" if not training or x.numel() > self.config.num_features else "core"
+
+    def _synced_forward(self, x: torch.Tensor, mask: torch.Tensor | None, group: Any, native: bool) -> torch.Tensor:
+        """Training with statistics exchanged over ``group``: native kernels or the
+        core; the same collectives either way."""
         from . import torch_distributed
 
         c, config = self.config.num_features, self.config
@@ -217,16 +241,9 @@ class BatchNorm1d(nn.Module):
             torch_distributed.check_peers(header, device=x.device, group=self._parent_group(), timeout=self.timeout)
             self._peers_checked = True
         gather = torch_distributed.Gather(group, header, self.timeout)
-        if not (self._native and mask is None):
+        if not native:
             return self._core_forward(x, mask, True, torch_distributed.make_all_gather(gather))
-        params = self._parameters
-        view = x.reshape(-1, c) if self._channels_last else x.contiguous()
-        y, new_mean, new_var = torch_distributed.synced_native_batch_norm(
-            view, params.get("scale"), params.get("bias"), self.running_mean, self.running_var, gather,
-            epsilon=self.config.epsilon, momentum=self.config.momentum,
-        )  # fmt: skip
-        self._update_running(new_mean, new_var)
-        return y.view(x.shape) if self._channels_last else y
+        return self._kernel_forward(x, gather)
 
     def _core_forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, training: bool, all_gather: Any = None
@@ -240,6 +257,7 @@ class BatchNorm1d(nn.Module):
             reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon, momentum=self.config.momentum,
             training=training, mask=mask, fast_variance=self.config.fast_variance,
             unbiased_running_var=self.config.unbiased_running_var, all_gather=all_gather,
+            stop_gradient=torch.Tensor.detach,
         )  # fmt: skip
         if training:
             self._update_running(result.running_mean, result.running_var)
@@ -252,19 +270,69 @@ class BatchNorm1d(nn.Module):
             self.num_batches_tracked.add_(1)
 
     def _native_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """PyTorch's kernel on ``x`` seen as ``(N, C, ...)`` (features on axis 1 or last)."""
+        """PyTorch's kernels on ``x`` seen as ``(N, C, ...)`` (features on axis 1 or
+        last): the fused training kernel where its result meets the rule, else
+        :class:`torch_kernels.NativeBatchNorm`; in inference the inference kernel
+        unless ``|running_mean| / std`` is too large for its ``x * a + b``."""
         params, buffers = self._parameters, self._buffers
         # Contiguous input: PyTorch's generic strided kernel rounds half-input parameter gradients to half.
         view = x.reshape(-1, self.config.num_features) if self._channels_last else x.contiguous()
-        y = torch.batch_norm(
-            view, params.get("scale"), params.get("bias"), buffers["running_mean"], buffers["running_var"],
-            training, self._pytorch_momentum, self.config.epsilon, torch.backends.cudnn.enabled,
-        )  # fmt: skip
         if training:
-            self.num_batches_tracked.add_(1)
-        if y.requires_grad and y.numel() >= _CONTIGUOUS_GRAD_MIN_NUMEL and not torch.compiler.is_compiling():
+            y = self._fused_forward(view)
+            if y is None:
+                return self._kernel_forward(x)
+        elif self._inference_is_accurate():
+            y = torch.batch_norm(
+                view, params.get("scale"), params.get("bias"), buffers["running_mean"], buffers["running_var"],
+                False, 0.0, self.config.epsilon, torch.backends.cudnn.enabled,
+            )  # fmt: skip
+        else:
+            return self._core_forward(x, None, False)
+        if y.requires_grad and y.numel() >= _CONTIGUOUS_GRAD_MIN_NUMEL:
             y.register_hook(_contiguous_gradient)
         return y.view(x.shape) if self._channels_last else y
+
+    def _fused_forward(self, view: torch.Tensor) -> torch.Tensor | None:
+        """PyTorch's fused training kernel, or ``None`` (state untouched) where its
+        statistics say that its result misses the rule."""
+        accumulation = torch_kernels.fused_accumulation(view)
+        if accumulation is None:
+            return None
+        params, buffers = self._parameters, self._buffers
+        saved = buffers["running_mean"].clone(), buffers["running_var"].clone()
+        y, save_mean, save_invstd = torch.native_batch_norm(
+            view, params.get("scale"), params.get("bias"), buffers["running_mean"], buffers["running_var"],
+            True, self._pytorch_momentum, self.config.epsilon,
+        )  # fmt: skip
+        if not torch_kernels.fused_is_accurate(view, save_mean, save_invstd, self.config.epsilon, accumulation):
+            with torch.no_grad():
+                buffers["running_mean"].copy_(saved[0])
+                buffers["running_var"].copy_(saved[1])
+            return None
+        self.num_batches_tracked.add_(1)
+        return y
+
+    def _kernel_forward(self, x: torch.Tensor, gather: Any = None) -> torch.Tensor:
+        """Training on :class:`torch_kernels.NativeBatchNorm`, in the compute dtype."""
+        c, params = self.config.num_features, self._parameters
+        view = x.reshape(-1, c) if self._channels_last else x.contiguous()
+        dtype = compute_dtype(torch, x.dtype, self.running_mean.dtype)
+        y, new_mean, new_var = torch_kernels.NativeBatchNorm.apply(
+            view.to(dtype), params.get("scale"), params.get("bias"), self.running_mean, self.running_var, gather,
+            self.config.epsilon, self.config.momentum,
+        )  # fmt: skip
+        self._update_running(new_mean, new_var)
+        y = y.to(x.dtype)
+        return y.view(x.shape) if self._channels_last else y
+
+    def _inference_is_accurate(self) -> bool:
+        """Whether the inference kernel's ``x * a + b`` meets the rule for the running
+        statistics (cached until they change)."""
+        key = (self.running_mean._version, self.running_var._version, self.running_mean.data_ptr())
+        if self._inference_check[0] != key:
+            accurate = torch_kernels.inference_is_accurate(self.running_mean, self.running_var, self.config.epsilon)
+            self._inference_check = (key, accurate)
+        return self._inference_check[1]
 
     def train(self, mode: bool = True) -> BatchNorm1d:
         if not isinstance(mode, bool):

@@ -1,11 +1,12 @@
 r"""Cross-replica statistics for ``bn1d.backends.torch`` over ``torch.distributed``.
 
 One exchange per synced training call, device-agnostic (gloo on CPU, NCCL on
-GPU): every rank of a group contributes its count, mean and sum of squared
-deviations, which :func:`bn1d.algorithm.combine_moments` merges (Chan, Golub and
-LeVeque: no cancellation), or, with ``fast_variance``, its count, sum and sum of
-squares, which are added. The backward pass makes one more exchange, of the
-cotangents, when the input needs a gradient.
+GPU): every rank of a group contributes its count, shift ``K``, shifted sum
+``sum(x - K)`` and sum of squared deviations, which
+:func:`bn1d.algorithm.combine_shifted` merges in the frame of rank 0's shift
+(Chan, Golub and LeVeque: no cancellation), or, with ``fast_variance``, its
+count, sum and sum of squares, which are added. The backward pass makes one more
+exchange, of the cotangents, when the input needs a gradient.
 
 * :func:`sync_group` resolves the group of this rank: ``process_group`` (WORLD by
   default), or, with ``axis_index_groups``, the subgroup (``dist.new_group``) that
@@ -31,7 +32,8 @@ cotangents, when the input needs a gradient.
   differentiable ``all_gather`` hook; its backward all-reduces the cotangents,
   because :math:`\partial L/\partial a_r = \sum_q \partial L_q/\partial
   \mathrm{rows}[r]` for a loss :math:`L = \sum_q L_q` summed over ranks), and
-  PyTorch's native kernels around the exchange (:func:`synced_native_batch_norm`).
+  PyTorch's native kernels around the exchange
+  (:class:`bn1d.backends.torch_kernels.NativeBatchNorm`).
 
 Every collective waits at most ``timeout`` seconds (``None``: the process group's
 own timeout): a rank that died or never calls the layer gives a ``RuntimeError``
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bn1d.algorithm import AllGather, combine_moments, compute_dtype, running_statistics
+from bn1d.algorithm import AllGather
 from bn1d.config import argument_error
 
 __all__ = ["Gather", "check_peers", "groups_fingerprint", "make_all_gather", "make_header", "sync_group"]
@@ -195,114 +197,3 @@ class _AllGather(torch.autograd.Function):
 def make_all_gather(gather: Gather) -> AllGather:
     """The core's differentiable ``all_gather`` hook over ``gather``."""
     return lambda arrays: _AllGather.apply(gather, *arrays)
-
-
-class _SyncedNativeBatchNorm(torch.autograd.Function):
-    """Synced training on PyTorch's native CPU/CUDA kernels, for input seen as
-    ``(N, C, ...)``, no mask, the two-pass variance. The same exchanges as the core
-    path with :class:`Gather` (so ranks may take either path), fused passes:
-
-    forward: ``batch_norm_update_stats`` (this rank's mean and biased variance),
-    the exchange of ``(count, mean, centred squares)``, :func:`combine_moments`,
-    then ``batch_norm`` in inference mode with the global statistics: 3 passes
-    over ``x`` as in the unsynced kernel, one collective.
-
-    backward (``a = scale / sqrt(var + eps)``, sums over this rank's values):
-    ``native_batch_norm_backward`` gives ``sum(dy)`` and ``sum(dy * xhat)``; their
-    derivatives with respect to the global mean and variance become the
-    cotangents of every rank's row (the derivative of ``combine_moments``), one
-    all-reduce sums them over ranks, and this rank's row closes the chain through
-    its own mean and centred squares::
-
-        dx = a * dy + d_mean_r / n_r + 2 * d_squares_r * (x - mean_r)
-
-    which is ``a * (dy - sum_all(dy) / n - xhat * sum_all(dy * xhat) / n)``.
-    Without an input gradient there is no exchange (nor on the core path, whose
-    gathered values derive from ``x`` only). Parameter gradients are this rank's
-    share (DDP all-reduces them). Not twice differentiable (as ``nn.SyncBatchNorm``).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        scale: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
-        gather: Gather,
-        epsilon: float,
-        momentum: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dtype = compute_dtype(torch, x.dtype, running_mean.dtype)  # the core's rule
-        xc = x.to(dtype)
-        per_feature = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> broadcastable against (N, C, ...)
-        n_local = xc.numel() // xc.shape[1]
-        count = torch.tensor(float(n_local), dtype=dtype, device=x.device)
-        if n_local:
-            local_mean, local_var = torch.ops.aten.batch_norm_update_stats(xc, None, None, 0.0)
-        else:
-            local_mean = local_var = torch.zeros(xc.shape[1], dtype=dtype, device=x.device)
-        counts, means, squares = gather.rows((count, local_mean, local_var * n_local))
-        n, mean, var = combine_moments(counts, means, squares)
-        new_mean, new_var = running_statistics(
-            running_mean.to(dtype), running_var.to(dtype), n, mean, var, momentum=momentum, may_be_empty=n_local == 0
-        )
-        weight = None if scale is None else scale.to(dtype)
-        y = torch.batch_norm(
-            xc, weight, None if bias is None else bias.to(dtype), mean, var, False, 0.0, epsilon, False
-        ).to(x.dtype)
-        ctx.save_for_backward(xc, weight, mean, torch.rsqrt(var + epsilon), counts, means)
-        ctx.gather, ctx.epsilon, ctx.per_feature, ctx.n_local = gather, epsilon, per_feature, n_local
-        ctx.x_dtype, ctx.param_dtype = x.dtype, None if scale is None else scale.dtype
-        new_stats = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
-        ctx.mark_non_differentiable(*new_stats)
-        return (y, *new_stats)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-        xc, weight, mean, invstd, counts, means = ctx.saved_tensors
-        dyc = dy.to(xc.dtype).contiguous()
-        if ctx.n_local:
-            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                dyc, xc, weight, None, None, mean, invstd, True, ctx.epsilon, [False, True, True]
-            )
-        else:
-            sum_dy = sum_dy_xhat = torch.zeros_like(mean)
-        dx = None
-        if ctx.needs_input_grad[0]:  # as on the core path, cotangents are exchanged only for x
-            a = invstd if weight is None else weight * invstd
-            d_mean, d_var = -a * sum_dy, -0.5 * a * invstd * sum_dy_xhat  # of this rank's loss
-            n = counts.sum()
-            safe_n = torch.where(n > 0, n, torch.ones_like(n))
-            d_means = (counts / safe_n)[:, None] * (d_mean + 2.0 * d_var * (means - mean))  # via combine_moments
-            d_squares = (d_var / safe_n).expand_as(means)
-            _, own_d_mean, own_d_squares = ctx.gather.own_cotangents((torch.zeros_like(counts), d_means, d_squares))
-            if ctx.n_local:
-                shape, own_mean = ctx.per_feature, means[ctx.gather.rank]
-                c = 2.0 * own_d_squares
-                dx = torch.addcmul((own_d_mean / ctx.n_local - c * own_mean).reshape(shape), xc, c.reshape(shape))
-                dx = dx.addcmul_(dyc, a.reshape(shape)).to(ctx.x_dtype)
-            else:
-                dx = torch.zeros_like(dyc, dtype=ctx.x_dtype)
-        affine = ctx.param_dtype is not None
-        dscale = sum_dy_xhat.to(ctx.param_dtype) if affine else None
-        dbias = sum_dy.to(ctx.param_dtype) if affine else None
-        return dx, dscale, dbias, None, None, None, None, None
-
-
-def synced_native_batch_norm(
-    x: torch.Tensor,
-    scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    gather: Gather,
-    *,
-    epsilon: float,
-    momentum: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, new running_mean, new running_var)`` for ``x`` of shape ``(N, C, ...)``
-    (contiguous), synced over ``gather``'s group; see :class:`_SyncedNativeBatchNorm`."""
-    return _SyncedNativeBatchNorm.apply(x, scale, bias, running_mean, running_var, gather, epsilon, momentum)

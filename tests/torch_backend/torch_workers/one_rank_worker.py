@@ -2,8 +2,8 @@
 
 Usage: ``python one_rank_worker.py WORKDIR``; prints one JSON line. With one rank
 the synced statistics are the local ones, so the synced native-kernel path
-(``torch_distributed.synced_native_batch_norm``: its own statistics, exchange,
-combination and hand-written backward) must equal the core path under autograd
+(``torch_kernels.NativeBatchNorm``: its own statistics, exchange, combination
+and hand-written backward) must equal the core path under autograd
 (``native_kernel=False``) for every layout and dtype pair it takes.
 """
 
@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from bn1d.backends import torch_distributed
+from bn1d.backends import torch_kernels
 from bn1d.backends.torch import BatchNorm1d
 
 LAYOUTS = {"(B, L, C)": ((0, 1), (4, 6, 3)), "(N, C, L)": ((0, 2), (4, 3, 6)), "(N, C)": (0, (7, 3))}
@@ -29,15 +29,15 @@ DTYPES = {  # input dtype, parameter dtype
     "float64 x, float32 params": (torch.float64, torch.float32),
 }
 native_calls = [0]
-_synced_native = torch_distributed.synced_native_batch_norm
+_native_apply = torch_kernels.NativeBatchNorm.apply
 
 
 def _counted(*args, **kwargs):
     native_calls[0] += 1
-    return _synced_native(*args, **kwargs)
+    return _native_apply(*args, **kwargs)
 
 
-torch_distributed.synced_native_batch_norm = _counted
+torch_kernels.NativeBatchNorm.apply = _counted
 
 
 def results(layer: BatchNorm1d, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:

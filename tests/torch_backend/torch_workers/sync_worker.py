@@ -35,20 +35,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bn1d.backends import torch_distributed
+from bn1d.backends import torch_kernels
 from bn1d.backends.torch import BatchNorm1d
 
 torch.set_num_threads(1)
 native_calls = [0]  # synced calls that took the native-kernel path
-_synced_native = torch_distributed.synced_native_batch_norm
+_native_apply = torch_kernels.NativeBatchNorm.apply
 
 
 def _counted(*args, **kwargs):
     native_calls[0] += 1
-    return _synced_native(*args, **kwargs)
+    return _native_apply(*args, **kwargs)
 
 
-torch_distributed.synced_native_batch_norm = _counted
+torch_kernels.NativeBatchNorm.apply = _counted
 
 
 def run_case(case: dict, rank: int) -> dict:

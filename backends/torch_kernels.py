@@ -1,0 +1,312 @@
+r"""PyTorch's batch-norm kernels, used only where the contract's accuracy rule holds.
+
+PyTorch's CPU kernels accumulate channel-first ``(N, C, L)`` input in float64,
+but channel-last input (``(N, C)``, and so bn1d's ``(B, L, C)`` seen as
+``(B*L, C)``) in float32 partial sums of ``N / threads`` rows each, and they
+store the mean in the input's precision and form ``y = x * a + b``. Measured at
+``n = 32768``, ``|mean| / std = 0.25`` (``docs/numerics.md``): ``y`` off by
+1.2e-5, beyond the rule's 1e-5; at ``|mean| / std = 1e4`` by 1e-2. So:
+
+* **Split statistics.** ``batch_norm_update_stats`` runs on the contiguous
+  ``(N, C)`` data seen as ``(N / k, k * C)``: each float32 partial sum then
+  accumulates at most :data:`CHAIN_ROWS` rows, and the ``k`` partial means and
+  variances of each feature are combined in float64 (Chan's formula). Same
+  passes as the fused kernel, and faster on narrow ``C``.
+* **A shift when needed.** Where :func:`predicted_error` says the kernels'
+  result would miss the rule (``|mean| / std`` beyond ~10), the data are
+  shifted by the float32 mean first (``x - K`` is exact there) and the
+  statistics and ``y`` are computed on ``x - K``.
+* **Backward** from float64 sums of ``dy`` and ``dy * xhat`` taken the same
+  split way (``native_batch_norm_backward`` for the two sums), then ``dx``.
+
+:class:`NativeBatchNorm` does this for unsynced and synced training alike (synced:
+one exchange of the rows that the core's ``all_gather`` path sends too, so ranks
+may take either path). The fused training kernel stays where
+:func:`predicted_error` accepts it: channel-first input (float64 sums) with a
+small ``|mean| / std``, and small channel-last batches. The model is
+probabilistic (independent rounding errors of at most ``u`` each, ``LAMBDA``
+standard deviations), for data whose ``|x - mean| / std`` stays below
+:data:`MAX_XHAT`; ``docs/numerics.md`` derives it and compares it with
+measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from bn1d.algorithm import combine_shifted, running_statistics
+
+__all__ = [
+    "CHAIN_ROWS",
+    "NativeBatchNorm",
+    "fused_accumulation",
+    "fused_is_accurate",
+    "inference_is_accurate",
+    "local_moments",
+    "local_sums",
+    "predicted_error",
+]
+
+TOLERANCE = 1e-5  # the contract's accuracy rule, on y, mean / std and var
+LAMBDA = 5.0  # standard deviations of the rounding-error model
+MAX_XHAT = 6.0  # the largest |x - mean| / std the model assumes for y
+CHAIN_ROWS = 256  # rows per float32 partial sum in the split statistics
+_UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def _threads(x: torch.Tensor) -> int:
+    return 1 if x.device.type != "cpu" else max(1, torch.get_num_threads())
+
+
+def predicted_error(unit: float, rows: int, chains: int, ratio: float) -> float:
+    r"""The model's bound on the worst of the three metrics of the rule for
+    statistics summed in ``chains`` partial sums of ``rows`` terms each (``rows =
+    0``: float64 sums, exact here) with the mean stored in the input's precision,
+    and ``y = x * a + b`` formed by the kernel, at ``|mean| / std = ratio``::
+
+        mean: LAMBDA * u * sqrt((rows * ratio**2 / 3 + 1/2) / (3 * chains)) + u * ratio
+        var:  LAMBDA * u * sqrt(rows / (9 * chains)) + 3 u
+        y:    mean + 2 u * ratio + MAX_XHAT * var / 2 + 3 u * MAX_XHAT
+    """
+    if not math.isfinite(ratio):
+        return math.inf
+    acc_mean = LAMBDA * unit * math.sqrt((rows * ratio**2 / 3 + 0.5) / (3 * chains)) if rows else 0.0
+    acc_var = LAMBDA * unit * math.sqrt(rows / (9 * chains)) if rows else 0.0
+    mean = acc_mean + unit * ratio
+    var = acc_var + 3 * unit
+    return max(mean, var, mean + 2 * unit * ratio + MAX_XHAT * var / 2 + 3 * unit * MAX_XHAT)
+
+
+def _ratio(mean: np.ndarray, var: np.ndarray) -> float:
+    """``max |mean| / std`` over the features (inf for a zero variance beside a nonzero mean)."""
+    if not mean.size:
+        return 0.0
+    std = np.sqrt(np.maximum(var, 0.0))
+    scaled = np.abs(mean) / np.where(std > 0, std, 1.0)
+    return float(np.max(np.where(std > 0, scaled, np.where(mean != 0, np.inf, 0.0))))
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """Per-feature values as float64 NumPy (synchronises with an accelerator)."""
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _device(a: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-feature NumPy values as a tensor on ``like``'s device, in ``dtype`` (default ``like``'s)."""
+    return torch.as_tensor(np.array(a, order="C"), dtype=dtype or like.dtype, device=like.device)
+
+
+def fused_accumulation(x: torch.Tensor) -> tuple[int, int] | None:
+    """The fused training kernel's ``(rows, chains)`` on ``x`` (see
+    :func:`predicted_error`), or ``None`` where its accumulation alone, at
+    ``|mean| / std = 0``, already misses the rule: a cheap test before running it."""
+    rows, chains = _accumulation(x, split=1)
+    return (rows, chains) if predicted_error(_unit(x.dtype), rows, chains, 0.0) <= TOLERANCE else None
+
+
+def fused_is_accurate(
+    x: torch.Tensor, save_mean: torch.Tensor, save_invstd: torch.Tensor, epsilon: float, accumulation: tuple[int, int]
+) -> bool:
+    """Whether the fused training kernel's result on ``x`` (features on axis 1,
+    contiguous; its ``accumulation`` from :func:`fused_accumulation`) meets the
+    rule, judged from its own statistics: ``|mean| * invstd`` is ``|mean| /
+    sqrt(var + eps)``, and ``/ sqrt(1 - eps * invstd**2)`` (at the largest
+    ``invstd``) bounds ``|mean| / std``."""
+    scaled, invstd = torch.stack([save_mean.detach().abs() * save_invstd, save_invstd]).amax(dim=1).tolist()
+    closeness = 1.0 - epsilon * invstd * invstd
+    ratio = scaled / math.sqrt(closeness) if closeness > 0 else math.inf
+    return predicted_error(_unit(x.dtype), *accumulation, ratio) <= TOLERANCE
+
+
+def inference_is_accurate(running_mean: torch.Tensor, running_var: torch.Tensor, epsilon: float) -> bool:
+    """Whether the inference kernel's ``y = x * a + b`` meets the rule for these
+    running statistics: its rounding is ``~3 u |running_mean| / sqrt(running_var + eps)``."""
+    ratio = _ratio(running_mean, running_var.double() + epsilon)
+    return 3 * _unit(running_mean.dtype) * (ratio + MAX_XHAT) <= TOLERANCE
+
+
+def _unit(dtype: torch.dtype) -> float:
+    """The unit roundoff of the kernels' arithmetic: float32's for half inputs (opmath)."""
+    return _UNIT.get(dtype, _UNIT[torch.float32])
+
+
+def _accumulation(x: torch.Tensor, split: int) -> tuple[int, int]:
+    """(rows per float32 partial sum, partial sums per feature) of PyTorch's
+    statistics kernel on ``x`` seen with ``split`` rows folded into the features;
+    rows = 0 where the kernel sums in float64 (float64 input, or float32
+    channel-first input on the CPU). Half inputs sum in float32: channel-first in
+    one sequential sum per feature, channel-last like float32. CUDA kernels
+    reduce in trees: counted as chains of 64 rows."""
+    positions = x.numel() // x.shape[1] if x.numel() else 0
+    channel_first = x.dim() > 2 and math.prod(x.shape[2:]) > 1
+    if x.device.type != "cpu":
+        return min(positions, 64), max(1, positions // 64)
+    if x.dtype == torch.float64 or (channel_first and x.dtype == torch.float32):
+        return 0, 1
+    if channel_first:
+        return positions, 1
+    rows = x.shape[0] // split
+    threads = max(1, min(_threads(x), rows))
+    return -(-rows // threads), threads * split
+
+
+def _split_factor(x: torch.Tensor) -> int:
+    """The smallest ``k`` dividing N with at most :data:`CHAIN_ROWS` rows per
+    partial sum (1 where the kernel needs no split)."""
+    rows, _ = _accumulation(x, 1)
+    if rows <= CHAIN_ROWS:
+        return 1
+    return _divisor_at_least(x.shape[0], -(-x.shape[0] // (_threads(x) * CHAIN_ROWS)))
+
+
+@functools.lru_cache(maxsize=256)
+def _divisor_at_least(n: int, lowest: int) -> int:
+    """The smallest divisor of ``n`` from ``lowest`` to ``8 * lowest``, else the largest
+    divisor below ``lowest`` (the error model then judges the longer sums)."""
+    for k in range(lowest, min(n, 8 * lowest) + 1):
+        if n % k == 0:
+            return k
+    return next(k for k in range(lowest - 1, 0, -1) if n % k == 0)
+
+
+def local_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+    """This rank's mean and biased variance per feature (float64 NumPy) of ``x`` ``(N,
+    C, ...)`` contiguous, and the :func:`predicted_error` of the kernel's result."""
+    n, c = x.shape[0], x.shape[1]
+    if x.numel() == 0:
+        return np.zeros(c), np.zeros(c), 0.0
+    k = _split_factor(x) if x.dim() == 2 else 1
+    means, variances = torch.ops.aten.batch_norm_update_stats(x.view(n // k, k * c) if k > 1 else x, None, None, 0.0)
+    means, variances = _host(means).reshape(k, c), _host(variances).reshape(k, c)
+    mean = means.mean(axis=0)
+    var = variances.mean(axis=0) + np.square(means - mean).mean(axis=0)  # Chan's formula, equal counts
+    rows, chains = _accumulation(x, k)
+    return mean, var, predicted_error(_unit(x.dtype), rows, chains, _ratio(mean, var))
+
+
+def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[Any, Any]:
+    """``(sum(dy), sum(dy * (x - mean) * invstd))`` per feature (float64 NumPy), the
+    sums of ``native_batch_norm_backward`` taken the split way of :func:`local_moments`."""
+    n, c = x.shape[0], x.shape[1]
+    if x.numel() == 0:
+        return np.zeros(c), np.zeros(c)
+    k = _split_factor(x) if x.dim() == 2 else 1
+    view = (n // k, k * c)
+    dy_, x_ = (dy.view(view), x.view(view)) if k > 1 else (dy, x)
+    mean_, invstd_ = (mean.repeat(k), invstd.repeat(k)) if k > 1 else (mean, invstd)
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy_, x_, None, None, None, mean_, invstd_, True, 0.0, [False, True, True]
+    )
+    return _host(sum_dy).reshape(k, c).sum(axis=0), _host(sum_dy_xhat).reshape(k, c).sum(axis=0)
+
+
+class NativeBatchNorm(torch.autograd.Function):
+    """Training on PyTorch's kernels with the statistics of this module's docstring,
+    for input ``(N, C, ...)`` contiguous in the compute dtype, no mask, two-pass
+    variance; ``gather`` (``torch_distributed.Gather`` or ``None``) syncs it.
+
+    Forward: local statistics, a shift by ``K`` (the float32 mean) when
+    :func:`predicted_error` asks for one, then (synced) one exchange of ``(count,
+    K, sum(x - K), centred squares)`` and :func:`bn1d.algorithm.combine_shifted`;
+    ``y`` from the inference kernel, or as ``(x - K) * f + (bias - d * f)`` when
+    shifted. Backward, with ``a = scale * invstd``, ``xhat`` the normalised input
+    and sums over this rank's values (float64, split as the statistics)::
+
+        dx = a * (dy - sum_all(dy) / n - xhat * sum_all(dy * xhat) / n)
+
+    Synced, the global sums come from one all-reduce of the cotangents of every
+    rank's row (the derivative of ``combine_shifted``), as on the core path.
+    Parameter gradients are this rank's share (DDP all-reduces them). Not twice
+    differentiable (as ``nn.SyncBatchNorm``).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        gather: Any,
+        epsilon: float,
+        momentum: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The per-feature arithmetic is float64 NumPy; the kernels run on x's device.
+        per_feature = (-1,) + (1,) * (x.dim() - 2)
+        n_local = x.numel() // x.shape[1]
+        mean, var, error = local_moments(x)
+        shift = _device(mean, x)  # K: the mean in the input's precision
+        shift64 = _host(shift)
+        shifted = error > TOLERANCE
+        if shifted:  # statistics of x - K (exact there): |d| << std, nothing cancels
+            local_offset, var, _ = local_moments(x - shift.view(per_feature))
+        else:
+            local_offset = mean - shift64
+        n: Any = n_local
+        offset, deviations, counts = local_offset, None, None
+        if gather is not None:
+            row = (np.asarray(float(n_local)), shift64, local_offset * n_local, var * n_local)
+            rows = gather.rows(tuple(_device(a, x, torch.float64) for a in row))
+            counts, shifts, sums, squares = (_host(t) for t in rows)
+            n, global_offset, var, frame = combine_shifted(counts, shifts, sums, squares)
+            safe_counts = np.where(counts > 0, counts, 1.0)[:, None]
+            deviations = (shifts - frame) + sums / safe_counts - global_offset  # each rank's mean - the mean
+            offset = global_offset + (frame - shift64)
+        new_mean, new_var = running_statistics(
+            _host(running_mean), _host(running_var), n, shift64 + offset, var, momentum=momentum,
+            may_be_empty=gather is not None,
+        )  # fmt: skip
+        invstd = 1.0 / np.sqrt(var + epsilon)
+        shifted = shifted or predicted_error(_unit(x.dtype), 0, 1, _ratio(shift64 + offset, var)) > TOLERANCE
+        # y = (xu - centre) * f + bias, formed as xu * f + (bias - centre * f): xu = x - K
+        # when shifted (centre = d, small), else x (|centre| / std small enough).
+        xu = x - shift.view(per_feature) if shifted else x
+        centre, local_centre = (offset, local_offset) if shifted else (shift64 + offset, shift64 + local_offset)
+        factor = invstd if scale is None else _host(scale) * invstd
+        constant = -centre * factor if bias is None else _host(bias) - centre * factor
+        y = torch.addcmul(_device(constant, x).view(per_feature), xu, _device(factor, x).view(per_feature))
+        ctx.save_for_backward(xu, scale)
+        ctx.gather, ctx.n, ctx.n_local, ctx.per_feature = gather, n, n_local, per_feature
+        ctx.numbers = centre, local_centre, invstd, counts, deviations
+        new_stats = _device(new_mean, running_mean), _device(new_var, running_var)
+        ctx.mark_non_differentiable(*new_stats)
+        return (y, *new_stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        xu, scale = ctx.saved_tensors
+        centre, local_centre, invstd, counts, deviations = ctx.numbers
+        dyc = dy.to(xu.dtype).contiguous()
+        sum_dy, sum_dy_xhat = local_sums(dyc, xu, _device(centre, xu), _device(invstd, xu))
+        a = invstd if scale is None else _host(scale) * invstd
+        dx = None
+        if ctx.needs_input_grad[0]:  # dx = a * dy + slope * (xu - local_centre) + intercept
+            d_mean, d_var = -a * sum_dy, -0.5 * a * invstd * sum_dy_xhat  # of this rank's loss
+            if ctx.gather is None:
+                n = max(ctx.n, 1)
+                slope, intercept = 2.0 * d_var / n, d_mean / n
+            else:  # the cotangents of every rank's (count, K, S1, M2) row, summed over ranks
+                safe_n = max(float(np.sum(counts)), 1.0)
+                d_sums = (counts[:, None] > 0) * (d_mean + 2.0 * d_var * deviations) / safe_n
+                d_squares = np.broadcast_to(d_var / safe_n, deviations.shape)
+                cotangents = (np.zeros_like(counts), np.zeros_like(d_sums), d_sums, d_squares)
+                own = ctx.gather.own_cotangents(tuple(_device(c, xu, torch.float64) for c in cotangents))
+                intercept, slope = _host(own[2]), 2.0 * _host(own[3])
+            if ctx.n_local:
+                shape = ctx.per_feature
+                dx = torch.addcmul(_device(intercept - slope * local_centre, xu).view(shape), xu,
+                                   _device(slope, xu).view(shape))  # fmt: skip
+                dx = dx.addcmul_(dyc, _device(a, xu).view(shape)).to(dy.dtype)
+            else:
+                dx = torch.zeros_like(dy)
+        affine = scale is not None
+        dscale = _device(sum_dy_xhat, scale) if affine else None
+        dbias = _device(sum_dy, scale) if affine else None
+        return dx, dscale, dbias, None, None, None, None, None
