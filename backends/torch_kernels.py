@@ -52,7 +52,9 @@ __all__ = [
     "predicted_error",
 ]
 
-TOLERANCE = 1e-5  # the contract's accuracy rule, on y, mean / std and var
+#: The contract's accuracy rule (on y, mean / std and var) in each compute dtype: float64's
+#: is float32's times the ratio of their unit roundoffs.
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5 * 2.0**-29}
 LAMBDA = 5.0  # standard deviations of the rounding-error model
 MAX_XHAT = 6.0  # the largest |x - mean| / std the model assumes for y
 CHAIN_ROWS = 256  # rows per float32 partial sum in the split statistics
@@ -106,7 +108,7 @@ def fused_accumulation(x: torch.Tensor) -> tuple[int, int] | None:
     :func:`predicted_error`), or ``None`` where its accumulation alone, at
     ``|mean| / std = 0``, already misses the rule: a cheap test before running it."""
     rows, chains = _accumulation(x, split=1)
-    return (rows, chains) if predicted_error(_unit(x.dtype), rows, chains, 0.0) <= TOLERANCE else None
+    return (rows, chains) if predicted_error(_unit(x.dtype), rows, chains, 0.0) <= _tolerance(x.dtype) else None
 
 
 def fused_is_accurate(
@@ -120,14 +122,18 @@ def fused_is_accurate(
     scaled, invstd = torch.stack([save_mean.detach().abs() * save_invstd, save_invstd]).amax(dim=1).tolist()
     closeness = 1.0 - epsilon * invstd * invstd
     ratio = scaled / math.sqrt(closeness) if closeness > 0 else math.inf
-    return predicted_error(_unit(x.dtype), *accumulation, ratio) <= TOLERANCE
+    return predicted_error(_unit(x.dtype), *accumulation, ratio) <= _tolerance(x.dtype)
 
 
 def inference_is_accurate(running_mean: torch.Tensor, running_var: torch.Tensor, epsilon: float) -> bool:
     """Whether the inference kernel's ``y = x * a + b`` meets the rule for these
     running statistics: its rounding is ``~3 u |running_mean| / sqrt(running_var + eps)``."""
     ratio = _ratio(running_mean, running_var.double() + epsilon)
-    return 3 * _unit(running_mean.dtype) * (ratio + MAX_XHAT) <= TOLERANCE
+    return 3 * _unit(running_mean.dtype) * (ratio + MAX_XHAT) <= _tolerance(running_mean.dtype)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCE.get(dtype, TOLERANCE[torch.float32])
 
 
 def _unit(dtype: torch.dtype) -> float:
@@ -243,7 +249,7 @@ class NativeBatchNorm(torch.autograd.Function):
         mean, var, error = local_moments(x)
         shift = _device(mean, x)  # K: the mean in the input's precision
         shift64 = _host(shift)
-        shifted = error > TOLERANCE
+        shifted = error > _tolerance(x.dtype)
         if shifted:  # statistics of x - K (exact there): |d| << std, nothing cancels
             local_offset, var, _ = local_moments(x - shift.view(per_feature))
         else:
@@ -263,7 +269,7 @@ class NativeBatchNorm(torch.autograd.Function):
             may_be_empty=gather is not None,
         )  # fmt: skip
         invstd = 1.0 / np.sqrt(var + epsilon)
-        shifted = shifted or predicted_error(_unit(x.dtype), 0, 1, _ratio(shift64 + offset, var)) > TOLERANCE
+        shifted = shifted or predicted_error(_unit(x.dtype), 0, 1, _ratio(shift64 + offset, var)) > _tolerance(x.dtype)
         # y = (xu - centre) * f + bias, formed as xu * f + (bias - centre * f): xu = x - K
         # when shifted (centre = d, small), else x (|centre| / std small enough).
         xu = x - shift.view(per_feature) if shifted else x

@@ -2,6 +2,8 @@
 
 * ``cases``: the named catalogue covering ``SPEC.md``;
 * ``golden``: inputs and expected results from the float64 specification;
+* ``accuracy``, ``tolerances``: the contract's accuracy rule as metrics, and the
+  bound it implies for every quantity a case compares;
 * ``registry``: backends registered under the ``bn1d.conformance.backends``
   entry-point group, and the narrow interface they implement;
 * ``runner``: scoring a backend against the golden vectors;
@@ -9,7 +11,7 @@
 * ``pytest --pyargs bn1d.conformance [--bn1d-backend NAME]``: the same as tests.
 """
 
-from .cases import CASES, ERROR_CASES, SYNC_CASES, TOLERANCE
+from .cases import CASES, ERROR_CASES, SYNC_CASES
 from .registry import ENTRY_POINT_GROUP, BackendUnavailable, ConformanceBackend, load_backend, registered_backends
 from .runner import Check, run_suite
 
@@ -17,7 +19,6 @@ __all__ = [
     "CASES",
     "ERROR_CASES",
     "SYNC_CASES",
-    "TOLERANCE",
     "ENTRY_POINT_GROUP",
     "BackendUnavailable",
     "Check",

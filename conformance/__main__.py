@@ -1,7 +1,8 @@
 """``python -m bn1d.conformance``: run the suite on every installed backend and
-print a table (case x backend -> error against the specification, tolerance,
-pass/fail). Exit status: 0 all passed, 1 a check failed, 2 a requested backend
-is unknown or not installed.
+print a table (case x backend -> the worst error over its bound, pass/fail: a
+value <= 1 passes; ``tolerances.py`` derives each bound from the contract's
+accuracy rule). Exit status: 0 all passed, 1 a check failed, 2 a requested
+backend is unknown or not installed.
 """
 
 from __future__ import annotations
@@ -23,22 +24,22 @@ def _cell(check: Check | None) -> str:
     if check.passed is None:
         return f"n/a ({check.detail})"
     verdict = "ok" if check.passed else "FAIL"
-    return verdict if check.error is None else f"{check.error:.1e} {verdict}"
+    return verdict if check.error is None else f"{check.error:.3f} {verdict}"
 
 
 def format_table(checks: list[Check], backend_names: list[str]) -> str:
+    """One row per case, one column per backend: the worst error / bound (<= 1 passes),
+    or ok/FAIL for the error cases."""
     rows: dict[str, dict[str, Check]] = {}
-    tolerances: dict[str, str] = {}
+    kinds: dict[str, str] = {}
     for check in checks:
         rows.setdefault(check.case, {})[check.backend] = check
         if check.tolerance is not None:
-            tolerances[check.case] = f"{check.tolerance:.0e}"
-        elif check.passed is not None and check.error is None and check.case not in tolerances:
-            tolerances[check.case] = "raises"
-    header = ["case", "tolerance", *backend_names]
-    lines = [
-        [case, tolerances.get(case, ""), *(_cell(cells.get(b)) for b in backend_names)] for case, cells in rows.items()
-    ]
+            kinds[check.case] = "error/bound"
+        elif check.passed is not None and check.error is None and check.case not in kinds:
+            kinds[check.case] = "raises"
+    header = ["case", "scored as", *backend_names]
+    lines = [[case, kinds.get(case, ""), *(_cell(cells.get(b)) for b in backend_names)] for case, cells in rows.items()]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     render = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([render(header), render(["-" * w for w in widths]), *map(render, lines)])
