@@ -67,8 +67,9 @@ class JaxBackend:
     """``bn1d.backends.jax``; gradients by ``jax.grad`` through ``apply``, synced
     cases under ``jax.vmap`` with an ``axis_name`` (works on one device).
 
-    Loading it turns on ``jax_enable_x64`` for the process so that the float64
-    cases can run; every other case passes its dtype explicitly.
+    The float64 cases run with ``jax_enable_x64`` on (:meth:`precision`), every
+    other case with JAX's default (off): float32 sums accumulate in float32 there,
+    which is what JAX users run.
     """
 
     name = "jax"
@@ -80,8 +81,11 @@ class JaxBackend:
 
         from bn1d.backends import jax as jax_backend_module
 
-        jax.config.update("jax_enable_x64", True)
         self.jax, self.jnp, self.module = jax, jnp, jax_backend_module
+
+    def precision(self, dtype: str) -> Any:
+        """The context a case of input dtype ``dtype`` runs in: x64 only for float64."""
+        return self.jax.enable_x64(dtype == "float64")
 
     def make_layer(self, param_dtype: str = "float32", **kwargs: Any) -> Any:
         return self.module.BatchNorm1d(**kwargs, dtype=self.jnp.dtype(param_dtype))
@@ -108,7 +112,11 @@ class JaxBackend:
         return {"x": self.to_numpy(x_grad), **{k: self.to_numpy(v) for k, v in params_grad.items()}}
 
     def run_replicated(self, jobs: Sequence[ReplicaJob]) -> list[ReplicaResult]:
-        return [self._run_job(job) for job in jobs]
+        results = []
+        for job in jobs:
+            with self.precision(str(np.asarray(job.xs[0]).dtype)):
+                results.append(self._run_job(job))
+        return results
 
     def _run_job(self, job: ReplicaJob) -> ReplicaResult:
         jax, jnp = self.jax, self.jnp

@@ -80,6 +80,9 @@ class ConformanceBackend(Protocol):
         """Run every job on the backend's real collectives (all jobs at once, so that a
         backend that must start processes starts them once)."""
 
+    # Optional: ``precision(dtype) -> context manager`` that a case of input dtype
+    # ``dtype`` runs in (JAX's float64 needs jax_enable_x64; the others run without).
+
 
 def registered_backends() -> dict[str, Any]:
     """Entry points by name (nothing is imported yet)."""

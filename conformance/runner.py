@@ -11,6 +11,7 @@ state unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -62,9 +63,19 @@ def _not_applicable(case: str, backend: ConformanceBackend, why: str) -> Check:
     return Check(case, backend.name, None, None, None, why)
 
 
+def _precision(backend: ConformanceBackend, dtype: str) -> Any:
+    precision = getattr(backend, "precision", None)
+    return contextlib.nullcontext() if precision is None else precision(dtype)
+
+
 def run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndarray]) -> Check:
     if case.dtype not in backend.dtypes:
         return _not_applicable(case.name, backend, f"no {case.dtype}")
+    with _precision(backend, case.dtype):
+        return _run_case(backend, case, golden)
+
+
+def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndarray]) -> Check:
     scored: list[tuple[tuple[float, float, float], str]] = []
     try:
         bounds, spec = _bounds(case.constructor(), case.dtype, case.param_dtype, case.feature_axis)
@@ -143,6 +154,11 @@ def run_error_case(backend: ConformanceBackend, case: ErrorCase) -> Check:
             return Check(case.name, backend.name, None, None, False, f"raised {type(error).__name__}: {error}")
         return Check(case.name, backend.name, None, None, False, f"no {case.exception.__name__} raised")
 
+    with _precision(backend, "float32"):
+        return _run_error_case(backend, case, check)
+
+
+def _run_error_case(backend: ConformanceBackend, case: ErrorCase, check: Callable[..., Check]) -> Check:
     if case.where == "constructor":
         return check(lambda: backend.make_layer(**{"num_features": 3, **case.layer}))
     layer = backend.make_layer(num_features=3)
