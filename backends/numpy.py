@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from bn1d.algorithm import AllSum, batch_moments, batch_norm, check_inputs, compute_dtype
+from bn1d.algorithm import AllGather, AllSum, batch_moments, batch_norm, check_inputs, compute_dtype
 from bn1d.config import BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros, initial_value
 from bn1d.protocol import TrainingSwitch
@@ -125,7 +125,7 @@ class BatchNorm1d(TrainingSwitch):
             momentum=self.config.momentum, training=training, mask=mask,
             fast_variance=self.config.fast_variance,
             unbiased_running_var=self.config.unbiased_running_var,
-            all_sum=self._all_sum() if training else None,
+            **(self._replica_hooks() if training else {}),
         )  # fmt: skip
         self.running_mean, self.running_var = result.running_mean, result.running_var
         return result.y
@@ -156,7 +156,7 @@ class BatchNorm1d(TrainingSwitch):
             x, dy, scale, self.running_mean, self.running_var,
             reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon,
             training=training, mask=mask, fast_variance=self.config.fast_variance,
-            all_sum=self._all_sum() if training else None,
+            **(self._replica_hooks() if training else {}),
         )  # fmt: skip
         grads = {"x": dx}
         if self.config.affine:
@@ -175,10 +175,9 @@ class BatchNorm1d(TrainingSwitch):
             check_inputs(x, mask, num_features=self.config.num_features, reduce_axes=self.config.reduce_axes)
         return x, mask, training
 
-    def _all_sum(self) -> AllSum | None:
-        if not self.config.synced:
-            return None
-        return _replica_all_sum(self.config.axis_index_groups)
+    def _replica_hooks(self) -> dict[str, Any]:
+        """The cross-replica hook of :func:`run_replicas` (none without ``axis_name``)."""
+        return _replica_hooks(self.config.axis_index_groups) if self.config.synced else {}
 
     def __repr__(self) -> str:
         c = self.config
@@ -201,6 +200,7 @@ def batch_norm_vjp(
     mask: np.ndarray | None = None,
     fast_variance: bool = False,
     all_sum: AllSum | None = None,
+    all_gather: AllGather | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""The analytic backward pass: ``(dx, dscale, dbias)`` for cotangent ``dy``.
 
@@ -226,8 +226,9 @@ def batch_norm_vjp(
     n: Any = 0
     if training:  # the core's statistics, with the x - shift it computed
         moments = batch_moments(
-            xc, mask, reduce_axes=axes, fast_variance=fast_variance, all_sum=all_sum, fallback=running_mean
-        )
+            xc, mask, reduce_axes=axes, fast_variance=fast_variance, all_sum=all_sum, all_gather=all_gather,
+            fallback=running_mean,
+        )  # fmt: skip
         n = moments.count
     if training and np.asarray(n) > 0:
         xhat, offset, var = moments.centered, moments.offset, moments.var
@@ -244,7 +245,11 @@ def batch_norm_vjp(
     # G = sum(g) and H = sum(g * xhat) with g = dy * scale: scale is per feature, so
     # they are scale * dbias and scale * dscale (no further pass over the input).
     sums = (s * dbias, s * dscale)
-    G, H = sums if all_sum is None else all_sum(sums)
+    if all_sum is not None:
+        sums = all_sum(sums)
+    elif all_gather is not None:  # every replica adds the same rows in the same order
+        sums = tuple(rows.sum(axis=0) for rows in all_gather(sums))
+    G, H = sums
     weight = np.where(np.asarray(n) > 0, 1.0 / np.maximum(n, 1), 0.0)  # n == 0: inference
     # dx = inv * g - inv * weight * keep * (G + xhat * H), with the per-feature factors
     # folded; in place, so that at most two input-sized arrays are alive.
@@ -264,28 +269,36 @@ def batch_norm_vjp(
 class _Replicas:
     """What the threads of one :func:`run_replicas` call share."""
 
-    def __init__(self, count: int, timeout: float):
-        self.count = count
+    def __init__(self, count: int, timeout: float, hook: str):
+        self.count, self.hook = count, hook
         self.barrier = threading.Barrier(count, timeout=timeout)
         self.slots: list[Any] = [None] * count
 
 
 _thread_replica = threading.local()
+_HOOKS = ("all_sum", "all_gather")
 
 
-def run_replicas(fn: Callable[[int], Any], num_replicas: int, timeout: float = 60.0) -> list[Any]:
+def run_replicas(
+    fn: Callable[[int], Any], num_replicas: int, timeout: float = 60.0, *, hook: str = "all_sum"
+) -> list[Any]:
     """Run ``fn(replica_index)`` for every replica, each in its own thread, and
     return the results in replica order.
 
-    Inside, a layer with ``axis_name`` sums its statistics over the replicas of
-    its ``axis_index_groups`` (all replicas by default): the statistics are those
-    of the concatenated batches of the group, exactly as a data-parallel
-    all-reduce computes them. Each replica owns its layer (as with data-parallel
-    training); an error in any replica is re-raised here.
+    Inside, a layer with ``axis_name`` combines its statistics over the replicas
+    of its ``axis_index_groups`` (all replicas by default): the statistics are
+    those of the concatenated batches of the group, exactly as a data-parallel
+    all-reduce computes them. ``hook`` picks the core's cross-replica hook:
+    ``"all_sum"`` (two rounds of sums, as JAX's ``psum``) or ``"all_gather"`` (one
+    round of every replica's rows, as ``torch.distributed``). Each replica owns
+    its layer (as with data-parallel training); an error in any replica is
+    re-raised here.
     """
     if not isinstance(num_replicas, int) or num_replicas < 1:
         raise argument_error("num_replicas", "a positive int", num_replicas)
-    shared = _Replicas(num_replicas, timeout)
+    if hook not in _HOOKS:
+        raise argument_error("hook", f"one of {_HOOKS}", hook)
+    shared = _Replicas(num_replicas, timeout, hook)
     results: list[Any] = [None] * num_replicas
     errors: list[BaseException | None] = [None] * num_replicas
 
@@ -308,22 +321,33 @@ def run_replicas(fn: Callable[[int], Any], num_replicas: int, timeout: float = 6
     return results
 
 
-def _replica_all_sum(groups: tuple[tuple[int, ...], ...] | None) -> AllSum:
+def _replica_hooks(groups: tuple[tuple[int, ...], ...] | None) -> dict[str, Any]:
+    """``{"all_sum": ...}`` or ``{"all_gather": ...}`` over this thread's group of
+    :func:`run_replicas` (a group of one outside it)."""
     context = getattr(_thread_replica, "context", None)
     if context is None:  # a single replica: the sums are the local ones
-        return tuple
+        return {"all_sum": tuple}
     shared, index = context
     groups = groups or (tuple(range(shared.count)),)
     if sorted(i for g in groups for i in g) != list(range(shared.count)):
         raise argument_error("axis_index_groups", f"a partition of range({shared.count})", groups)
     group = next(g for g in groups if index in g)
 
-    def all_sum(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+    def members(arrays: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Every group member's ``arrays``, in the group's order."""
         shared.slots[index] = arrays
         shared.barrier.wait()
-        # Every member adds the same operands in the same order: bitwise-equal sums.
-        sums = tuple(functools.reduce(np.add, (shared.slots[i][k] for i in group)) for k in range(len(arrays)))
+        rows = [shared.slots[i] for i in group]
         shared.barrier.wait()
-        return sums
+        return rows
 
-    return all_sum
+    def all_sum(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+        # Every member adds the same operands in the same order: bitwise-equal sums.
+        rows = members(arrays)
+        return tuple(functools.reduce(np.add, (row[k] for row in rows)) for k in range(len(arrays)))
+
+    def all_gather(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+        rows = members(arrays)
+        return tuple(np.stack([np.asarray(row[k]) for row in rows]) for k in range(len(arrays)))
+
+    return {"all_sum": all_sum} if shared.hook == "all_sum" else {"all_gather": all_gather}

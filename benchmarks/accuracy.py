@@ -126,7 +126,9 @@ def _torch() -> list[Implementation]:
         return run
 
     def gloo(xs, masks):  # 4 processes; one launch per call
-        job = ReplicaJob({"num_features": C, "axis_name": "r", "momentum": 0.0}, xs, masks, [np.zeros_like(x) for x in xs])
+        job = ReplicaJob(
+            {"num_features": C, "axis_name": "r", "momentum": 0.0}, xs, masks, [np.zeros_like(x) for x in xs]
+        )
         (result,) = TorchBackend().run_replicated([job])
         return np.concatenate(result.ys), result.states[0]["running_mean"], result.states[0]["running_var"]
 
@@ -301,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary)
     if args.markdown:
         with open(args.markdown, "w") as stream:
-            stream.write(f"Command: `python -m benchmarks.accuracy {' '.join(argv or sys.argv[1:])}`\n{text}\n{summary}\n")
+            stream.write(
+                f"Command: `python -m benchmarks.accuracy {' '.join(argv or sys.argv[1:])}`\n{text}\n{summary}\n"
+            )
     if args.json:
         with open(args.json, "w") as stream:
             json.dump({"records": records, "missing": missing, "rule": RULE}, stream, indent=1)

@@ -188,7 +188,8 @@ CASES: tuple[Case, ...] = (
     Case("accuracy_channel_first", (16, 4, 16384), {**_ACCURACY, "axis": (0, 2)}, (_RAW,)),
     Case("accuracy_bc", (262144, 4), {**_ACCURACY, "axis": 0}, (Step(loc=1e3, scale=1.0),)),
     Case("accuracy_mask", (64, 4096, 4), _ACCURACY, (Step(loc=1e4, scale=1.0, keep=0.5),)),
-    Case("accuracy_then_inference", (64, 4096, 4), {"momentum": 0.5}, (_RAW, Step(loc=1e4 + 1.0), Step(training=False, loc=1e4))),
+    Case("accuracy_then_inference", (64, 4096, 4), {"momentum": 0.5},
+         (_RAW, Step(loc=1e4 + 1.0), Step(training=False, loc=1e4))),
     Case("accuracy_float16", (16, 4096, 4), _ACCURACY, (Step(loc=300.0, scale=1.0),), "float16"),
     Case("accuracy_bfloat16", (16, 4096, 4), _ACCURACY, (Step(loc=30.0, scale=1.0),), "bfloat16"),
 )  # fmt: skip

@@ -101,7 +101,9 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
             dy64 = golden[f"{case.name}/dy"]
             dy = backend.asarray(dy64, case.dtype)
             raw_mask = golden.get(f"{case.name}/mask{last}")
-            grad_bounds = bounds.gradients(golden[f"{case.name}/x{last}"], raw_mask, dy64, golden[f"{case.name}/grad/x"])
+            grad_bounds = bounds.gradients(
+                golden[f"{case.name}/x{last}"], raw_mask, dy64, golden[f"{case.name}/grad/x"]
+            )
             for key, value in backend.gradients(layer, x, dy, mask, training).items():
                 scored.append((worst(value, golden[f"{case.name}/grad/{key}"], grad_bounds[key]), f"grad/{key}"))
     except Exception as error:  # a crash is a failure of the backend, reported in the table
@@ -205,7 +207,9 @@ def run_sync_cases(
             masks = [golden.get(f"{case.name}/{q}/mask") for q in group]
             group_mask = None
             if any(m is not None for m in masks):
-                group_mask = np.concatenate([np.ones(x.shape[:-1], bool) if m is None else m for x, m in zip(xs, masks)])
+                group_mask = np.concatenate(
+                    [np.ones(x.shape[:-1], bool) if m is None else m for x, m in zip(xs, masks)]
+                )
             param_dtype = case.dtype if case.dtype == "float64" else "float32"
             bounds, _ = _bounds(case.constructor(), case.dtype, param_dtype, len(case.shape) - 1)
             bound = bounds.step(np.concatenate(xs), group_mask, True, golden[f"{prefix}/y"])
@@ -236,8 +240,9 @@ def cross_backend_checks(backends: Sequence[ConformanceBackend], golden: dict[st
             loaded.load_state_dict(state)
             x = golden[f"{case.name}/x3"]
             bound = 2 * rule_for(case.dtype) * np.abs(state.get("scale", np.ones(1)))
-            scored = [(worst(target.to_numpy(loaded(target.asarray(x, case.dtype), training=False)),
-                             source.to_numpy(trained(source.asarray(x, case.dtype), training=False)), bound), "y")]  # fmt: skip
+            got = target.to_numpy(loaded(target.asarray(x, case.dtype), training=False))
+            want = source.to_numpy(trained(source.asarray(x, case.dtype), training=False))
+            scored = [(worst(got, want, bound), "y")]
         except Exception as exc:
             checks.append(Check(name, target.name, float("inf"), 1.0, False, f"{type(exc).__name__}: {exc}"))
             continue

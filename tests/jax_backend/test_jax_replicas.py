@@ -234,3 +234,87 @@ def test_unbound_axis_name_is_a_clear_error():
         jax.jit(lambda x: layer.apply(layer.params, layer.state, x, training=True))(X)
     y, _ = layer.apply(layer.params, layer.state, X, training=False)  # inference needs no axis
     assert y.shape == X.shape
+
+
+# -- the accuracy rule on raw data, synced ------------------------------------------------
+
+RAW_ROWS, RAW_LENGTH = 16, 4096  # per replica: 2**16 values per feature, 2**17 per group of two
+
+
+def raw_replicas():
+    """4 replicas of un-centred float32 data (means 1e4 + r, std 1), keeping 100/50/75/25%."""
+    from bn1d.conformance.accuracy import raw_data
+
+    x = np.concatenate([raw_data((RAW_ROWS, RAW_LENGTH, 4), 1e4 + r, seed=40 + r) for r in range(4)])
+    rng = np.random.default_rng(50)
+    mask = np.concatenate([rng.random((RAW_ROWS, RAW_LENGTH)) < keep for keep in (1.0, 0.5, 0.75, 0.25)])
+    dy = rng.standard_normal(x.shape)
+    return x.astype(np.float32), mask, dy.astype(np.float32)
+
+
+def assert_rule(groups, x, mask, dy, y, dx, state, grads, totals=False):
+    """Each group against the float64 specification on its concatenated batch, in the
+    rule's metrics (``bn1d.conformance.accuracy``; 1e-5 each, JAX's float32 sums).
+    ``grads`` are per replica, or (``totals``: shard_map's gradient of a replicated
+    parameter) every device's sum over all replicas."""
+    from bn1d.conformance.accuracy import RULE, forward_errors, gradient_errors, statistics64
+
+    rows = RAW_ROWS
+    want_totals = {k: 0.0 for k in grads}
+    scales = {k: 0.0 for k in grads}
+    for group in groups or [list(range(NUM_REPLICAS))]:
+        index = np.concatenate([np.arange(r * rows, (r + 1) * rows) for r in group])
+        x_g, m_g, dy_g = x[index], mask[index], dy[index].astype(np.float64)
+        want = spec.BatchNorm1d(4, dtype=np.float64).vjp(x_g.astype(np.float64), dy_g, mask=m_g)
+        got = {"x": np.asarray(dx)[index]}
+        if not totals:
+            got.update({k: np.asarray(v)[group].sum(axis=0) for k, v in grads.items()})
+        for r in group:
+            errors = forward_errors(x_g, np.asarray(y)[index], np.asarray(state["running_mean"])[r],
+                                    np.asarray(state["running_var"])[r], feature_axis=2, mask=m_g)  # fmt: skip
+            errors.update(gradient_errors(x_g, dy_g, got, want, feature_axis=2, mask=m_g))
+            assert max(errors.values()) <= RULE, (group, errors)
+        _, mean, var = statistics64(x_g, m_g, 2)
+        xhat = (x_g - mean) / np.sqrt(var + 1e-5)
+        for key, terms in (("scale", dy_g * xhat), ("bias", dy_g)):
+            want_totals[key] += want[key]
+            scales[key] += np.abs(terms).sum(axis=(0, 1))
+    if totals:  # the same metric, for the sums over all replicas
+        for key in grads:
+            error = np.abs(np.asarray(grads[key])[0] - want_totals[key]) / scales[key]
+            assert error.max() <= RULE, (key, error)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "pmap", "shard_map"])
+@on_four_devices
+def test_raw_data_meet_the_accuracy_rule_under_every_transform_with_groups(transform):
+    x, mask, dy = raw_replicas()
+    groups = GROUPS["pairs"]
+    layer = BatchNorm1d(4, momentum=0.0, axis_name="i", axis_index_groups=groups)
+
+    def replica(params, x, dy, m):  # one replica's loss and gradients
+        def loss(params, x):
+            y, new_state = layer.apply(params, layer.state, x, mask=m, training=True)
+            return jnp.sum(y * dy), (y, new_state)
+
+        (grads, dx), (y, new_state) = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return y, dx, new_state, grads
+
+    split = lambda a: a.reshape(NUM_DEVICES, -1, *a.shape[1:])  # noqa: E731
+    if transform == "shard_map":
+        mesh = jax.make_mesh((NUM_DEVICES,), ("i",))
+        spec_ = jax.sharding.PartitionSpec("i")
+        step = jax.shard_map(
+            lambda p, x, dy, m: jax.tree.map(lambda v: v[None] if v.ndim == 1 else v, replica(p, x, dy, m)),
+            mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), spec_, spec_, spec_), out_specs=spec_,
+        )  # fmt: skip
+        place = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec_))  # noqa: E731
+        y, dx, state, grads = jax.jit(step)(layer.params, place(x), place(dy), place(mask))
+        np.testing.assert_array_equal(np.asarray(grads["scale"])[0], np.asarray(grads["scale"])[3])  # psummed
+    else:
+        mapped = (jax.vmap if transform == "vmap" else jax.pmap)(replica, axis_name="i", in_axes=(None, 0, 0, 0))
+        y, dx, state, grads = (jax.jit(mapped) if transform == "vmap" else mapped)(
+            layer.params, split(x), split(dy), split(mask)
+        )
+        y, dx = np.asarray(y).reshape(x.shape), np.asarray(dx).reshape(x.shape)
+    assert_rule(groups, x, mask, dy, y, dx, state, grads, totals=transform == "shard_map")

@@ -80,11 +80,12 @@ def launch(job: dict, world: int, workdir: Path, **extra_env: str) -> list[dict]
 
 
 def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, masked=False, dtype="float32",
-              fast_variance=False, steps=2, seed=0, x_grad=True):  # fmt: skip
+              fast_variance=False, steps=2, seed=0, x_grad=True, raw=False, momentum=0.9):  # fmt: skip
     """Per-rank data with rank-dependent means and spreads, so that weighting the
     ranks by their counts matters when batch sizes or masks differ. ``masked``:
     True, or the ranks that pass a mask (the others pass none); ``x_grad``:
-    whether the input requires a gradient (the parameters always do)."""
+    whether the input requires a gradient (the parameters always do); ``raw``:
+    un-centred data instead, ``1e4 + rank + N(0, 1)`` (the accuracy rule's case)."""
     rng = np.random.default_rng(seed)
     feature_axis = 1 if axis in ((0, 2), 0) else 2
     ndim = 2 if axis == 0 else 3
@@ -93,7 +94,8 @@ def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, maske
         return (batch, C) if ndim == 2 else ((batch, C, length) if feature_axis == 1 else (batch, length, C))
 
     def batch_data(rank):
-        x = (rank + (1 + rank) * rng.standard_normal(shape(batches[rank]))).astype(dtype)
+        spread = 1.0 if raw else 1 + rank
+        x = ((1e4 if raw else 0.0) + rank + spread * rng.standard_normal(shape(batches[rank]))).astype(dtype)
         mask = None
         if masked is True or (masked and rank in masked):
             mask_shape = tuple(s for a, s in enumerate(shape(batches[rank])) if a != feature_axis)
@@ -101,7 +103,7 @@ def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, maske
         return x, mask, rng.standard_normal(shape(batches[rank])).astype(dtype)
 
     return {
-        "name": name, "world": world, "num_features": C, "axis": axis, "groups": groups, "momentum": 0.9,
+        "name": name, "world": world, "num_features": C, "axis": axis, "groups": groups, "momentum": momentum,
         "fast_variance": fast_variance, "param_dtype": dtype, "feature_axis": feature_axis, "x_grad": x_grad,
         "scale": (1 + 0.5 * rng.standard_normal(C)).astype(dtype), "bias": rng.standard_normal(C).astype(dtype),
         "steps": [[batch_data(r) for _ in range(steps)] for r in range(world)],
@@ -132,7 +134,33 @@ FOUR = [
     make_case(
         "masks on some ranks only, no input gradient", 4, [2, 3, 3, 2], masked=[1, 2], x_grad=False, steps=3, seed=10
     ),  # fmt: skip
+    # The accuracy rule: mean 1e4 + rank, std 1, n = 2**17 over uneven ranks, masks on
+    # two of them (mixed paths), groups; one step at momentum 0.
+    make_case(
+        "raw data, uneven ranks, groups",
+        4,
+        [40, 8, 56, 24],
+        length=1024,
+        groups=[[0, 1], [2, 3]],
+        masked=[1, 2],
+        raw=True,
+        momentum=0.0,
+        steps=1,
+        seed=11,
+    ),  # fmt: skip
+    make_case(
+        "raw data, channel-first",
+        4,
+        [24, 40, 8, 56],
+        axis=(0, 2),
+        length=1024,
+        raw=True,
+        momentum=0.0,
+        steps=1,
+        seed=12,
+    ),  # fmt: skip
 ]
+RAW = [i for i, case in enumerate(FOUR) if case["name"].startswith("raw data")]
 TWO = [make_case("two ranks, (B, C) input, uneven", 2, [5, 2], axis=0, seed=5)]
 DDP = {"in_features": 3, "num_features": C, "xs": [np.random.default_rng(6).standard_normal((b, 5, 3)).astype("float32")
                                                  for b in (2, 5)]}  # fmt: skip
@@ -229,9 +257,43 @@ def check_against_concatenation(case: dict, results: list[dict]) -> None:
             np.testing.assert_allclose(total, grads[key], rtol=tol["d" + key], atol=tol["d" + key], err_msg=key)
 
 
-@pytest.mark.parametrize("index", range(len(FOUR)), ids=[case["name"] for case in FOUR])
+@pytest.mark.parametrize("index", [i for i in range(len(FOUR)) if i not in RAW],
+                         ids=[case["name"] for i, case in enumerate(FOUR) if i not in RAW])  # fmt: skip
 def test_four_ranks_equal_the_specification(four_ranks, index):
     check_case(FOUR[index], [r["cases"][index] for r in four_ranks])
+
+
+@pytest.mark.parametrize("index", RAW, ids=[FOUR[i]["name"] for i in RAW])
+def test_raw_data_over_gloo_meet_the_accuracy_rule(four_ranks, index):
+    """Each group's outputs, running statistics and gradients against the float64
+    computation on its concatenated batch, in the rule's metrics (1e-5 each)."""
+    from bn1d.conformance.accuracy import RULE, forward_errors, gradient_errors
+
+    case, results = FOUR[index], [r["cases"][index] for r in four_ranks]
+    fa = case["feature_axis"]
+    for group in case["groups"] or [list(range(case["world"]))]:
+        xs, masks, dys = zip(*(case["steps"][r][0] for r in group))
+        x, dy = np.concatenate(xs).astype(np.float64), np.concatenate(dys).astype(np.float64)
+        kept = [np.ones(np.delete(b.shape, fa), bool) for b in xs]
+        mask = (
+            None
+            if all(m is None for m in masks)
+            else np.concatenate([k if m is None else m for k, m in zip(kept, masks)])
+        )
+        layer = spec.BatchNorm1d(C, axis=case["axis"], scale_initializer=case["scale"].astype(np.float64),
+                                 bias_initializer=case["bias"].astype(np.float64), dtype=np.float64)  # fmt: skip
+        want = layer.vjp(x, dy, mask)
+        per_feature = (-1,) + (1,) * (x.ndim - 1 - fa)
+        scale, bias = case["scale"].reshape(per_feature), case["bias"].reshape(per_feature)
+        steps = [results[r]["steps"][0] for r in group]
+        y = (np.concatenate([s["y"] for s in steps]) - bias) / scale  # the rule's metrics: at scale 1, bias 0
+        got = {"x": np.concatenate([s["dx"] for s in steps]) / scale, "scale": sum(s["dscale"] for s in steps),
+               "bias": sum(s["dbias"] for s in steps)}  # fmt: skip
+        want["x"] = want["x"] / scale
+        for s in steps:
+            errors = forward_errors(x, y, s["running_mean"], s["running_var"], feature_axis=fa, mask=mask)
+            errors.update(gradient_errors(x, dy, got, want, feature_axis=fa, mask=mask))
+            assert max(errors.values()) <= RULE, (group, errors)
 
 
 @pytest.mark.parametrize("index", [1, 2, 4, 5], ids=[FOUR[i]["name"] for i in (1, 2, 4, 5)])
