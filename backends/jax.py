@@ -181,13 +181,20 @@ class BatchNorm1d(TrainingSwitch):
         x, mask = _as_jax_inputs(x, mask, self.config)
         axis_name = self.config.axis_name
         all_sum = replica_all_sum(axis_name, self.config.axis_index_groups) if training and axis_name else None
-        result = batch_norm(
-            x, lax.stop_gradient(state["running_mean"]), lax.stop_gradient(state["running_var"]), scale, bias,
-            reduce_axes=self.config.reduce_axes, epsilon=self.config.epsilon, momentum=self.config.momentum,
-            training=training, mask=mask, fast_variance=self.config.fast_variance,
-            unbiased_running_var=self.config.unbiased_running_var,
-            all_sum=all_sum, stop_gradient=lax.stop_gradient, recompute_shifted=True,
-        )  # fmt: skip
+
+        def forward(x: Any, mask: Any, running_mean: Any, running_var: Any, scale: Any, bias: Any) -> Any:
+            return batch_norm(
+                x, running_mean, running_var, scale, bias, reduce_axes=self.config.reduce_axes,
+                epsilon=self.config.epsilon, momentum=self.config.momentum, training=training, mask=mask,
+                fast_variance=self.config.fast_variance, unbiased_running_var=self.config.unbiased_running_var,
+                all_sum=all_sum, stop_gradient=lax.stop_gradient, recompute_shifted=True,
+            )  # fmt: skip
+
+        # Differentiated, the backward pass keeps the per-feature sums (and their
+        # psums) and recomputes the elementwise work from x: XLA then fuses it into
+        # its reductions instead of materialising x - K for them (docs/performance.md).
+        stats = lax.stop_gradient(state["running_mean"]), lax.stop_gradient(state["running_var"])
+        result = jax.checkpoint(forward, policy=_keep_sums)(x, mask, *stats, scale, bias)
         new_state = {"running_mean": result.running_mean, "running_var": result.running_var}
         return result.y, lax.stop_gradient(new_state)
 
@@ -296,6 +303,12 @@ class BatchNorm1d(TrainingSwitch):
             f"BatchNorm1d({c.num_features}, axis={c.reduce_axes}, epsilon={c.epsilon}, momentum={c.momentum}, "
             f"affine={c.affine}, axis_name={c.axis_name!r}, training={self.training}, dtype={self.dtype.name})"
         )
+
+
+def _keep_sums(primitive: Any, *_: Any, **__: Any) -> bool:
+    """``jax.checkpoint`` policy: save reductions and collectives (per-feature values),
+    recompute everything else."""
+    return primitive in (lax.reduce_sum_p, lax.psum_p)
 
 
 def _parameter_dtype(dtype: Any) -> np.dtype:

@@ -92,7 +92,7 @@ def run(
                     "numpy",
                     shape,
                     pass_,
-                    "two-pass",
+                    "default",
                     "hand-written NumPy",
                     times["bn1d"],
                     times["peer"],

@@ -97,7 +97,7 @@ def run(
                     "torch",
                     shape,
                     pass_,
-                    "two-pass",
+                    "default",
                     "torch.nn.BatchNorm1d on (B*L, C)",
                     times["bn1d"],
                     times["peer"],

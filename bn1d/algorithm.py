@@ -238,6 +238,12 @@ def _identity(value: Array) -> Array:
     return value
 
 
+def _nonnegative(xp: Any, value: Array) -> Array:
+    """``max(value, 0)`` (an array operand: a Python scalar makes array-api-compat call
+    ``torch.result_type``, which ``torch.compile(fullgraph=True)`` cannot trace)."""
+    return xp.maximum(value, xp.zeros_like(value))
+
+
 def _moments(
     xc: Array,
     mask: Array | None,
@@ -281,7 +287,7 @@ def _moments(
         elif all_gather is not None:  # every replica adds the same rows in the same order
             n, total, total_sq = (xp.sum(rows, axis=0) for rows in all_gather((n, total, total_sq)))
         mean = total / safe(n)
-        var = xp.clip(total_sq / safe(n) - mean * mean, min=0.0)
+        var = _nonnegative(xp, total_sq / safe(n) - mean * mean)
         if not isinstance(n, int):
             mean = xp.where(n > 0, mean, fallback)
         zero = xp.zeros_like(wide(mean))
@@ -296,29 +302,27 @@ def _moments(
         shift_sum, nonempty = all_sum((has * wide(local), has))
         shift = xp.where(nonempty > 0, shift_sum / safe(nonempty), wide(fallback))
         local = stop_gradient(xp.astype(shift, xc.dtype))
-    # S1 is taken around K, S2 around K2 and y formed around K3. They are one value
-    # unless ``recompute_shifted``: then K2 and K3 are K's neighbours one ulp away,
-    # distinct expressions that a compiler cannot merge into one materialised x - K.
-    up, down = (xp.asarray(v, dtype=local.dtype, device=where) for v in (math.inf, -math.inf))
-    k2 = xp.nextafter(local, up) if recompute_shifted else local
-    k3 = xp.nextafter(local, down) if recompute_shifted else local
     centered = xc - xp.reshape(local, broadcast)
     s1 = xp.sum(kept(centered), axis=reduce_axes, dtype=acc)
-    centered2 = centered if not recompute_shifted else xc - xp.reshape(k2, broadcast)
-    centered2 = kept(centered2)
-    s2 = xp.sum(centered2 * centered2, axis=reduce_axes, dtype=acc)
-    step2 = wide(local) - wide(k2)  # K - K2 and K - K3, exact in the accumulation dtype
-    step3 = wide(local) - wide(k3)
+    if recompute_shifted:  # S2 around K2, y around K3: K's neighbours one ulp away, distinct
+        # expressions that a compiler cannot merge into one materialised x - K (K - K2 and
+        # K - K3 are exact in the accumulation dtype)
+        k2, k3 = (xp.nextafter(local, xp.asarray(v, dtype=local.dtype, device=where)) for v in (math.inf, -math.inf))
+        squared = kept(xc - xp.reshape(k2, broadcast))
+        step2, step3 = wide(local) - wide(k2), wide(local) - wide(k3)
+    else:
+        k3, squared, step2, step3 = local, kept(centered), 0.0, 0.0
+    s2 = xp.sum(squared * squared, axis=reduce_axes, dtype=acc)
     if all_gather is not None:  # one round: combine in the frame of replica 0's shift
         local_offset = s1 / safe(n)
-        local_squares = xp.clip(s2 - n * (local_offset + step2) ** 2, min=0.0)
+        local_squares = _nonnegative(xp, s2 - n * (local_offset + step2) ** 2)
         n, offset, var, frame = combine_shifted(*all_gather((n, wide(local), s1, local_squares)))
         offset = offset + (frame - wide(local))
     else:
         if all_sum is not None:  # round 2
             n, s1, s2 = all_sum((n, s1, s2))
         offset = s1 / safe(n)
-        var = xp.clip(s2 / safe(n) - (offset + step2) ** 2, min=0.0)
+        var = _nonnegative(xp, s2 / safe(n) - (offset + step2) ** 2)
     if recompute_shifted:
         centered = xc - xp.reshape(k3, broadcast)
     return Moments(n, k3, offset + step3, var, centered)

@@ -40,3 +40,24 @@ def test_quick_benchmark_table(tmp_path):
         assert any(r["peer"] == "hand-written synced" for r in rows)  # it agreed with bn1d on every rank
         if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:  # as benchmarks.sync._can_pin
             assert "2 processes, 1 CPU each" in variants
+
+
+def test_quick_accuracy_table(tmp_path):
+    """``python -m benchmarks.accuracy --quick``: every installed implementation in the
+    table, bn1d's rows within the rule (its exit status says so), peers reported."""
+    out = tmp_path / "accuracy.json"
+    command = [sys.executable, "-m", "benchmarks.accuracy", "--quick", "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| implementation | metric |" in result.stdout and "bn1d's worst:" in result.stdout
+    data = json.loads(out.read_text())
+    names = {r["implementation"] for r in data["records"]}
+    assert {"bn1d numpy", "bn1d numpy, 4 replicas"} <= names
+    if _have("jax"):
+        assert {"bn1d jax", "bn1d jax, vmap 4 replicas"} <= names
+    if _have("torch"):
+        assert {"bn1d torch", "bn1d torch, gloo 4 ranks", "torch.nn.BatchNorm1d"} <= names
+    for record in data["records"]:
+        if record["implementation"].startswith("bn1d"):
+            assert max(record["y"], record["mean"], record["var"]) <= data["rule"], record
+    assert all("not installed" in m for m in data["missing"]) or data["missing"] == []
