@@ -5,7 +5,7 @@ readable specification). Per feature, over the ``n`` unmasked positions of every
 replica in the group::
 
     mean = sum(x) / n
-    var  = sum((x - mean) ** 2) / n             # two-pass, biased
+    var  = sum((x - mean) ** 2) / n             # biased
     y    = (x - mean) * (scale / sqrt(var + epsilon)) + bias
     running_mean = momentum * running_mean + (1 - momentum) * mean
     running_var  = momentum * running_var  + (1 - momentum) * var * n / (n - 1)
@@ -38,7 +38,7 @@ its own row back. Inference runs no collective.
 
 Deviations from Flax linen ``BatchNorm`` / BrainPy ``BatchNorm1d`` / PyTorch:
 
-* two-pass variance by default (Flax and BrainPy: ``E[x^2] - mean^2``, selectable
+* the exact variance by default (Flax and BrainPy: ``E[x^2] - mean^2``, selectable
   with ``fast_variance=True``); unbiased running variance (Flax and BrainPy <= 2.7
   are biased: ``unbiased_running_var=False``) with the *global* count under sync
   (BrainPy 2.8.2 uses the per-replica count);

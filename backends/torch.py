@@ -4,7 +4,7 @@ It computes what ``bn1d.backends.numpy`` specifies (see that module and SPEC.md)
 Per feature (the one axis not in ``axis``), over the ``n`` unmasked positions of
 all synced ranks, in training::
 
-    mean = sum(x) / n;  var = sum((x - mean) ** 2) / n          # two-pass, biased
+    mean = sum(x) / n;  var = sum((x - mean) ** 2) / n          # biased
     y = (x - mean) * (scale / sqrt(var + epsilon)) + bias
     running_mean = momentum * running_mean + (1 - momentum) * mean
     running_var  = momentum * running_var  + (1 - momentum) * var * n / (n - 1)
@@ -20,30 +20,24 @@ when not affine), ``running_mean``/``running_var`` buffers; ``num_batches_tracke
 keys. ``.train()``/``.eval()`` set the mode and each call's ``training=``
 overrides it.
 
-Two execution paths, same contract:
+Two execution paths, same contract and the same accuracy (``docs/numerics.md``);
+:meth:`BatchNorm1d._route` decides per call:
 
-* PyTorch's native kernels where their semantics are ours: two-pass variance,
-  unbiased running variance, features on axis 1 (run directly) or last
-  (``(B, L, C)`` runs as ``(B*L, C)``), and
-
-  - unsynced: ``torch.batch_norm`` (as ``F.batch_norm``) with no mask in
-    training, running statistics in the input's dtype or float32 for
-    float16/bfloat16 input, more than one value per feature;
-  - synced, no mask: ``batch_norm_update_stats`` for this rank's statistics, one
-    exchange (``torch_distributed.Gather``), then ``torch.batch_norm`` in
-    inference mode with the global statistics; a hand-written backward on
-    ``native_batch_norm_backward`` with one exchange of cotangents (not twice
-    differentiable, like ``nn.SyncBatchNorm``; ``native_kernel=False`` is).
-
-  PyTorch's momentum is ``1 - momentum``. Its CPU kernels are two-pass too but
-  accumulate less accurately on channel-last input: measured at ``|mean| / std = 1e4`` and
-  ``n = 32768`` in float32, a 6e-5 relative variance error (the core's: 3e-7;
-  the one-pass formula's: 100%). ``native_kernel=False`` always uses the core.
+* PyTorch's kernels (``bn1d.backends.torch_kernels``) where their semantics are
+  ours (no mask in training, the default variance, unbiased running variance,
+  features on axis 1 or last: ``(B, L, C)`` runs as ``(B*L, C)``), each only where
+  the accuracy rule holds for it: the fused training kernel for channel-first
+  input and small batches, else split statistics (float32 partial sums of <= 256
+  rows, combined in float64), a shift by the float32 mean when ``|mean| / std`` is
+  large, a backward from float64 sums. Synced: the same around one exchange
+  (``torch_distributed.Gather``), not twice differentiable (as
+  ``nn.SyncBatchNorm``; ``native_kernel=False`` is). PyTorch's momentum is
+  ``1 - momentum``.
 * The core (:func:`bn1d.algorithm.batch_norm`) otherwise: masks, ``fast_variance``,
-  ``unbiased_running_var=False``, features on another axis, and, unsynced only,
-  other dtype pairs and ``n <= 1`` (the synced native path upcasts to the compute
-  dtype and takes any local count). Synced, the core makes the same exchanges
-  (the ``all_gather`` hook), so ranks may take different paths.
+  ``unbiased_running_var=False``, features on another axis, under
+  ``torch.compile`` (Inductor fuses it), and, unsynced only, other dtype pairs and
+  ``n <= 1``. Synced, the core makes the same exchanges (the ``all_gather`` hook),
+  so ranks may take different paths.
 
 Deviations from PyTorch's ``nn.BatchNorm1d``: BrainPy's momentum convention
 (``momentum=None``, PyTorch's cumulative average, has no equivalent); any layout

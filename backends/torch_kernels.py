@@ -213,7 +213,7 @@ def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: to
 
 class NativeBatchNorm(torch.autograd.Function):
     """Training on PyTorch's kernels with the statistics of this module's docstring,
-    for input ``(N, C, ...)`` contiguous in the compute dtype, no mask, two-pass
+    for input ``(N, C, ...)`` contiguous in the compute dtype, no mask, the default
     variance; ``gather`` (``torch_distributed.Gather`` or ``None``) syncs it.
 
     Forward: local statistics, a shift by ``K`` (the float32 mean) when

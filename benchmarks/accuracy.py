@@ -257,13 +257,20 @@ def plot(records: list[dict], path: str) -> bool:
         print("[accuracy] matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
     size = list(dict.fromkeys(r["size"] for r in records))[-1]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8, 5))
     names = list(dict.fromkeys(r["implementation"] for r in records))
-    for i, name in enumerate(names):
+    ours = [n for n in names if n.startswith("bn1d")]
+    shades = plt.get_cmap("Blues")([0.45 + 0.55 * i / max(1, len(ours) - 1) for i in range(len(ours))])
+    peers = iter((("tab:red", "s"), ("tab:orange", "^"), ("tab:purple", "D"), ("tab:brown", "x"), ("tab:pink", "v")))
+    for name in names:
         mine = [r for r in records if r["implementation"] == name and r["size"] == size]
         worst = [max(r["y"], r["mean"], r["var"], 1e-9) for r in mine]
-        style = "-" if name.startswith("bn1d") else "--"
-        ax.plot([r["ratio"] for r in mine], worst, style, marker="o", markersize=3, color=f"C{i % 10}", label=name)
+        if name in ours:
+            style = {"color": shades[ours.index(name)], "linestyle": "-", "linewidth": 1.2, "marker": "o"}
+        else:  # peers that coincide (Flax's fast variance is BrainPy's formula) stay visible by marker
+            color, marker = next(peers)
+            style = {"color": color, "linestyle": "--", "linewidth": 1.6, "marker": marker, "markersize": 6}
+        ax.plot([r["ratio"] for r in mine], worst, label=name, **{"markersize": 3, **style})
     ax.axhline(RULE, color="black", linewidth=1, linestyle=":", label="the rule (1e-5)")
     ax.set_xscale("log")
     ax.set_yscale("log")

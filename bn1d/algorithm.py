@@ -392,8 +392,9 @@ def batch_norm(
     ``stop_gradient`` is the adapter's (the shift must not receive gradient);
     ``recompute_shifted=True`` suits compilers that fuse elementwise work into
     reductions (XLA): ``x - K`` is formed once per pass instead of materialised
-    once and read three times (see :class:`Moments`). See the module docstring
-    for the maths.
+    once and read three times, with shifts one ulp apart (``nextafter``, which has
+    no derivative: differentiate it with ``stop_gradient`` given). See the module
+    docstring for the maths.
     """
     if all_sum is not None and all_gather is not None:
         raise argument_error("all_gather", "None when all_sum is given (one cross-replica hook)", all_gather)
