@@ -249,12 +249,13 @@ def batch_norm_vjp(
         return (dyc * (s * inv).astype(dtype).reshape(shape)).astype(x.dtype, copy=False), dscale, dbias
     # G = sum(g) and H = sum(g * xhat) with g = dy * scale: scale is per feature, so
     # they are scale * dbias and scale * dscale (no further pass over the input).
-    sums = (s * dbias, s * dscale)
+    local = (s * dbias, s * dscale)
     if all_sum is not None:
-        sums = all_sum(sums)
+        G, H = all_sum(local)
     elif all_gather is not None:  # every replica adds the same rows in the same order
-        sums = tuple(rows.sum(axis=0) for rows in all_gather(sums))
-    G, H = sums
+        G, H = (rows.sum(axis=0) for rows in all_gather(local))
+    else:
+        G, H = local
     weight = np.where(np.asarray(n) > 0, 1.0 / np.maximum(n, 1), 0.0)  # n == 0: inference
     # dx = inv * g - inv * weight * keep * (G + xhat * H), with the per-feature factors
     # folded; in place, so that at most two input-sized arrays are alive.

@@ -292,16 +292,16 @@ class BatchNorm1d(nn.Module):
         accumulation = torch_kernels.fused_accumulation(view)
         if accumulation is None:
             return None
-        params, buffers = self._parameters, self._buffers
-        saved = buffers["running_mean"].clone(), buffers["running_var"].clone()
+        params = self._parameters
+        saved = self.running_mean.clone(), self.running_var.clone()
         y, save_mean, save_invstd = torch.native_batch_norm(
-            view, params.get("scale"), params.get("bias"), buffers["running_mean"], buffers["running_var"],
+            view, params.get("scale"), params.get("bias"), self.running_mean, self.running_var,
             True, self._pytorch_momentum, self.config.epsilon,
         )  # fmt: skip
         if not torch_kernels.fused_is_accurate(view, save_mean, save_invstd, self.config.epsilon, accumulation):
             with torch.no_grad():
-                buffers["running_mean"].copy_(saved[0])
-                buffers["running_var"].copy_(saved[1])
+                self.running_mean.copy_(saved[0])
+                self.running_var.copy_(saved[1])
             return None
         self.num_batches_tracked.add_(1)
         return y

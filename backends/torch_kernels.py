@@ -128,7 +128,7 @@ def fused_is_accurate(
 def inference_is_accurate(running_mean: torch.Tensor, running_var: torch.Tensor, epsilon: float) -> bool:
     """Whether the inference kernel's ``y = x * a + b`` meets the rule for these
     running statistics: its rounding is ``~3 u |running_mean| / sqrt(running_var + eps)``."""
-    ratio = _ratio(running_mean, running_var.double() + epsilon)
+    ratio = _ratio(_host(running_mean), _host(running_var) + epsilon)
     return 3 * _unit(running_mean.dtype) * (ratio + MAX_XHAT) <= _tolerance(running_mean.dtype)
 
 
