@@ -84,3 +84,19 @@ def test_synced_over_nccl_equals_unsynced_on_one_rank():
             torch.testing.assert_close(synced.running_var, plain.running_var, **TOL)
         finally:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("axis, shape, feature_axis", [((0, 1), (64, 4096, 4), 2), ((0, 2), (64, 4, 4096), 1)])
+@pytest.mark.parametrize("ratio", [0.25, 1e4])
+def test_raw_data_on_cuda_meet_the_accuracy_rule(axis, shape, feature_axis, ratio):
+    """The contract's rule at n = 2**18 on the CUDA kernels' route (torch_kernels counts
+    CUDA reductions as 64-row trees: this is the measurement behind that assumption)."""
+    from bn1d.conformance.accuracy import RULE, forward_errors, raw_data
+
+    x = raw_data(shape, ratio, seed=3).astype(np.float32)
+    layer = BatchNorm1d(4, axis, momentum=0.0, device="cuda")
+    with torch.no_grad():
+        y = layer(torch.from_numpy(x).cuda())
+    errors = forward_errors(x, y.double().cpu().numpy(), layer.running_mean.double().cpu().numpy(),
+                            layer.running_var.double().cpu().numpy(), feature_axis=feature_axis)  # fmt: skip
+    assert max(errors.values()) <= RULE, errors
