@@ -11,11 +11,11 @@ exchange, of the cotangents, when the input needs a gradient.
 * :func:`sync_group` resolves the group of this rank: ``process_group`` (WORLD by
   default), or, with ``axis_index_groups``, the subgroup (``dist.new_group``) that
   holds this rank. Subgroups are created once per (process group, groups) and
-  cached; ``dist.new_group`` must be entered by every rank of the default group,
+  cached while the process group lives; ``dist.new_group`` must be entered by every rank of the default group,
   in the same order, so the first synced training call must run on every rank.
 * :func:`check_peers` all-gathers a small header (:func:`make_header`:
   num_features, rank of the input, feature axis, compute dtype, variance
-  formula, groups) on a layer's first synced call and raises a ``ValueError``
+  formula, groups and options) on a layer's first synced call and raises a ``ValueError``
   naming every disagreeing rank: the exchanges' sizes depend on num_features,
   so a mismatch must be an error before them, not a hang or garbage. Exchanges
   whose sizes differ later (e.g. layers called in a rank-dependent order) cannot
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import weakref
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -52,13 +53,16 @@ import torch
 import torch.distributed as dist
 
 from bn1d.algorithm import AllGather
-from bn1d.config import argument_error
+from bn1d.config import OPTIONS, BatchNormConfig, argument_error, check_partition
 
-__all__ = ["Gather", "check_peers", "groups_fingerprint", "make_all_gather", "make_header", "sync_group"]
+__all__ = ["Gather", "check_peers", "fingerprint", "make_all_gather", "make_header", "sync_group"]
 
 _MAX_HEADER_DIMS = 8
 _AGREED = 6  # header entries every rank must share; the dims after them may differ
-_subgroups: dict[tuple[Any, tuple[tuple[int, ...], ...]], list[Any]] = {}
+#: Subgroups per parent process group and ``axis_index_groups``. Weakly keyed: when
+#: ``destroy_process_group`` drops a parent, its entry (and the subgroups, destroyed
+#: with it) goes too; a process that holds destroyed groups aborts at exit.
+_subgroups: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[int, ...], ...], list[Any]]] = weakref.WeakKeyDictionary()
 
 
 def _wait(work: Any, timeout: float | None, what: str, group: Any) -> None:
@@ -81,38 +85,38 @@ def sync_group(process_group: Any, axis_index_groups: tuple[tuple[int, ...], ...
     parent = dist.group.WORLD if process_group is None else process_group
     if axis_index_groups is None:
         return parent
-    size = dist.get_world_size(parent)
-    if sorted(i for g in axis_index_groups for i in g) != list(range(size)):
-        raise argument_error("axis_index_groups", f"a partition of range({size})", axis_index_groups)
-    key = (parent, axis_index_groups)
-    if key not in _subgroups:  # every rank creates every subgroup, in the same order
+    check_partition(axis_index_groups, dist.get_world_size(parent), " (the ranks of the process group)")
+    cached = _subgroups.setdefault(parent, {})
+    if axis_index_groups not in cached:  # every rank creates every subgroup, in the same order
         ranks = dist.get_process_group_ranks(parent)
         kwargs: dict[str, Any] = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
-        _subgroups[key] = [dist.new_group([ranks[i] for i in g], **kwargs) for g in axis_index_groups]
+        cached[axis_index_groups] = [dist.new_group([ranks[i] for i in g], **kwargs) for g in axis_index_groups]
     me = dist.get_rank(parent)
-    return next(sub for g, sub in zip(axis_index_groups, _subgroups[key]) if me in g)
+    return next(sub for g, sub in zip(axis_index_groups, cached[axis_index_groups]) if me in g)
 
 
-def groups_fingerprint(axis_index_groups: tuple[tuple[int, ...], ...] | None) -> int:
-    return 0 if axis_index_groups is None else zlib.crc32(repr(axis_index_groups).encode())
+def fingerprint(config: BatchNormConfig) -> int:
+    """One number for what else the ranks must share: ``axis_index_groups`` and every
+    option of ``bn1d.config.OPTIONS`` (an option may change what is exchanged)."""
+    options = tuple(getattr(config, option) for option in OPTIONS)
+    return zlib.crc32(repr((config.axis_index_groups, options)).encode())
 
 
 def _describe(ranks: list[int], header: Sequence[int]) -> str:
-    num_features, ndim, feature_axis, dtype_code, fast_variance, fingerprint, *dims = header
+    num_features, ndim, feature_axis, dtype_code, fast_variance, digest, *dims = header
     shape = tuple(dims[: min(ndim, _MAX_HEADER_DIMS)]) + (("...",) if ndim > _MAX_HEADER_DIMS else ())
     return (
         f"ranks {ranks}: num_features={num_features} on axis {feature_axis} of a {ndim}-D input (rank {ranks[0]}: "
         f"shape {shape}), {('float32', 'float64')[dtype_code]} statistics, fast_variance={bool(fast_variance)}, "
-        f"axis_index_groups #{fingerprint}"
+        f"axis_index_groups and options #{digest}"
     )
 
 
-def make_header(
-    x: torch.Tensor, *, num_features: int, feature_axis: int, float64: bool, fast_variance: bool, fingerprint: int
-) -> list[int]:
+def make_header(x: torch.Tensor, config: BatchNormConfig, *, float64: bool) -> list[int]:
     """What every rank of a group must agree on (all but the batch sizes), then the input's shape."""
     dims = list(x.shape[:_MAX_HEADER_DIMS]) + [-1] * (_MAX_HEADER_DIMS - min(x.dim(), _MAX_HEADER_DIMS))
-    return [num_features, x.dim(), feature_axis, int(float64), int(fast_variance), fingerprint, *dims]
+    agreed = [config.num_features, x.dim(), config.feature_axis, int(float64), int(config.fast_variance)]
+    return [*agreed, fingerprint(config), *dims]
 
 
 def _raise_on_mismatch(headers: list[list[int]]) -> None:
@@ -141,10 +145,10 @@ class Gather:
     float64: every rank gets every row, exactly (float32 and float64 values and
     the integer header are exact in float64). An all-gather is one round of
     messages; the all-reduce of a zero ``(ranks, row)`` buffer that gives the
-    same rows takes two with gloo (0.31 against 0.52 ms median for 2 ranks on
-    this project's 2-core VM). Every synced training call, on either path, makes
-    this same exchange for its ``(count, mean, centred squares)`` (or ``(count,
-    sum, sum of squares)``), and its backward pass one all-reduce of the
+    same rows takes two with gloo (measured in ``docs/performance.md``). Every
+    synced training call, on either path, makes this same exchange for its
+    ``(count, mean, centred squares)`` (or ``(count, sum, sum of squares)``), and
+    its backward pass one all-reduce of the
     ``(ranks, values)`` cotangents (each rank needs the sum over ranks of its
     row: a reduce-scatter, which gloo runs slower than the all-reduce): the
     collectives match whatever path each rank takes. The headers are compared

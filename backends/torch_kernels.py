@@ -214,7 +214,10 @@ def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: to
 class NativeBatchNorm(torch.autograd.Function):
     """Training on PyTorch's kernels with the statistics of this module's docstring,
     for input ``(N, C, ...)`` contiguous in the compute dtype, no mask, the default
-    variance; ``gather`` (``torch_distributed.Gather`` or ``None``) syncs it.
+    variance; ``state``: the running statistics (``config.state_keys``), ``gather``
+    (``torch_distributed.Gather`` or ``None``) syncs it, ``config`` is the layer's.
+    Returns ``y`` and the new state's entries in ``config.state_keys`` order (the
+    core's :func:`~bn1d.algorithm.running_statistics`, so ``momentum=None`` too).
 
     Forward: local statistics, a shift by ``K`` (the float32 mean) when
     :func:`predicted_error` asks for one, then (synced) one exchange of ``(count,
@@ -237,12 +240,10 @@ class NativeBatchNorm(torch.autograd.Function):
         x: torch.Tensor,
         scale: torch.Tensor | None,
         bias: torch.Tensor | None,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
+        state: dict[str, torch.Tensor],
         gather: Any,
-        epsilon: float,
-        momentum: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        config: Any,
+    ) -> tuple[torch.Tensor, ...]:
         # The per-feature arithmetic is float64 NumPy; the kernels run on x's device.
         per_feature = (-1,) + (1,) * (x.dim() - 2)
         n_local = x.numel() // x.shape[1]
@@ -264,11 +265,9 @@ class NativeBatchNorm(torch.autograd.Function):
             safe_counts = np.where(counts > 0, counts, 1.0)[:, None]
             deviations = (shifts - frame) + sums / safe_counts - global_offset  # each rank's mean - the mean
             offset = global_offset + (frame - shift64)
-        new_mean, new_var = running_statistics(
-            _host(running_mean), _host(running_var), n, shift64 + offset, var, momentum=momentum,
-            may_be_empty=gather is not None,
-        )  # fmt: skip
-        invstd = 1.0 / np.sqrt(var + epsilon)
+        host_state = {key: _host(value) for key, value in state.items()}
+        new_state = running_statistics(host_state, n, shift64 + offset, var, config, may_be_empty=gather is not None)
+        invstd = 1.0 / np.sqrt(var + config.epsilon)
         shifted = shifted or predicted_error(_unit(x.dtype), 0, 1, _ratio(shift64 + offset, var)) > _tolerance(x.dtype)
         # y = (xu - centre) * f + bias, formed as xu * f + (bias - centre * f): xu = x - K
         # when shifted (centre = d, small), else x (|centre| / std small enough).
@@ -280,7 +279,7 @@ class NativeBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(xu, scale)
         ctx.gather, ctx.n, ctx.n_local, ctx.per_feature = gather, n, n_local, per_feature
         ctx.numbers = centre, local_centre, invstd, counts, deviations
-        new_stats = _device(new_mean, running_mean), _device(new_var, running_var)
+        new_stats = tuple(_device(new_state[key], state[key]) for key in config.state_keys)
         ctx.mark_non_differentiable(*new_stats)
         return (y, *new_stats)
 
@@ -315,4 +314,4 @@ class NativeBatchNorm(torch.autograd.Function):
         affine = scale is not None
         dscale = _device(sum_dy_xhat, scale) if affine else None
         dbias = _device(sum_dy, scale) if affine else None
-        return dx, dscale, dbias, None, None, None, None, None
+        return dx, dscale, dbias, None, None, None

@@ -1,14 +1,17 @@
 r"""The batch-normalization algorithm, written once against the Array API standard.
 
+This docstring is the one statement of the maths; the backends refer to it.
+
 :func:`batch_norm` is a pure function: it takes arrays of any Array API library
 (NumPy, JAX, PyTorch, ``array_api_strict``...), gets ``xp`` from
-``array_api_compat.array_namespace`` and never branches on the library. The
-backends only add state handling and, for cross-replica statistics, one of two
-hooks: ``all_sum`` (a sum over the replicas, two rounds: the shift, then the
-shifted sums) or ``all_gather`` (every replica's count, shift and shifted sums:
-one round). JAX's ``psum`` and the NumPy replicas use the first,
-``torch.distributed`` the second; both give the statistics of the concatenated
-batches, differing by rounding only.
+``array_api_compat.array_namespace`` and never branches on the library. It takes
+the validated :class:`~bn1d.config.BatchNormConfig`, the parameters and the state
+as mappings, and returns ``y`` and the new state. The backends add state
+handling and lend it :class:`Hooks`: a cross-replica hook (``all_sum``, a sum over
+the replicas in two rounds: the shift, then the shifted sums; or ``all_gather``,
+every replica's count, shift and shifted sums in one round), their autodiff's
+``stop_gradient``, and whether their compiler fuses elementwise work into
+reductions. :func:`batch_norm_vjp` is the analytic backward pass.
 
 The maths, per feature ``c`` (the one axis that is not reduced), with ``M`` the
 set of unmasked positions over all synced replicas and ``n = |M|``:
@@ -23,99 +26,134 @@ set of unmasked positions over all synced replicas and ``n = |M|``:
     \hat\mu \leftarrow m\,\hat\mu + (1 - m)\,\mu, \qquad
     \hat\sigma^2 \leftarrow m\,\hat\sigma^2 + (1 - m)\,\sigma^2\,\frac{n}{n-1}
 
-How it is computed (the default variance; ``docs/numerics.md`` has the error
-analysis): the data are shifted by ``K``, one unmasked sample per feature
-(the mean of the replicas' samples under ``all_sum``), and one pass gives
-``S1 = sum(x - K)`` and ``S2 = sum((x - K)**2)``, accumulated in float64
-wherever the array library has float64 on the input's device (else in the
-compute dtype). Then ``d = S1 / n`` (the mean is ``K + d``, never rounded to
-the input's precision), ``sigma**2 = S2 / n - d**2`` and
-``y = (x - K) * f + (beta - d * f)`` with ``f = gamma / sqrt(sigma**2 + eps)``.
-``x - K`` is exact when ``|mean| >> sigma`` (Sterbenz), and ``d`` is of the
-order of ``sigma``, so nothing cancels; the shift receives no gradient
-(``stop_gradient``, the adapter's hook), which is exact because the statistics
-do not depend on ``K``.
+``momentum=None`` is PyTorch's cumulative average: ``m = 1 - 1/k`` for the
+``k``-th training call that saw data (``num_batches_tracked`` in the state). With
+``unbiased_running_var=False`` the Bessel factor ``n / (n - 1)`` is dropped
+(BrainPy <= 2.7, Flax, Keras). In inference ``mu`` and ``sigma**2`` are the
+running statistics and nothing is updated; with ``track_running_stats=False``
+there are none: batch statistics normalise in inference too (local ones, with
+no communication), and the state is empty.
 
-With ``fast_variance=True`` the variance is BrainPy's and Flax's one-pass
+How it is computed (``docs/numerics.md`` has the error analysis): the data are
+shifted by ``K``, one unmasked sample per feature (the mean of the replicas'
+samples under ``all_sum``), and one pass gives ``S1 = sum(x - K)`` and
+``S2 = sum((x - K)**2)``, accumulated in float64 wherever the array library has
+float64 on the input's device (else in the compute dtype). Then ``d = S1 / n``
+(the mean is ``K + d``, never rounded to the input's precision),
+``sigma**2 = S2 / n - d**2`` and ``y = (x - K) * f + (beta - d * f)`` with
+``f = gamma / sqrt(sigma**2 + eps)``. ``x - K`` is exact when ``|mean| >> sigma``
+(Sterbenz) and ``d`` is of the order of ``sigma``, so nothing cancels; the shift
+receives no gradient (the statistics do not depend on it). With
+``fast_variance=True`` the variance is BrainPy's and Flax's one-pass
 ``max(0, sum(x**2)/n - mu**2)`` in the compute dtype, which cancels
-catastrophically when ``|mu| >> sigma``. With ``unbiased_running_var=False`` the
-Bessel factor ``n / (n - 1)`` is dropped (BrainPy <= 2.7, Flax, Keras). In
-inference ``mu`` and ``sigma**2`` are the running statistics and nothing is
-updated.
+catastrophically when ``|mu| >> sigma``.
 
-Edge cases: ``n == 1`` raises when the input's shape alone says so (no mask, no
-sync); when ``n`` is only known at run time and is 1, the Bessel factor is 1.
-``n == 0`` makes the call behave as inference: the running statistics are
-returned unchanged and nothing is NaN.
+Edge cases: ``n == 1`` raises where the batch's statistics normalise (training, or
+no running statistics) and the input's shape alone says so (no mask, no sync); when
+``n`` is only known at run time and is 1, the Bessel factor is 1. ``n == 0`` makes
+the call behave as inference: the running statistics are returned unchanged and
+nothing is NaN (without running statistics, mean 0 and variance 1 normalise).
 
 float16 and bfloat16 inputs are reduced in float32, float64 inputs (or float64
-statistics) in float64; ``y`` has the input's dtype and the new running
-statistics keep their own.
+statistics) in float64; ``y`` has the input's dtype and the new statistics keep
+theirs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 from array_api_compat import array_namespace, device
 
-from .config import argument_error
+from .config import BatchNormConfig, argument_error
 
 __all__ = [
     "AllGather",
     "AllSum",
     "BatchNormResult",
+    "Hooks",
     "Moments",
     "accumulation_dtype",
     "batch_moments",
     "batch_norm",
+    "batch_norm_vjp",
+    "call_dtype",
+    "check_cotangent",
     "check_inputs",
+    "check_variables",
     "combine_moments",
     "combine_shifted",
     "compute_dtype",
+    "forward",
     "running_statistics",
     "static_count",
 ]
 
 Array = Any
-#: The cross-replica hook: sums each array over the replicas of this replica's
-#: group and returns the sums, in order and with the same shapes, identical on
-#: every replica of the group (as an all-reduce is). The arrays are per-feature
-#: vectors ``(C,)`` and scalar counts ``()``.
-AllSum = Callable[[tuple[Array, ...]], Sequence[Array]]
-#: The cross-replica gather hook, the one-round alternative to ``AllSum``: for each
-#: array, the values of every replica of this replica's group stacked on a new
-#: leading axis, ``(R, *shape)``, in the same replica order on every replica.
-AllGather = Callable[[tuple[Array, ...]], Sequence[Array]]
-#: The adapter's ``stop_gradient`` (``jax.lax.stop_gradient``, ``Tensor.detach``);
-#: the identity for libraries without autodiff.
-StopGradient = Callable[[Array], Array]
+
+
+class AllSum(Protocol):
+    """Sums each array over the replicas of this replica's group and returns the sums,
+    in order and with the same shapes, identical on every replica of the group (as an
+    all-reduce is). The arrays are per-feature vectors ``(C,)`` and scalar counts."""
+
+    def __call__(self, arrays: tuple[Array, ...], /) -> Sequence[Array]: ...
+
+
+class AllGather(Protocol):
+    """The one-round alternative to :class:`AllSum`: for each array, the values of every
+    replica of this replica's group stacked on a new leading axis, ``(R, *shape)``, in
+    the same replica order on every replica."""
+
+    def __call__(self, arrays: tuple[Array, ...], /) -> Sequence[Array]: ...
+
+
+def _identity(value: Array) -> Array:
+    return value
+
+
+class Hooks(NamedTuple):
+    """What a backend lends the algorithm: at most one cross-replica hook (used in
+    training only), its autodiff's ``stop_gradient`` (``jax.lax.stop_gradient``,
+    ``Tensor.detach``; the shift must not receive gradient), and
+    ``recompute_shifted`` for compilers that fuse elementwise work into reductions
+    (XLA): ``x - K`` is then formed once per pass, with shifts one ulp apart
+    (``nextafter``, which has no derivative: give ``stop_gradient`` with it),
+    instead of materialised once and read three times."""
+
+    all_sum: AllSum | None = None
+    all_gather: AllGather | None = None
+    stop_gradient: Callable[[Array], Array] = _identity
+    recompute_shifted: bool = False
+
+    @property
+    def synced(self) -> bool:
+        return self.all_sum is not None or self.all_gather is not None
 
 
 class BatchNormResult(NamedTuple):
-    """``y`` and the running statistics after the call (unchanged in inference)."""
+    """``y`` and the state after the call (the same mapping in inference)."""
 
     y: Array
-    running_mean: Array
-    running_var: Array
+    state: Mapping[str, Array]
 
 
 def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes: Sequence[int]) -> Any:
     """Raise ``TypeError``/``ValueError`` for an input the layer cannot take; return
     ``x``'s Array API namespace.
 
-    Only shapes and dtypes are read, so under ``jax.jit`` this runs at trace time.
+    Only shapes, dtypes and devices are read, so under ``jax.jit`` this runs at
+    trace time.
     """
     try:
         xp = array_namespace(x)
     except TypeError as error:
         raise argument_error("x", "an array", type(x).__name__, TypeError) from error
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise argument_error(
-            "x", "a real floating-point array (float16, bfloat16, float32, float64)", x.dtype, TypeError
-        )
+    expected_dtype = "a real floating-point array (float16, bfloat16, float32, float64)"
+    if not xp.isdtype(x.dtype, "real floating") or xp.finfo(x.dtype).bits not in (16, 32, 64):
+        raise argument_error("x", expected_dtype, x.dtype, TypeError)
     ndim = len(reduce_axes) + 1
     shape = tuple(x.shape)
     if len(shape) != ndim:
@@ -136,7 +174,44 @@ def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes
     expected = shape[:feature_axis] + shape[feature_axis + 1 :]
     if tuple(mask.shape) != expected:
         raise argument_error("mask", f"shape {expected} (x's shape without the feature axis)", tuple(mask.shape))
+    where, mask_where = device(x), device(mask)
+    if where is not None and mask_where is not None and mask_where != where:  # None: traced, placed later
+        raise argument_error("mask", f"an array on x's device ({where})", mask_where)
     return xp
+
+
+def check_cotangent(dy: Array, x: Array) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``dy`` is a real floating-point array of
+    ``x``'s library and shape."""
+    try:
+        xp = array_namespace(dy, x)
+    except TypeError as error:
+        raise argument_error("dy", "an array of the same library as x", type(dy).__name__, TypeError) from error
+    if not xp.isdtype(dy.dtype, "real floating"):
+        raise argument_error("dy", "a real floating-point array", dy.dtype, TypeError)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise argument_error("dy", f"shape {tuple(x.shape)} (x's shape)", tuple(dy.shape))
+
+
+def check_variables(params: Any, state: Any, config: BatchNormConfig, x: Array) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``params`` and ``state`` are mappings
+    with exactly the config's keys, each an array of ``x``'s library of shape
+    ``(num_features,)`` (the count: a scalar)."""
+    shape = (config.num_features,)
+    for name, tree, keys in (("params", params, config.param_keys), ("state", state, config.state_keys)):
+        if not isinstance(tree, Mapping) or sorted(tree) != sorted(keys):
+            given = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise argument_error(name, f"a mapping with exactly the keys {list(keys)}", given)
+        for key in keys:
+            try:
+                array_namespace(tree[key], x)
+            except TypeError as error:
+                raise argument_error(
+                    f"{name}[{key!r}]", "an array of the same library as x", type(tree[key]).__name__, TypeError
+                ) from error
+            want = () if key == "num_batches_tracked" else shape
+            if tuple(tree[key].shape) != want:
+                raise argument_error(f"{name}[{key!r}]", f"shape {want}", tuple(tree[key].shape))
 
 
 class Moments(NamedTuple):
@@ -165,6 +240,14 @@ class Moments(NamedTuple):
 def compute_dtype(xp: Any, *dtypes: Any) -> Any:
     """float64 if any operand is float64, else float32 (float16/bfloat16 are upcast)."""
     return xp.float64 if any(d == xp.float64 for d in dtypes) else xp.float32
+
+
+def call_dtype(xp: Any, dtype: Any, params: Mapping[str, Array], state: Mapping[str, Array]) -> Any:
+    """The compute dtype of a call on input of ``dtype``: :func:`compute_dtype` of it and
+    the running statistics' dtype (the parameters' without running statistics)."""
+    reference = state.get("running_mean")
+    reference = params.get("scale") if reference is None else reference
+    return compute_dtype(xp, dtype, *([] if reference is None else [reference.dtype]))
 
 
 def accumulation_dtype(xp: Any, dtype: Any, where: Any) -> Any:
@@ -200,16 +283,20 @@ def _first_kept(xc: Array, mask: Array | None, reduce_axes: tuple[int, ...]) -> 
     return xp.reshape(picked, (-1,))
 
 
+def _nonnegative(xp: Any, value: Array) -> Array:
+    """``max(value, 0)`` (an array operand: a Python scalar makes array-api-compat call
+    ``torch.result_type``, which ``torch.compile(fullgraph=True)`` cannot trace)."""
+    return xp.maximum(value, xp.zeros_like(value))
+
+
 def batch_moments(
     x: Array,
     mask: Array | None = None,
     *,
     reduce_axes: Sequence[int],
     fast_variance: bool = False,
-    all_sum: AllSum | None = None,
-    all_gather: AllGather | None = None,
+    hooks: Hooks = Hooks(),
     fallback: Array | None = None,
-    stop_gradient: StopGradient | None = None,
     accumulate: Any = None,
 ) -> Moments:
     """The :class:`Moments` that training normalises with.
@@ -228,34 +315,11 @@ def batch_moments(
         fallback = xp.zeros((xc.shape[feature_axis],), dtype=dtype, device=device(xc))
     elif fallback.dtype != dtype:
         fallback = xp.astype(fallback, dtype)
-    return _moments(
-        xc, mask, reduce_axes=tuple(reduce_axes), fast_variance=fast_variance, all_sum=all_sum,
-        all_gather=all_gather, fallback=fallback, stop_gradient=stop_gradient or _identity, acc=acc,
-    )  # fmt: skip
-
-
-def _identity(value: Array) -> Array:
-    return value
-
-
-def _nonnegative(xp: Any, value: Array) -> Array:
-    """``max(value, 0)`` (an array operand: a Python scalar makes array-api-compat call
-    ``torch.result_type``, which ``torch.compile(fullgraph=True)`` cannot trace)."""
-    return xp.maximum(value, xp.zeros_like(value))
+    return _moments(xc, mask, tuple(reduce_axes), fast_variance, hooks, fallback, acc)
 
 
 def _moments(
-    xc: Array,
-    mask: Array | None,
-    *,
-    reduce_axes: tuple[int, ...],
-    fast_variance: bool,
-    all_sum: AllSum | None,
-    all_gather: AllGather | None,
-    fallback: Array,
-    stop_gradient: StopGradient,
-    acc: Any,
-    recompute_shifted: bool = False,
+    xc: Array, mask: Array | None, reduce_axes: tuple[int, ...], fast: bool, hooks: Hooks, fallback: Array, acc: Any
 ) -> Moments:
     """:func:`batch_moments` of ``xc`` (already in the compute dtype)."""
     xp = array_namespace(xc)
@@ -263,11 +327,11 @@ def _moments(
     feature_axis = next(a for a in range(xc.ndim) if a not in reduce_axes)
     broadcast = tuple(-1 if a == feature_axis else 1 for a in range(xc.ndim))
     keep = None if mask is None else xp.expand_dims(mask, axis=feature_axis)
-    synced = all_sum is not None or all_gather is not None
+    all_sum, all_gather, stop_gradient = hooks.all_sum, hooks.all_gather, hooks.stop_gradient
     static_n = static_count(xc.shape, reduce_axes)
-    count_dtype = xc.dtype if fast_variance else acc
+    count_dtype = xc.dtype if fast else acc
     n: Any = static_n if mask is None else xp.sum(xp.astype(mask, count_dtype))
-    if synced and isinstance(n, int):
+    if hooks.synced and isinstance(n, int):
         n = xp.asarray(n, dtype=count_dtype, device=where)
 
     def kept(v: Array) -> Array:
@@ -279,7 +343,7 @@ def _moments(
     def wide(v: Array) -> Array:
         return v if v.dtype == acc else xp.astype(v, acc)
 
-    if fast_variance:  # BrainPy's formula, in the compute dtype
+    if fast:  # BrainPy's formula, in the compute dtype
         x_kept = kept(xc)
         total, total_sq = xp.sum(x_kept, axis=reduce_axes), xp.sum(x_kept * x_kept, axis=reduce_axes)
         if all_sum is not None:
@@ -290,8 +354,7 @@ def _moments(
         var = _nonnegative(xp, total_sq / safe(n) - mean * mean)
         if not isinstance(n, int):
             mean = xp.where(n > 0, mean, fallback)
-        zero = xp.zeros_like(wide(mean))
-        return Moments(n, mean, zero, wide(var), xc - xp.reshape(mean, broadcast))
+        return Moments(n, mean, xp.zeros_like(wide(mean)), wide(var), xc - xp.reshape(mean, broadcast))
 
     # The local shift: one kept sample per feature (the fallback when nothing is kept).
     local = fallback if static_n == 0 else stop_gradient(_first_kept(xc, mask, reduce_axes))
@@ -304,7 +367,7 @@ def _moments(
         local = stop_gradient(xp.astype(shift, xc.dtype))
     centered = xc - xp.reshape(local, broadcast)
     s1 = xp.sum(kept(centered), axis=reduce_axes, dtype=acc)
-    if recompute_shifted:  # S2 around K2, y around K3: K's neighbours one ulp away, distinct
+    if hooks.recompute_shifted:  # S2 around K2, y around K3: K's neighbours one ulp away, distinct
         # expressions that a compiler cannot merge into one materialised x - K (K - K2 and
         # K - K3 are exact in the accumulation dtype)
         k2, k3 = (xp.nextafter(local, xp.asarray(v, dtype=local.dtype, device=where)) for v in (math.inf, -math.inf))
@@ -323,7 +386,7 @@ def _moments(
             n, s1, s2 = all_sum((n, s1, s2))
         offset = s1 / safe(n)
         var = _nonnegative(xp, s2 / safe(n) - (offset + step2) ** 2)
-    if recompute_shifted:
+    if hooks.recompute_shifted:
         centered = xc - xp.reshape(k3, broadcast)
     return Moments(n, k3, offset + step3, var, centered)
 
@@ -367,43 +430,45 @@ def combine_shifted(counts: Array, shifts: Array, sums: Array, squares: Array) -
 
 def batch_norm(
     x: Array,
-    running_mean: Array,
-    running_var: Array,
-    scale: Array | None = None,
-    bias: Array | None = None,
+    params: Mapping[str, Array],
+    state: Mapping[str, Array],
+    config: BatchNormConfig,
     *,
-    reduce_axes: Sequence[int],
-    epsilon: float = 1e-5,
-    momentum: float = 0.99,
-    training: bool = True,
+    training: bool,
     mask: Array | None = None,
-    fast_variance: bool = False,
-    unbiased_running_var: bool = True,
-    all_sum: AllSum | None = None,
-    all_gather: AllGather | None = None,
-    stop_gradient: StopGradient | None = None,
-    recompute_shifted: bool = False,
+    hooks: Hooks = Hooks(),
 ) -> BatchNormResult:
-    """Normalise ``x`` over ``reduce_axes`` (non-negative) and update the running statistics.
+    """Normalise ``x`` as ``config`` says, with ``params`` (``scale``, ``bias``, or
+    none when not affine) and ``state`` (the running statistics, see
+    ``config.state_keys``); return ``y`` and the new state. Checks its arguments
+    (``ValueError``/``TypeError``, at trace time under ``jax.jit``); a backend
+    that checked them at its own boundary calls :func:`forward`. See the module
+    docstring for the maths."""
+    if hooks.all_sum is not None and hooks.all_gather is not None:
+        raise argument_error("hooks", "at most one of all_sum and all_gather", hooks)
+    xp = check_inputs(x, mask, num_features=config.num_features, reduce_axes=config.reduce_axes)
+    check_variables(params, state, config, x)
+    if not isinstance(training, bool):
+        raise argument_error("training", "a bool", training, TypeError)
+    return forward(xp, x, params, state, config, training=training, mask=mask, hooks=hooks)
 
-    ``scale`` and ``bias`` are ``None`` when the layer is not affine. ``all_sum``
-    or ``all_gather`` (at most one) makes the statistics those of the
-    concatenated batches of a replica group; neither is called in inference.
-    ``stop_gradient`` is the adapter's (the shift must not receive gradient);
-    ``recompute_shifted=True`` suits compilers that fuse elementwise work into
-    reductions (XLA): ``x - K`` is formed once per pass instead of materialised
-    once and read three times, with shifts one ulp apart (``nextafter``, which has
-    no derivative: differentiate it with ``stop_gradient`` given). See the module
-    docstring for the maths.
-    """
-    if all_sum is not None and all_gather is not None:
-        raise argument_error("all_gather", "None when all_sum is given (one cross-replica hook)", all_gather)
-    reduce_axes = tuple(reduce_axes)
-    xp = check_inputs(x, mask, num_features=running_mean.shape[0], reduce_axes=reduce_axes)
-    if not (type(x) is type(running_mean) is type(running_var)):  # one type: one namespace
-        xp = array_namespace(x, running_mean, running_var)
-    dtype = compute_dtype(xp, x.dtype, running_mean.dtype)
-    feature_axis = next(a for a in range(x.ndim) if a not in reduce_axes)
+
+def forward(
+    xp: Any,
+    x: Array,
+    params: Mapping[str, Array],
+    state: Mapping[str, Array],
+    config: BatchNormConfig,
+    *,
+    training: bool,
+    mask: Array | None = None,
+    hooks: Hooks = Hooks(),
+) -> BatchNormResult:
+    """:func:`batch_norm` on arguments already checked, ``xp`` being ``x``'s namespace."""
+    reduce_axes, feature_axis = config.reduce_axes, config.feature_axis
+    scale, bias = params.get("scale"), params.get("bias")
+    tracked = config.track_running_stats
+    dtype = call_dtype(xp, x.dtype, params, state)
     broadcast_shape = tuple(-1 if a == feature_axis else 1 for a in range(x.ndim))
 
     def cast(v: Array, to: Any = dtype) -> Array:  # astype(copy=False) without its call overhead
@@ -415,7 +480,7 @@ def batch_norm(
     def normalize(centered: Array, offset: Array | None, var: Array) -> Array:
         """``centered * f + (bias - offset * f)``, ``f = scale / sqrt(var + eps)``:
         per-feature terms in ``var``'s dtype, the input-sized ones in the compute dtype."""
-        factor = 1.0 / xp.sqrt(var + epsilon)
+        factor = 1.0 / xp.sqrt(var + config.epsilon)
         if scale is not None:
             factor = cast(scale, var.dtype) * factor
         y = centered * per_feature(factor)
@@ -427,70 +492,188 @@ def batch_norm(
         return cast(y, x.dtype)
 
     xc = cast(x)
-    synced = all_sum is not None or all_gather is not None
+    where = device(xc)
+    mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)
+    hooks = hooks if training else Hooks(stop_gradient=hooks.stop_gradient, recompute_shifted=hooks.recompute_shifted)
     n: Any = static_count(x.shape, reduce_axes)
-    if not training or (mask is None and not synced and n == 0):
-        y = normalize(xc - per_feature(running_mean), None, cast(running_var))
-        return BatchNormResult(y, running_mean, running_var)
-    if mask is None and not synced and n == 1:
-        raise argument_error("x", "more than 1 value per feature when training", tuple(x.shape))
+    batch = training or not tracked  # whether the batch's statistics normalise
+    if not batch or (mask is None and not hooks.synced and n == 0):
+        return BatchNormResult(normalize(xc - per_feature(mean0), None, var0), state)
+    if mask is None and not hooks.synced and n == 1:
+        _refuse_one_value(x, training)
 
-    acc = accumulation_dtype(xp, dtype, device(xc))
-    moments = _moments(
-        xc, mask, reduce_axes=reduce_axes, fast_variance=fast_variance, all_sum=all_sum, all_gather=all_gather,
-        fallback=cast(running_mean), stop_gradient=stop_gradient or _identity, acc=acc,
-        recompute_shifted=recompute_shifted,
-    )  # fmt: skip
+    acc = accumulation_dtype(xp, dtype, where)
+    moments = _moments(xc, mask, reduce_axes, config.fast_variance, hooks, mean0, acc)
     count, offset, var = moments.count, moments.offset, moments.var
     # Synced without a mask, this replica's values alone make the global count >= its
     # static count, so it cannot be 0: no run-time fallback.
     may_be_empty = not isinstance(count, int) and (mask is not None or static_count(x.shape, reduce_axes) == 0)
-    stats_dtype = var.dtype
-    new_mean, new_var = running_statistics(
-        cast(running_mean, stats_dtype), cast(running_var, stats_dtype), count, moments.mean(), var,
-        momentum=momentum, unbiased_running_var=unbiased_running_var, may_be_empty=may_be_empty,
-    )  # fmt: skip
+    new_state = dict(state)
+    if training and tracked:
+        new_state.update(running_statistics(state, count, moments.mean(), var, config, may_be_empty=may_be_empty))
     if may_be_empty:  # n == 0 at run time: the shift is the running mean; normalise as inference does
         has_data = count > 0
         offset = xp.where(has_data, offset, xp.zeros_like(offset))
-        var = xp.where(has_data, var, cast(running_var, stats_dtype))
-    return BatchNormResult(
-        normalize(moments.centered, offset, var),
-        cast(new_mean, running_mean.dtype),
-        cast(new_var, running_var.dtype),
-    )
+        var = xp.where(has_data, var, cast(var0, var.dtype))
+    return BatchNormResult(normalize(moments.centered, offset, var), new_state)
+
+
+def _refuse_one_value(x: Array, training: bool) -> None:
+    """The batch's statistics of one value per feature, known from the shape: a
+    variance of 0, which normalises everything to ``bias`` (PyTorch raises too)."""
+    when = "when training" if training else "without running statistics (the batch's normalise)"
+    raise argument_error("x", f"more than 1 value per feature {when}", tuple(x.shape))
+
+
+def _fallback_statistics(xp: Any, state: Mapping[str, Array], config: BatchNormConfig, dtype: Any, where: Any) -> Any:
+    """What normalises where the batch's statistics do not (inference, no data): the
+    running statistics in ``dtype``, or mean 0 and variance 1 without them."""
+    if config.track_running_stats:
+        stats = state["running_mean"], state["running_var"]
+        return tuple(v if v.dtype == dtype else xp.astype(v, dtype) for v in stats)
+    c = config.num_features
+    return xp.zeros((c,), dtype=dtype, device=where), xp.ones((c,), dtype=dtype, device=where)
 
 
 def running_statistics(
-    running_mean: Array,
-    running_var: Array,
+    state: Mapping[str, Array],
     count: Any,
     mean: Array,
     var: Array,
+    config: BatchNormConfig,
     *,
-    momentum: float,
-    unbiased_running_var: bool = True,
     may_be_empty: bool = False,
-) -> tuple[Array, Array]:
-    """The running statistics after a training step on a batch of ``count``
-    values per feature with ``mean`` and biased ``var`` (all in one dtype):
-    ``momentum * old + (1 - momentum) * new``, the variance times ``n / (n - 1)``
-    when unbiased (1 for a run-time count of 1). ``count`` is a Python int when
-    the shape alone fixes it, else an array; ``may_be_empty``: it may be 0 at run
-    time, and then the running statistics are returned unchanged."""
-    xp = array_namespace(mean, running_mean)
+) -> dict[str, Array]:
+    """The state after a training step on a batch of ``count`` values per feature with
+    ``mean`` and biased ``var`` (in one dtype, at least the statistics'): ``m * old +
+    (1 - m) * new``, ``m = momentum`` or, with ``momentum=None``, ``1 - 1/k`` for the
+    ``k``-th call with data (``num_batches_tracked``); the variance times ``n / (n - 1)``
+    when unbiased (1 for a run-time count of 1). ``count`` is a Python int when the shape
+    alone fixes it, else an array; ``may_be_empty``: it may be 0 at run time, and then the
+    state is returned unchanged. New values keep the state's dtypes."""
+    xp = array_namespace(mean)
+    running_mean, running_var = state["running_mean"], state["running_var"]
+    wide = mean.dtype
     dynamic = not isinstance(count, int)
-    if not unbiased_running_var:
+    if not config.unbiased_running_var:
         bessel: Any = 1.0
     elif dynamic:
         many = count > 1
         bessel = xp.where(many, count / xp.where(many, count - 1, xp.ones_like(count)), xp.ones_like(count))
     else:
         bessel = count / (count - 1)
-    new_mean = momentum * running_mean + (1.0 - momentum) * mean
-    new_var = momentum * running_var + (1.0 - momentum) * (var * bessel)
+    updated: dict[str, Array] = {}
+    momentum: Any = config.momentum
+    if momentum is None:  # the cumulative average: the k-th call with data weighs 1/k
+        tracked = state["num_batches_tracked"]
+        calls = tracked + (xp.astype(count > 0, tracked.dtype) if dynamic else int(count > 0))
+        updated["num_batches_tracked"] = calls
+        momentum = 1.0 - 1.0 / xp.astype(xp.where(calls > 0, calls, xp.ones_like(calls)), wide)
+    old_mean, old_var = xp.astype(running_mean, wide), xp.astype(running_var, wide)
+    new_mean = momentum * old_mean + (1.0 - momentum) * mean
+    new_var = momentum * old_var + (1.0 - momentum) * (var * bessel)
     if may_be_empty:
         has_data = count > 0
-        new_mean = xp.where(has_data, new_mean, running_mean)
-        new_var = xp.where(has_data, new_var, running_var)
-    return new_mean, new_var
+        new_mean = xp.where(has_data, new_mean, old_mean)
+        new_var = xp.where(has_data, new_var, old_var)
+    updated["running_mean"] = xp.astype(new_mean, running_mean.dtype)
+    updated["running_var"] = xp.astype(new_var, running_var.dtype)
+    return updated
+
+
+def batch_norm_vjp(
+    x: Array,
+    dy: Array,
+    params: Mapping[str, Array],
+    state: Mapping[str, Array],
+    config: BatchNormConfig,
+    *,
+    training: bool,
+    mask: Array | None = None,
+    hooks: Hooks = Hooks(),
+) -> dict[str, Array]:
+    r"""The analytic backward pass: gradients of ``sum(y * dy)`` with respect to ``x``
+    and (when affine) ``scale`` and ``bias``, at the given parameters and state.
+
+    With ``inv = 1 / sqrt(var + epsilon)``, ``xhat = (x - mean) * inv`` and
+    ``g = dy * scale`` (``dy`` when not affine), summing over the reduced axes::
+
+        dbias  = sum(dy)                 # every position, masked ones included
+        dscale = sum(dy * xhat)
+        dx     = inv * (g - keep / n * (G + xhat * H))   # batch statistics
+        dx     = inv * g                                  # running statistics, or n == 0
+
+    where ``G = sum(g)`` and ``H = sum(g * xhat)`` run over every position of every
+    synced replica (masked positions are normalised too, so they send gradient into
+    the statistics) and ``keep`` is 1 at the unmasked positions whose values entered
+    ``mean`` and ``var``. ``xhat`` comes from the shifted input and the sums are
+    accumulated as the forward's (float64 where the library has it). Under a
+    cross-replica hook ``dx`` is that of the global-batch computation and the
+    parameter gradients are this replica's share (sum them over replicas). The fast
+    variance's clamp at 0 is ignored: its gradient is this one wherever the clamp is
+    inactive.
+    """
+    xp = check_inputs(x, mask, num_features=config.num_features, reduce_axes=config.reduce_axes)
+    check_cotangent(dy, x)
+    check_variables(params, state, config, x)
+    if not isinstance(training, bool):
+        raise argument_error("training", "a bool", training, TypeError)
+    scale = params.get("scale")
+    tracked = config.track_running_stats
+    dtype = call_dtype(xp, x.dtype, params, state)
+    xc, dyc = (v if v.dtype == dtype else xp.astype(v, dtype) for v in (x, dy))
+    axes, feature_axis = config.reduce_axes, config.feature_axis
+    shape = tuple(-1 if a == feature_axis else 1 for a in range(x.ndim))
+    where = device(xc)
+    acc = accumulation_dtype(xp, dtype, where)
+    n_static = static_count(x.shape, axes)
+    batch = training or not tracked
+    if batch and mask is None and not hooks.synced and n_static == 1:
+        _refuse_one_value(x, training)
+    if not training:
+        hooks = Hooks(stop_gradient=hooks.stop_gradient)
+    mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)
+    weight: Any = 0.0
+    if batch and (n_static > 0 or mask is not None or hooks.synced):
+        moments = _moments(xc, mask, axes, config.fast_variance, hooks, mean0, acc)
+        n, offset, var = moments.count, moments.offset, moments.var
+        xhat = moments.centered
+        if isinstance(n, int):
+            weight = 1.0 / n
+        else:  # n == 0 at run time: the running statistics, as inference
+            has_data = n > 0
+            weight = xp.where(has_data, 1.0 / xp.where(has_data, n, xp.ones_like(n)), xp.zeros_like(n))
+            offset = xp.where(has_data, offset, xp.zeros_like(offset))
+            var = xp.where(has_data, var, xp.astype(var0, var.dtype))
+        xhat -= xp.reshape(xp.astype(offset, dtype), shape)  # x - mean, from the shifted x
+    else:
+        batch = False
+        xhat, var = xc - xp.reshape(mean0, shape), xp.astype(var0, acc)
+    inv = 1.0 / xp.sqrt(xp.astype(var, acc) + config.epsilon)  # per-feature factors in acc
+    s = xp.ones((), dtype=acc, device=where) if scale is None else xp.astype(scale, acc)
+    xhat *= xp.reshape(xp.astype(inv, dtype), shape)
+    dbias = xp.sum(dyc, axis=axes, dtype=acc)
+    dscale = xp.sum(dyc * xhat, axis=axes, dtype=acc)
+    dx = dyc * xp.reshape(xp.astype(s * inv, dtype), shape)
+    if batch:
+        # G = sum(g) and H = sum(g * xhat) with g = dy * scale: scale is per feature, so
+        # they are scale * dbias and scale * dscale (no further pass over the input).
+        local = (s * dbias, s * dscale)
+        if hooks.all_sum is not None:
+            G, H = hooks.all_sum(local)
+        elif hooks.all_gather is not None:  # every replica adds the same rows in the same order
+            G, H = (xp.sum(rows, axis=0) for rows in hooks.all_gather(local))
+        else:
+            G, H = local
+        # dx = inv * g - inv * weight * keep * (G + xhat * H), the per-feature factors folded
+        # and applied in place: at most two input-sized arrays alive.
+        correction = xhat  # xhat is not needed any more
+        correction *= xp.reshape(xp.astype(inv * weight * H, dtype), shape)
+        correction += xp.reshape(xp.astype(inv * weight * G, dtype), shape)
+        if mask is not None:
+            correction = xp.where(xp.expand_dims(mask, axis=feature_axis), correction, xp.zeros_like(correction))
+        dx -= correction
+    grads: dict[str, Array] = {"x": dx if dx.dtype == x.dtype else xp.astype(dx, x.dtype)}
+    if scale is not None:
+        grads["scale"], grads["bias"] = xp.astype(dscale, scale.dtype), xp.astype(dbias, scale.dtype)
+    return grads

@@ -2,21 +2,29 @@
 
 Every backend's constructor builds a :class:`BatchNormConfig` first, so a bad
 argument raises the same ``ValueError``/``TypeError`` with the same message on
-NumPy, JAX and PyTorch, before any parameter or statistic exists.
+NumPy, JAX and PyTorch, before any parameter or statistic exists. The core
+(:func:`bn1d.algorithm.batch_norm`) takes the config itself: an option that only
+the algorithm reads is a field here, its use there, and its conformance cases
+(``docs/contributing.md`` lists the files an option touches).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BatchNormConfig", "argument_error", "MODES"]
+__all__ = ["BatchNormConfig", "MODES", "OPTIONS", "argument_error", "check_partition"]
 
 #: Accepted values of ``mode``. ``None`` means training, as in BrainPy >= 2.8.
 MODES = (None, "training", "inference")
+
+#: The keyword-only options every backend accepts after BrainPy's arguments, with
+#: their defaults (the behaviour is ``bn1d.algorithm``'s; ``docs/contributing.md`` lists
+#: the files an option touches).
+OPTIONS = {"fast_variance": False, "unbiased_running_var": True, "track_running_stats": True}
 
 
 def argument_error(name: str, expected: str, given: Any, kind: type[Exception] = ValueError) -> Exception:
@@ -65,7 +73,7 @@ def normalize_axis_index_groups(groups: Any, axis_name: Any) -> tuple[tuple[int,
     """Groups as a tuple of equal-size tuples that partition ``range(total)``.
 
     Whether ``total`` equals the size of the named axis can only be checked
-    where the axis is bound (the backends do it at call time).
+    where the axis is bound (:func:`check_partition`, at call time).
     """
     if groups is None:
         return None
@@ -85,28 +93,39 @@ def normalize_axis_index_groups(groups: Any, axis_name: Any) -> tuple[tuple[int,
     return tuple(result)
 
 
+def check_partition(groups: Sequence[Sequence[int]] | None, size: int, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``groups`` (already normalised) partition
+    ``range(size)``, the replicas actually present (``where``: e.g. the axis name)."""
+    if groups is not None and sorted(i for g in groups for i in g) != list(range(size)):
+        raise argument_error("axis_index_groups", f"a partition of range({size}){where}", groups)
+
+
 @dataclass(frozen=True)
 class BatchNormConfig:
     """The validated, normalised constructor arguments shared by every backend.
 
-    ``reduce_axes`` is ``axis`` resolved against the input rank
-    ``len(axis) + 1``; ``feature_axis`` is the one axis not reduced.
-    ``fast_variance`` selects BrainPy's one-pass variance formula and
-    ``unbiased_running_var=False`` the biased running-variance update of
-    BrainPy <= 2.7, Flax and Keras (see ``bn1d.algorithm``).
+    ``reduce_axes`` is ``axis`` resolved against the input rank ``len(axis) + 1``;
+    ``feature_axis`` is the one axis not reduced. ``momentum`` is the weight of the
+    old statistic, or ``None``: PyTorch's cumulative moving average (the running
+    statistics are the mean of every training call's statistics so far, counted in
+    ``num_batches_tracked``). ``fast_variance`` selects BrainPy's one-pass formula,
+    ``unbiased_running_var=False`` the biased running variance of BrainPy <= 2.7,
+    Flax and Keras, ``track_running_stats=False`` no running statistics at all
+    (batch statistics in inference too; PyTorch's option). See ``bn1d.algorithm``.
     """
 
     num_features: int
     reduce_axes: tuple[int, ...]
     epsilon: float
-    momentum: float
+    momentum: float | None
     affine: bool
     axis_name: str | tuple[Hashable, ...] | None
     axis_index_groups: tuple[tuple[int, ...], ...] | None
     training: bool
     name: str | None
-    fast_variance: bool
-    unbiased_running_var: bool
+    fast_variance: bool = False
+    unbiased_running_var: bool = True
+    track_running_stats: bool = True
 
     @property
     def ndim(self) -> int:
@@ -120,6 +139,24 @@ class BatchNormConfig:
     def synced(self) -> bool:
         return self.axis_name is not None
 
+    @property
+    def param_keys(self) -> tuple[str, ...]:
+        """The learnable parameters' names (none when not affine)."""
+        return ("scale", "bias") if self.affine else ()
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        """The running statistics' names: none without ``track_running_stats``, and
+        ``num_batches_tracked`` (an integer count) with ``momentum=None``."""
+        if not self.track_running_stats:
+            return ()
+        return ("running_mean", "running_var") + (("num_batches_tracked",) if self.momentum is None else ())
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every entry of the state dictionary, in order."""
+        return self.param_keys + self.state_keys
+
     @classmethod
     def from_arguments(
         cls,
@@ -132,10 +169,13 @@ class BatchNormConfig:
         axis_index_groups: Any = None,
         mode: Any = None,
         name: Any = None,
-        *,
-        fast_variance: Any = False,
-        unbiased_running_var: Any = True,
+        **options: Any,
     ) -> BatchNormConfig:
+        """Validate BrainPy's arguments and the keyword-only :data:`OPTIONS`."""
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise argument_error(unknown[0], f"one of the options {sorted(OPTIONS)}", options[unknown[0]], TypeError)
+        options = {**OPTIONS, **options}
         if not _is_int(num_features):
             raise argument_error("num_features", "a positive int", num_features, TypeError)
         if num_features <= 0:
@@ -145,15 +185,11 @@ class BatchNormConfig:
             raise argument_error("epsilon", "a finite float > 0", epsilon, TypeError)
         if not (math.isfinite(epsilon) and epsilon > 0):
             raise argument_error("epsilon", "a finite float > 0", epsilon)
-        if not _is_real(momentum):
-            raise argument_error("momentum", "a finite float in [0, 1]", momentum, TypeError)
-        if not (math.isfinite(momentum) and 0 <= momentum <= 1):
-            raise argument_error("momentum", "a finite float in [0, 1]", momentum)
-        for flag_name, flag in (
-            ("affine", affine),
-            ("fast_variance", fast_variance),
-            ("unbiased_running_var", unbiased_running_var),
-        ):
+        if momentum is not None and not _is_real(momentum):
+            raise argument_error("momentum", "a finite float in [0, 1] or None", momentum, TypeError)
+        if momentum is not None and not (math.isfinite(momentum) and 0 <= momentum <= 1):
+            raise argument_error("momentum", "a finite float in [0, 1] or None", momentum)
+        for flag_name, flag in (("affine", affine), *options.items()):
             if not isinstance(flag, bool):
                 raise argument_error(flag_name, "a bool", flag, TypeError)
         axis_name = normalize_axis_name(axis_name)
@@ -166,12 +202,11 @@ class BatchNormConfig:
             num_features=int(num_features),
             reduce_axes=reduce_axes,
             epsilon=float(epsilon),
-            momentum=float(momentum),
+            momentum=None if momentum is None else float(momentum),
             affine=affine,
             axis_name=axis_name,
             axis_index_groups=groups,
             training=mode != "inference",
             name=name,
-            fast_variance=fast_variance,
-            unbiased_running_var=unbiased_running_var,
+            **options,
         )

@@ -6,12 +6,13 @@ The conformance suite drives every backend through this protocol only:
   ``BatchNorm1d(num_features, axis=(0, 1), epsilon=1e-5, momentum=0.99, affine=True,
   bias_initializer=Zeros(), scale_initializer=Ones(1.0), axis_name=None,
   axis_index_groups=None, mode=None, name=None)``, backend extras keyword-only
-  after them (``dtype``, ``fast_variance``, ``unbiased_running_var``...);
+  after them (``dtype`` and the options of ``bn1d.config.OPTIONS``);
 * ``layer(x, mask=None, training=None) -> y``: ``training=None`` uses the layer's
   mode (``mode`` at construction, then ``train()``/``eval()``); in training the
   call also updates the layer's running statistics;
-* ``state_dict()`` -> ``{"scale", "bias", "running_mean", "running_var"}``
-  (``scale``/``bias`` only when affine), values convertible to NumPy;
+* ``state_dict()`` -> the entries of ``config.keys``: ``scale``/``bias`` when
+  affine, ``running_mean``/``running_var`` unless ``track_running_stats=False``, and
+  ``num_batches_tracked`` with ``momentum=None``; values convertible to NumPy;
 * ``load_state_dict(state)``: strict and atomic (``bn1d.state.check_state``);
 * ``train(mode=True)`` / ``eval()`` and a ``training`` attribute.
 

@@ -1,7 +1,9 @@
 """The state dictionary shared by every backend, and converters to and from peers.
 
-A state is a flat mapping ``{"scale", "bias", "running_mean", "running_var"}``
-(``scale``/``bias`` only when affine) of arrays of shape ``(num_features,)``.
+A state is a flat mapping with the keys of ``BatchNormConfig.keys``: ``scale``
+and ``bias`` when affine, ``running_mean`` and ``running_var`` when running
+statistics are tracked (arrays of shape ``(num_features,)``), and the integer
+``num_batches_tracked`` for the cumulative average (``momentum=None``).
 :func:`check_state` validates a whole mapping into NumPy arrays before a backend
 assigns anything, which is what makes every ``load_state_dict`` strict and
 atomic.
@@ -18,17 +20,16 @@ The converters work on plain mappings of arrays and import no framework:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from .config import argument_error
+from .config import BatchNormConfig, argument_error
 from .initializers import _to_host
 
 __all__ = [
-    "STATE_KEYS",
-    "state_keys",
     "check_state",
     "to_torch_state_dict",
     "from_torch_state_dict",
@@ -39,24 +40,30 @@ __all__ = [
     "to_brainpy",
 ]
 
-STATE_KEYS = ("scale", "bias", "running_mean", "running_var")
+
+def _real(value: np.ndarray) -> bool:
+    """A real array, bfloat16 (ml_dtypes' NumPy extension, kind ``V``) included."""
+    return value.dtype.kind in "fiu" or value.dtype.name == "bfloat16"
 
 
-def state_keys(affine: bool) -> tuple[str, ...]:
-    return STATE_KEYS if affine else STATE_KEYS[2:]
-
-
-def check_state(state: Any, *, num_features: int, affine: bool, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """Validate a whole state mapping; return it as NumPy arrays of ``dtype``.
+def check_state(
+    state: Any, config: BatchNormConfig, dtype: Any = np.float32, count_dtype: Any = np.int64
+) -> dict[str, np.ndarray]:
+    """Validate a whole state mapping against ``config.keys``; return it as NumPy
+    arrays of ``dtype`` (``num_batches_tracked``: a scalar of ``count_dtype``, the
+    layer's integer dtype).
 
     Raises ``TypeError`` for a non-mapping or non-numeric entry and ``ValueError``
-    for a missing, unexpected or wrongly shaped entry, a non-finite value or a
-    negative ``running_var``. Nothing is returned (so nothing can be assigned)
-    unless every entry is valid.
+    for a missing, unexpected or wrongly shaped entry, a finite value that ``dtype``
+    cannot hold (it would become inf), a negative ``running_var`` or a count that is
+    not a non-negative integer that ``count_dtype`` holds. Non-finite values load, with a ``RuntimeWarning`` naming the
+    entry: a checkpoint of a diverged run must load for inspection, and a layer's
+    own ``state_dict()`` always loads back into it, bit for bit. Nothing is returned
+    (so nothing can be assigned) unless every entry is valid.
     """
     if not isinstance(state, Mapping):
         raise argument_error("state_dict", "a mapping", type(state).__name__, TypeError)
-    expected = state_keys(affine)
+    expected = config.keys
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -65,18 +72,30 @@ def check_state(state: Any, *, num_features: int, affine: bool, dtype: Any = np.
         )
     result = {}
     for key in expected:
+        name = f"state_dict[{key!r}]"
         try:
             value = _to_host(state[key])
         except Exception as error:
-            raise argument_error(f"state_dict[{key!r}]", "an array", type(state[key]).__name__, TypeError) from error
-        if value.dtype.kind not in "fiu":
-            raise argument_error(f"state_dict[{key!r}]", "a real array", value.dtype, TypeError)
-        if value.shape != (num_features,):
-            raise argument_error(f"state_dict[{key!r}]", f"shape ({num_features},)", value.shape)
+            raise argument_error(name, "an array", type(state[key]).__name__, TypeError) from error
+        if not _real(value):
+            raise argument_error(name, "a real array (float, int or bfloat16)", value.dtype, TypeError)
+        if key == "num_batches_tracked":
+            top = np.iinfo(count_dtype).max
+            if value.shape != () or not np.isfinite(value) or not 0 <= value <= top or value != np.floor(value):
+                raise argument_error(name, f"a non-negative integer count up to {top} (a scalar)", value)
+            result[key] = np.asarray(int(value), count_dtype)
+            continue
+        value = value.astype(np.float64) if value.dtype.name == "bfloat16" else value
+        if value.shape != (config.num_features,):
+            raise argument_error(name, f"shape ({config.num_features},)", value.shape)
+        with np.errstate(over="ignore"):  # an overflow is reported below, as an argument error
+            converted = value.astype(dtype)
+        if np.any(np.isfinite(value) & ~np.isfinite(converted)):
+            raise argument_error(name, f"finite values that {np.dtype(dtype).name} can hold", value)
         if not np.all(np.isfinite(value)):
-            raise argument_error(f"state_dict[{key!r}]", "finite values", value)
-        result[key] = value.astype(dtype)
-    if np.any(result["running_var"] < 0):
+            warnings.warn(f"{name} holds non-finite values (a diverged run?): {value}", RuntimeWarning, stacklevel=3)
+        result[key] = converted
+    if "running_var" in result and np.any(result["running_var"] < 0):
         raise argument_error("state_dict['running_var']", "non-negative values", result["running_var"])
     return result
 
@@ -90,28 +109,28 @@ def torch_momentum(momentum: float) -> float:
     return round(1.0 - momentum, 15)
 
 
+#: Our state's keys and PyTorch's ``nn.BatchNorm*d`` keys for them.
+TORCH_KEYS = {"scale": "weight", "bias": "bias", "running_mean": "running_mean", "running_var": "running_var",
+              "num_batches_tracked": "num_batches_tracked"}  # fmt: skip
+
+
 def to_torch_state_dict(state: Mapping[str, Any], num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
-    """Our state as ``torch.nn.BatchNorm1d.state_dict()`` entries (NumPy arrays)."""
-    result = {}
-    if "scale" in state:
-        result["weight"] = _to_host(state["scale"])
-        result["bias"] = _to_host(state["bias"])
-    result["running_mean"] = _to_host(state["running_mean"])
-    result["running_var"] = _to_host(state["running_var"])
-    result["num_batches_tracked"] = np.asarray(num_batches_tracked, dtype=np.int64)
+    """Our state as ``torch.nn.BatchNorm*d.state_dict()`` entries (NumPy arrays): PyTorch
+    keeps ``num_batches_tracked`` whenever it tracks running statistics."""
+    result = {TORCH_KEYS[key]: _to_host(value) for key, value in state.items()}
+    if "running_mean" in state and "num_batches_tracked" not in state:
+        result["num_batches_tracked"] = np.asarray(num_batches_tracked, dtype=np.int64)
     return result
 
 
-def from_torch_state_dict(torch_state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """``torch.nn.BatchNorm1d.state_dict()`` as our state (``num_batches_tracked`` is dropped)."""
-    if "running_mean" not in torch_state or "running_var" not in torch_state:
-        raise argument_error("torch_state", "running statistics (track_running_stats=True)", sorted(torch_state))
-    state = {}
-    if "weight" in torch_state:
-        state["scale"] = _to_host(torch_state["weight"])
-        state["bias"] = _to_host(torch_state["bias"])
-    state["running_mean"] = _to_host(torch_state["running_mean"])
-    state["running_var"] = _to_host(torch_state["running_var"])
+def from_torch_state_dict(torch_state: Mapping[str, Any], cumulative: bool = False) -> dict[str, np.ndarray]:
+    """``torch.nn.BatchNorm*d.state_dict()`` as our state: ``num_batches_tracked`` is
+    part of it only for the cumulative average (``cumulative``, PyTorch's
+    ``momentum=None``), the one configuration that reads it."""
+    ours = {torch: key for key, torch in TORCH_KEYS.items()}
+    state = {ours[key]: _to_host(value) for key, value in torch_state.items() if key in ours}
+    if not cumulative:
+        state.pop("num_batches_tracked", None)
     return state
 
 
@@ -158,10 +177,9 @@ def from_brainpy(layer: Any) -> dict[str, np.ndarray]:
 
 def to_brainpy(state: Mapping[str, Any], layer: Any) -> None:
     """Write our state into a ``brainpy.dnn.BatchNorm1d``'s variables (``.value``)."""
-    checked = check_state(
-        state,
-        num_features=int(np.shape(_value(layer.running_mean))[0]),
-        affine=bool(getattr(layer, "affine", False)),
+    config = BatchNormConfig.from_arguments(
+        int(np.shape(_value(layer.running_mean))[0]), affine=bool(getattr(layer, "affine", False))
     )
+    checked = check_state(state, config)
     for key, value in checked.items():
         getattr(layer, key).value = value

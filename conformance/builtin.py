@@ -7,6 +7,7 @@ shows up as :class:`~bn1d.conformance.registry.BackendUnavailable`.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import subprocess
@@ -17,25 +18,31 @@ from typing import Any
 
 import numpy as np
 
+from bn1d.layer import Layer
+from bn1d.replicas import run_replicas
+
 from .registry import ReplicaJob, ReplicaResult
 
-__all__ = ["numpy_backend", "jax_backend", "torch_backend"]
+__all__ = ["ArrayApiBackend", "array_api_strict_backend", "numpy_backend", "jax_backend", "torch_backend"]
 
 
-class NumpyBackend:
-    name = "numpy"
-    dtypes = ("float16", "float32", "float64")
+class ArrayApiBackend:
+    """Any Array API library through :class:`bn1d.Layer`, with no adapter code: the
+    layer is ``Layer(..., xp=xp)`` (or a backend's subclass), gradients are the core's
+    analytic ``vjp``, synced cases run on threads (:func:`bn1d.replicas.run_replicas`)
+    through the core's ``hook`` (``"all_sum"`` or ``"all_gather"``).
+    ``docs/new-library.md`` shows a library joining the suite this way."""
 
-    def __init__(self) -> None:
-        from bn1d.backends import numpy as numpy_backend_module
-
-        self.module = numpy_backend_module
+    def __init__(self, name: str, xp: Any, dtypes: Sequence[str], layer: Any = None, hook: str = "all_sum"):
+        self.name, self.xp, self.dtypes, self.hook = name, xp, tuple(dtypes), hook
+        self.layer = layer if layer is not None else functools.partial(Layer, xp=xp)
 
     def make_layer(self, param_dtype: str = "float32", **kwargs: Any) -> Any:
-        return self.module.BatchNorm1d(**kwargs, dtype=np.dtype(param_dtype))
+        return self.layer(**kwargs, dtype=getattr(self.xp, param_dtype))
 
-    def asarray(self, array: np.ndarray, dtype: str | None = None) -> np.ndarray:
-        return np.asarray(array, dtype=dtype)
+    def asarray(self, array: np.ndarray, dtype: str | None = None) -> Any:
+        array = np.asarray(array, dtype=dtype)
+        return self.xp.asarray(array, dtype=getattr(self.xp, array.dtype.name))
 
     def to_numpy(self, array: Any) -> np.ndarray:
         array = np.asarray(array)
@@ -49,9 +56,16 @@ class NumpyBackend:
 
     def _run_job(self, job: ReplicaJob) -> ReplicaResult:
         layers = [self.make_layer(**job.layer) for _ in job.xs]
+        xs = [self.asarray(x) for x in job.xs]
+        dys = [self.asarray(dy, str(np.asarray(x).dtype)) for x, dy in zip(job.xs, job.dys)]
+        masks = [None if m is None else self.asarray(m) for m in job.masks]
         count = len(layers)
-        grads = self.module.run_replicas(lambda r: layers[r].vjp(job.xs[r], job.dys[r], mask=job.masks[r]), count)
-        ys = self.module.run_replicas(lambda r: layers[r](job.xs[r], mask=job.masks[r]), count)
+
+        def call(fn: Any) -> list[Any]:
+            return run_replicas(fn, count, hook=self.hook)
+
+        grads = call(lambda r: layers[r].vjp(xs[r], dys[r], mask=masks[r]))
+        ys = call(lambda r: layers[r](xs[r], mask=masks[r]))
         return ReplicaResult(
             ys=[self.to_numpy(y) for y in ys],
             states=[{k: self.to_numpy(v) for k, v in layer.state_dict().items()} for layer in layers],
@@ -59,8 +73,32 @@ class NumpyBackend:
         )
 
 
+class NumpyBackend(ArrayApiBackend):
+    """The specification, ``bn1d.backends.numpy``: the generic adapter on NumPy."""
+
+    name = "numpy"
+
+    def __init__(self) -> None:
+        import array_api_compat.numpy
+
+        from bn1d.backends import numpy as numpy_backend_module
+
+        self.module = numpy_backend_module
+        dtypes = ("float16", "float32", "float64")
+        super().__init__(type(self).name, array_api_compat.numpy, dtypes, numpy_backend_module.BatchNorm1d)
+
+
 def numpy_backend() -> NumpyBackend:
     return NumpyBackend()
+
+
+def array_api_strict_backend() -> ArrayApiBackend:
+    """``bn1d.Layer`` on ``array_api_strict`` (float32 and float64: the standard has no
+    half types), synced through the ``all_gather`` hook: the hook PyTorch's exchange
+    uses, checked against the specification (which sums)."""
+    import array_api_strict
+
+    return ArrayApiBackend("array_api_strict", array_api_strict, ("float32", "float64"), hook="all_gather")
 
 
 class JaxBackend:

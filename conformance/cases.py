@@ -65,7 +65,8 @@ class ErrorCase:
     """A bad argument or input: the same exception type on every backend.
 
     ``where`` is "constructor" (``layer`` holds the bad arguments), "call" (the
-    ``input`` recipe) or "load" (the ``state`` recipe).
+    ``input`` recipe) or "load" (the ``state`` recipe); for the last two ``layer``
+    holds valid extra arguments of the layer that is called or loaded.
     """
 
     name: str
@@ -172,6 +173,12 @@ CASES: tuple[Case, ...] = (
     Case("initializers", (4, 5, 3), {"scale_initializer": np.array([0.5, 2.0, -1.0]), "bias_initializer": 0.25}),
     Case("fast_variance", (4, 5, 3), {"fast_variance": True}, (Step(), Step(training=False))),
     Case("biased_running_var", (4, 5, 3), {"unbiased_running_var": False}, (Step(), Step(training=False))),
+    Case("cumulative_average", (4, 5, 3), {"momentum": None},
+         (Step(), Step(loc=-1.0, scale=0.5), Step(keep=0.0), Step(loc=2.0), Step(training=False))),
+    Case("no_running_stats", (4, 5, 3), {"track_running_stats": False},
+         (Step(), Step(loc=-1.0, training=False), Step(keep=0.6, training=False), Step(keep=0.0))),
+    Case("no_running_stats_affine_false", (4, 3, 5), {"track_running_stats": False, "affine": False, "axis": (0, 2)},
+         (Step(), Step(training=False))),
     Case("mask", (4, 5, 3), {}, (Step(keep=0.6), Step(keep=0.6, training=False))),
     Case("mask_channel_first", (4, 3, 5), {"axis": (0, 2)}, (Step(keep=0.5),)),
     Case("mask_single_value", (4, 5, 3), {}, (Step(keep=0.05),)),
@@ -206,7 +213,10 @@ ERROR_CASES: tuple[ErrorCase, ...] = (
     ErrorCase("momentum_above_one", "constructor", ValueError, "momentum", layer={"momentum": 1.5}),
     ErrorCase("momentum_negative", "constructor", ValueError, "momentum", layer={"momentum": -0.1}),
     ErrorCase("affine_not_bool", "constructor", TypeError, "affine", layer={"affine": 1}),
+    ErrorCase("momentum_string", "constructor", TypeError, "momentum", layer={"momentum": "0.9"}),
     ErrorCase("mode_unknown", "constructor", ValueError, "mode", layer={"mode": "train"}),
+    ErrorCase("option_unknown", "constructor", TypeError, "use_fast_variance", layer={"use_fast_variance": True}),
+    ErrorCase("option_not_bool", "constructor", TypeError, "track_running_stats", layer={"track_running_stats": 1}),
     ErrorCase("scale_initializer_shape", "constructor", ValueError, "scale_initializer",
               layer={"scale_initializer": np.ones(4)}),
     ErrorCase("bias_initializer_type", "constructor", TypeError, "bias_initializer",
@@ -225,6 +235,12 @@ ERROR_CASES: tuple[ErrorCase, ...] = (
     ErrorCase("state_unexpected_key", "load", ValueError, "state_dict", state={"add": "extra"}),
     ErrorCase("state_wrong_shape", "load", ValueError, "state_dict['scale']", state={"resize": "scale"}),
     ErrorCase("state_negative_var", "load", ValueError, "state_dict['running_var']", state={"negate": "running_var"}),
+    ErrorCase("state_overflows_float32", "load", ValueError, "state_dict['running_mean']",
+              state={"overflow": "running_mean"}),
+    ErrorCase("state_count_negative", "load", ValueError, "state_dict['num_batches_tracked']",
+              layer={"momentum": None}, state={"set": ("num_batches_tracked", -1)}),
+    ErrorCase("state_count_fractional", "load", ValueError, "state_dict['num_batches_tracked']",
+              layer={"momentum": None}, state={"set": ("num_batches_tracked", 2.5)}),
 )  # fmt: skip
 
 SYNC_CASES: tuple[SyncCase, ...] = (
@@ -234,6 +250,8 @@ SYNC_CASES: tuple[SyncCase, ...] = (
     SyncCase("sync_groups", (2, 5, 3), (0.9, 0.3, 0.6, 1.0), {"axis_index_groups": [[0, 1], [2, 3]]}),
     SyncCase("sync_groups_interleaved", (2, 5, 3), (None, 0.5, None, 0.5), {"axis_index_groups": [[0, 2], [1, 3]]}),
     SyncCase("sync_fast_variance", (2, 5, 3), (0.9, 0.3, 0.6, 1.0), {"fast_variance": True}),
+    SyncCase("sync_cumulative_average", (2, 5, 3), (0.9, 0.0, 0.6, 1.0), {"momentum": None}),
+    SyncCase("sync_no_running_stats", (2, 5, 3), (None, 0.5, None, 0.5), {"track_running_stats": False}),
     SyncCase("sync_ill_conditioned_float64", (2, 5, 3), (None, 0.5, None, 0.5), {"momentum": 0.0}, "float64",
              loc=1e4, scale=1e-2),
     SyncCase("sync_accuracy", (16, 4096, 4), (1.0, 0.5, 0.75, 0.25), {"momentum": 0.0}, loc=1e4, scale=1.0),

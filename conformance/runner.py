@@ -48,14 +48,9 @@ def _spec_layer(constructor: dict[str, Any]) -> Any:
     return BatchNorm1d(**constructor, dtype=np.float64)
 
 
-def _bounds(constructor: dict[str, Any], dtype: str, param_dtype: str, feature_axis: int) -> tuple[Bounds, Any]:
+def _bounds(constructor: dict[str, Any], dtype: str, param_dtype: str) -> tuple[Bounds, Any]:
     spec = _spec_layer(constructor)
-    config = spec.config
-    bounds = Bounds(
-        dtype=dtype, stats_dtype=param_dtype, feature_axis=feature_axis, state=spec.state_dict(),
-        epsilon=config.epsilon, momentum=config.momentum, unbiased=config.unbiased_running_var,
-        fast_variance=config.fast_variance,
-    )  # fmt: skip
+    bounds = Bounds(dtype=dtype, stats_dtype=param_dtype, state=spec.state_dict(), config=spec.config)
     return bounds, spec
 
 
@@ -78,7 +73,7 @@ def run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndarr
 def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndarray]) -> Check:
     scored: list[tuple[tuple[float, float, float], str]] = []
     try:
-        bounds, spec = _bounds(case.constructor(), case.dtype, case.param_dtype, case.feature_axis)
+        bounds, spec = _bounds(case.constructor(), case.dtype, case.param_dtype)
         layer = backend.make_layer(param_dtype=case.param_dtype, **case.constructor())
         x = mask = None
         for i, step in enumerate(case.steps):
@@ -91,7 +86,11 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
             training = spec.training if step.training is None else step.training
             bound = bounds.step(x64, raw_mask, training, want_y)
             scored.append((worst(backend.to_numpy(y), want_y, bound["y"]), f"y{i}"))
-            for key, value in layer.state_dict().items():
+            got_state = layer.state_dict()
+            if set(got_state) != set(spec.config.keys):  # a missing or extra entry is never scored
+                detail = f"state{i} keys: expected {list(spec.config.keys)}, got {list(got_state)}"
+                return Check(case.name, backend.name, float("inf"), 1.0, False, detail)
+            for key, value in got_state.items():
                 want = golden[f"{case.name}/state{i}/{key}"]
                 scored.append((worst(backend.to_numpy(value), want, bound[key]), f"state{i}/{key}"))
         if case.gradients:
@@ -134,6 +133,11 @@ def _bad_state(case: ErrorCase, state: dict[str, np.ndarray]) -> dict[str, np.nd
         state[recipe["resize"]] = np.ones(4)
     if "negate" in recipe:
         state[recipe["negate"]] = -np.ones(3)
+    if "overflow" in recipe:  # finite, but beyond float32: it would load as inf
+        state[recipe["overflow"]] = np.full(3, 1e39)
+    if "set" in recipe:
+        key, value = recipe["set"]
+        state[key] = np.asarray(value)
     return state
 
 
@@ -163,7 +167,7 @@ def run_error_case(backend: ConformanceBackend, case: ErrorCase) -> Check:
 def _run_error_case(backend: ConformanceBackend, case: ErrorCase, check: Callable[..., Check]) -> Check:
     if case.where == "constructor":
         return check(lambda: backend.make_layer(**{"num_features": 3, **case.layer}))
-    layer = backend.make_layer(num_features=3)
+    layer = backend.make_layer(num_features=3, **case.layer)  # here case.layer holds valid extra arguments
     layer(backend.asarray(np.random.default_rng(1).normal(size=(4, 5, 3)), "float32"))  # a state worth protecting
     if case.where == "call":
         x, mask = _bad_input(case, backend)
@@ -211,7 +215,11 @@ def run_sync_cases(
                     [np.ones(x.shape[:-1], bool) if m is None else m for x, m in zip(xs, masks)]
                 )
             param_dtype = case.dtype if case.dtype == "float64" else "float32"
-            bounds, _ = _bounds(case.constructor(), case.dtype, param_dtype, len(case.shape) - 1)
+            bounds, spec = _bounds(case.constructor(), case.dtype, param_dtype)
+            if set(result.states[r]) != set(spec.config.keys):
+                detail = f"state[{r}] keys: expected {list(spec.config.keys)}, got {list(result.states[r])}"
+                scored.append(((float("inf"), float("inf"), 0.0), detail))
+                continue
             bound = bounds.step(np.concatenate(xs), group_mask, True, golden[f"{prefix}/y"])
             grad_bound = bounds.gradients(golden[f"{prefix}/x"], golden.get(f"{prefix}/mask"), golden[f"{prefix}/dy"],
                                           golden[f"{prefix}/grad/x"])  # fmt: skip

@@ -11,11 +11,14 @@ bound that the rule implies for it, carried through the case's steps:
   sees no data), the running statistics' bounds propagated through
   ``(x - mean) * scale / sqrt(var + eps)`` plus ``RULE * |scale|`` for the
   arithmetic; float16/bfloat16 outputs add one ulp of the output dtype;
-* ``running_mean`` after a training call with momentum ``m``:
+* ``running_mean`` after a training call with momentum ``m`` (``1 - 1/k`` for the
+  ``k``-th call with data of the cumulative average, ``momentum=None``):
   ``m * (its bound before) + (1 - m) * RULE * sigma + ulp``; ``running_var``:
   ``m * (before) + (1 - m) * RULE * var * n / (n - 1) + ulp`` (ulp: of the
   statistic's dtype, the storage rounding the rule excludes); ``scale``/``bias``
-  one ulp (a forward call never changes them);
+  one ulp (a forward call never changes them); ``num_batches_tracked`` exactly;
+  without running statistics (``track_running_stats=False``) every call is scored
+  as a training call;
 * gradients, in the rule's gradient metrics: ``dx`` within ``RULE * |scale| *
   max|dy| / sqrt(var + eps)`` per feature (plus the running variance's bound in
   inference), ``dscale`` and ``dbias`` within ``RULE`` times ``sum|dy * xhat|`` and
@@ -60,28 +63,22 @@ class Bounds:
     it; :meth:`gradients` those of the gradients at the last call's inputs.
     """
 
-    def __init__(
-        self,
-        *,
-        dtype: str,
-        stats_dtype: str,
-        feature_axis: int,
-        state: dict[str, np.ndarray],
-        epsilon: float = 1e-5,
-        momentum: float = 0.99,
-        unbiased: bool = True,
-        fast_variance: bool = False,
-    ):
-        self.dtype, self.stats_dtype, self.feature_axis = dtype, stats_dtype, feature_axis
+    def __init__(self, *, dtype: str, stats_dtype: str, state: dict[str, np.ndarray], config: Any):
+        self.dtype, self.stats_dtype, self.feature_axis = dtype, stats_dtype, config.feature_axis
         self.compute = "float64" if "float64" in (dtype, stats_dtype) else "float32"
-        num_features = len(state["running_mean"])
+        num_features = config.num_features
         self.scale = np.asarray(state.get("scale", np.ones(num_features)), np.float64)
         self.bias = np.asarray(state.get("bias", np.zeros(num_features)), np.float64)
-        self.epsilon, self.momentum, self.unbiased, self.fast = epsilon, momentum, unbiased, fast_variance
-        self.mean = np.asarray(state["running_mean"], np.float64)
-        self.var = np.asarray(state["running_var"], np.float64)
+        self.epsilon, self.momentum, self.unbiased = config.epsilon, config.momentum, config.unbiased_running_var
+        self.fast, self.tracked = config.fast_variance, config.track_running_stats
+        self.calls = 0  # training calls with data: the cumulative average's k
+        # Without running statistics, mean 0 and variance 1 stand in for them, exactly.
+        self.mean = np.asarray(state.get("running_mean", np.zeros(num_features)), np.float64)
+        self.var = np.asarray(state.get("running_var", np.ones(num_features)), np.float64)
         # Bounds on the running statistics' errors so far, their storage roundings included.
-        self.mean_bound, self.var_bound = spacing(self.mean, stats_dtype), spacing(self.var, stats_dtype)
+        exact = np.zeros(num_features)
+        self.mean_bound = spacing(self.mean, stats_dtype) if self.tracked else exact
+        self.var_bound = spacing(self.var, stats_dtype) if self.tracked else exact
         self.last: dict[str, Any] = {}
 
     def _shape(self, ndim: int) -> list[int]:
@@ -101,19 +98,23 @@ class Bounds:
         n = rows.shape[0]
         shape = self._shape(x.ndim)
         scale = np.maximum(np.abs(self.scale), 1e-30)
-        if training and n > 0:
+        if (training or not self.tracked) and n > 0:  # the batch's statistics normalise
             mean = rows.mean(axis=0)
             var = np.square(rows - mean).mean(axis=0)
             sigma = np.sqrt(var)
             ratio = float(np.max(np.where(sigma > 0, np.abs(mean) / np.where(sigma > 0, sigma, 1.0), 0.0)))
             rule = rule_for(self.compute, ratio) * ((1.0 + ratio * ratio) if self.fast else 1.0)
             y_bound = (rule * scale).reshape(shape) + self._rounding(want_y)
-            m = self.momentum
-            bessel = n / (n - 1) if self.unbiased and n > 1 else 1.0
-            self.mean = m * self.mean + (1 - m) * mean
-            self.var = m * self.var + (1 - m) * var * bessel
-            self.mean_bound = m * self.mean_bound + (1 - m) * rule * sigma + spacing(self.mean, self.stats_dtype)
-            self.var_bound = m * self.var_bound + (1 - m) * rule * var * bessel + spacing(self.var, self.stats_dtype)
+            if training and self.tracked:
+                self.calls += 1
+                m = 1.0 - 1.0 / self.calls if self.momentum is None else self.momentum
+                bessel = n / (n - 1) if self.unbiased and n > 1 else 1.0
+                self.mean = m * self.mean + (1 - m) * mean
+                self.var = m * self.var + (1 - m) * var * bessel
+                self.mean_bound = m * self.mean_bound + (1 - m) * rule * sigma + spacing(self.mean, self.stats_dtype)
+                self.var_bound = (
+                    m * self.var_bound + (1 - m) * rule * var * bessel + spacing(self.var, self.stats_dtype)
+                )
             self.last = {"mean": mean, "var": var, "rule": rule, "training": True}
         else:  # the running statistics' bounds, through y
             rule = rule_for(self.compute)
@@ -128,6 +129,7 @@ class Bounds:
             "y": y_bound,
             "running_mean": self.mean_bound,
             "running_var": self.var_bound,
+            "num_batches_tracked": 0.0,  # an integer count: exact
             "scale": spacing(self.scale, self.stats_dtype),
             "bias": spacing(self.bias, self.stats_dtype),
         }

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bn1d.algorithm import batch_moments
-from bn1d.backends.numpy import BatchNorm1d, batch_norm_vjp, run_replicas
+from bn1d.backends.numpy import BatchNorm1d, run_replicas
 from bn1d.conformance.accuracy import RULE, forward_errors, gradient_errors, raw_data, statistics64
 
 N = 2**18
@@ -111,14 +111,3 @@ def test_float64_accumulation_is_what_makes_numpy_exact():
     assert exact.var.dtype == np.float64 and narrow.var.dtype == np.float32
     assert np.max(np.abs(exact.var - var64) / var64) < 1e-7
     assert np.max(np.abs(narrow.var - var64) / var64) > 1e-6
-
-
-def test_vjp_function_is_the_layer_vjp():
-    x = raw_data((8, 64, 3), 1e4, seed=7).astype(np.float32)
-    dy = np.random.default_rng(8).standard_normal(x.shape).astype(np.float32)
-    layer = BatchNorm1d(3)
-    grads = layer.vjp(x, dy)
-    dx, dscale, dbias = batch_norm_vjp(x, dy, layer.scale, layer.running_mean, layer.running_var,
-                                       reduce_axes=(0, 1), epsilon=1e-5, training=True)  # fmt: skip
-    np.testing.assert_array_equal(dx, grads["x"])
-    np.testing.assert_array_equal(dscale.astype(np.float32), grads["scale"])

@@ -1,6 +1,7 @@
 """The conformance suite itself: third-party registration through entry points, a
 deliberately wrong backend makes it fail, a missing backend fails loudly."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -81,8 +82,8 @@ def test_a_wrong_backend_fails_the_table(third_party):
     result = run(["-m", "bn1d.conformance", "--backend", "toy_wrong"], third_party)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL toy_wrong default_blc" in result.stdout
-    # The error cases still pass: the bug is numerical only.
-    assert "x_integer" in result.stdout
+    # The error cases still pass: the bug is numerical only (the row, not just the name).
+    assert re.search(r"^x_integer +raises +ok$", result.stdout, re.MULTILINE), result.stdout
 
 
 def test_a_wrong_backend_fails_the_pytest_runner(third_party):
@@ -126,3 +127,26 @@ def test_catalogue_names_are_unique_and_cover_the_contract():
     assert dtypes == {"float16", "bfloat16", "float32", "float64"}
     assert {e.where for e in ERROR_CASES} == {"constructor", "call", "load"}
     assert any("axis_index_groups" in s.layer for s in SYNC_CASES)
+
+
+def test_a_missing_state_entry_fails_the_case():
+    """The suite compares the state's key set with the specification's, so an entry a
+    backend leaves out is a failure, not an entry that is never scored."""
+    from bn1d.conformance import golden
+    from bn1d.conformance.builtin import NumpyBackend
+    from bn1d.conformance.runner import run_case
+
+    class Forgetful(NumpyBackend):
+        name = "forgetful"
+
+        def make_layer(self, param_dtype="float32", **kwargs):
+            layer = super().make_layer(param_dtype, **kwargs)
+            state_dict = layer.state_dict
+            layer.state_dict = lambda: {k: v for k, v in state_dict().items() if k != "num_batches_tracked"}
+            return layer
+
+    case = next(c for c in CASES if c.name == "cumulative_average")
+    vectors = golden.load_stored()
+    assert run_case(NumpyBackend(), case, vectors).passed
+    check = run_case(Forgetful(), case, vectors)
+    assert check.passed is False and "keys" in check.detail, check

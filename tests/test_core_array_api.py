@@ -13,7 +13,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from bn1d import batch_norm
+from bn1d import BatchNormConfig, Hooks, Layer, batch_norm
 from bn1d.backends.numpy import BatchNorm1d
 
 
@@ -45,42 +45,68 @@ LIBRARIES = {
 INSTALLED = [name for name in LIBRARIES if name == "numpy" or importlib.util.find_spec(name) is not None]
 
 CASES = [
-    # (axis, shape, feature_axis, masked, training, fast)
-    ((0, 1), (4, 5, 3), 2, False, True, False),
-    ((0, 1), (4, 5, 3), 2, True, True, False),
-    ((0, 1), (4, 5, 3), 2, True, True, True),
-    ((0, 2), (4, 3, 5), 1, True, True, False),
-    ((0,), (6, 3), 1, False, True, True),
-    ((0, 1), (4, 5, 3), 2, False, False, False),
+    # (axis, shape, feature_axis, masked, training, options)
+    ((0, 1), (4, 5, 3), 2, False, True, {}),
+    ((0, 1), (4, 5, 3), 2, True, True, {}),
+    ((0, 1), (4, 5, 3), 2, True, True, {"fast_variance": True}),
+    ((0, 2), (4, 3, 5), 1, True, True, {}),
+    ((0,), (6, 3), 1, False, True, {"fast_variance": True}),
+    ((0, 1), (4, 5, 3), 2, False, False, {}),
+    ((0, 1), (4, 5, 3), 2, True, True, {"momentum": None}),
+    ((0, 1), (4, 5, 3), 2, True, False, {"track_running_stats": False}),
+    ((0, 2), (4, 3, 5), 1, False, True, {"unbiased_running_var": False}),
 ]
 
 
+def _spec(c, axis, training, options, rng):
+    """The NumPy backend in float64 with random parameters and running statistics."""
+    scale, bias = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    spec = BatchNorm1d(
+        c, axis=axis, dtype=np.float64, scale_initializer=scale, bias_initializer=bias,
+        mode=None if training else "inference", **options,
+    )  # fmt: skip
+    stats = {"running_mean": rng.normal(size=c), "running_var": rng.uniform(1, 2, c), "num_batches_tracked": 3}
+    spec.load_state_dict({**spec.state_dict(), **{k: v for k, v in stats.items() if k in spec.state}})
+    return spec
+
+
 @pytest.mark.parametrize("library", INSTALLED)
-@pytest.mark.parametrize("axis, shape, feature_axis, masked, training, fast", CASES)
-def test_core_on_library_equals_numpy_backend(library, axis, shape, feature_axis, masked, training, fast):
+@pytest.mark.parametrize("axis, shape, feature_axis, masked, training, options", CASES)
+def test_core_on_library_equals_numpy_backend(library, axis, shape, feature_axis, masked, training, options):
+    """``batch_norm`` on the library's arrays, and ``bn1d.Layer`` over the library
+    (no adapter), give the NumPy backend's results."""
     xp, precision = LIBRARIES[library]()
     rng = np.random.default_rng(0)
     c = shape[feature_axis]
     x = rng.normal(3.0, 2.0, shape)
     mask = rng.random(shape[:feature_axis] + shape[feature_axis + 1 :]) < 0.7 if masked else None
-    scale, bias = rng.uniform(0.5, 2, c), rng.normal(size=c)
-    spec = BatchNorm1d(
-        c, axis=axis, dtype=np.float64, fast_variance=fast, scale_initializer=scale, bias_initializer=bias,
-        mode=None if training else "inference",
-    )  # fmt: skip
-    spec.load_state_dict({**spec.state_dict(), "running_mean": rng.normal(size=c), "running_var": rng.uniform(1, 2, c)})
-    state = spec.state_dict()
+    spec = _spec(c, axis, training, options, rng)
+    before = spec.state_dict()
     y_spec = spec(x, mask=mask)
     with precision:
-        as_xp = lambda a: xp.asarray(a, dtype=xp.float64)  # noqa: E731
-        result = batch_norm(
-            as_xp(x), as_xp(state["running_mean"]), as_xp(state["running_var"]), as_xp(scale), as_xp(bias),
-            reduce_axes=spec.config.reduce_axes, training=training, fast_variance=fast,
-            mask=None if mask is None else xp.asarray(mask),
-        )  # fmt: skip
-        assert result.y.dtype == xp.float64
-        for got, want in zip(result, (y_spec, spec.running_mean, spec.running_var)):
-            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+        as_xp = lambda a: xp.asarray(a, dtype=xp.float64 if a.dtype.kind == "f" else None)  # noqa: E731
+        params = {k: as_xp(v) for k, v in spec.params.items()}
+        state = {k: as_xp(np.asarray(before[k])) for k in spec.state}
+        xm = None if mask is None else xp.asarray(mask)
+        y, new_state = batch_norm(as_xp(x), params, state, spec.config, training=training, mask=xm)
+        assert y.dtype == xp.float64
+        np.testing.assert_allclose(np.asarray(y), y_spec, rtol=1e-12, atol=1e-12)
+        assert sorted(new_state) == sorted(spec.state)
+        for key, value in new_state.items():
+            np.testing.assert_allclose(np.asarray(value), spec.state[key], rtol=1e-12, atol=1e-12)
+        layer = Layer(c, axis=axis, dtype=xp.float64, xp=xp, mode=None if training else "inference", **options)
+        layer.load_state_dict(before)
+        np.testing.assert_allclose(np.asarray(layer(as_xp(x), mask=xm)), y_spec, rtol=1e-12, atol=1e-12)
+        for key, value in layer.state_dict().items():
+            np.testing.assert_allclose(np.asarray(value), spec.state_dict()[key], rtol=1e-12, atol=1e-12)
+
+
+def _two_replicas(xp):
+    """A config and float64 state of 3 features for the hook tests."""
+    config = BatchNormConfig.from_arguments(3, momentum=0.0)
+    state = {"running_mean": xp.zeros(3, dtype=xp.float64), "running_var": xp.ones(3, dtype=xp.float64)}
+    params = {"scale": xp.ones(3, dtype=xp.float64), "bias": xp.zeros(3, dtype=xp.float64)}
+    return config, params, state
 
 
 @pytest.mark.parametrize("library", INSTALLED)
@@ -96,14 +122,12 @@ def test_core_with_sum_hook_on_library(library):
             calls.append(len(arrays))
             return tuple(a * 2 for a in arrays)
 
-        result = batch_norm(
-            xp.asarray(x), xp.zeros(3, dtype=xp.float64), xp.ones(3, dtype=xp.float64),
-            reduce_axes=(0, 1), momentum=0.0, all_sum=doubled,
-        )  # fmt: skip
+        config, params, state = _two_replicas(xp)
+        _, new_state = batch_norm(xp.asarray(x), params, state, config, training=True, hooks=Hooks(all_sum=doubled))
         assert calls == [2, 3]  # two rounds: the shift (sum of samples, replicas with data), then (count, S1, S2)
         n = 2 * 20  # the same batch twice: same mean and variance, twice the count
         np.testing.assert_allclose(
-            np.asarray(result.running_var), x.reshape(-1, 3).var(axis=0) * n / (n - 1), rtol=1e-12
+            np.asarray(new_state["running_var"]), x.reshape(-1, 3).var(axis=0) * n / (n - 1), rtol=1e-12
         )
 
 
@@ -121,13 +145,12 @@ def test_core_with_gather_hook_on_library(library, fast):
             calls.append(len(arrays))
             return tuple(xp.stack([a, a]) for a in arrays)
 
-        result = batch_norm(
-            xp.asarray(x), xp.zeros(3, dtype=xp.float64), xp.ones(3, dtype=xp.float64),
-            reduce_axes=(0, 1), momentum=0.0, fast_variance=fast, all_gather=twice,
-        )  # fmt: skip
+        config, params, state = _two_replicas(xp)
+        config = BatchNormConfig.from_arguments(3, momentum=0.0, fast_variance=fast)
+        y, new_state = batch_norm(xp.asarray(x), params, state, config, training=True, hooks=Hooks(all_gather=twice))
         assert calls == [3 if fast else 4]  # one round: (count, sum, sum of squares) or (count, shift, S1, S2)
         n = 2 * 20
         flat = x.reshape(-1, 3)
         y_want = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
-        np.testing.assert_allclose(np.asarray(result.y).reshape(-1, 3), y_want, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(result.running_var), flat.var(axis=0) * n / (n - 1), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), y_want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(new_state["running_var"]), flat.var(axis=0) * n / (n - 1), rtol=1e-12)

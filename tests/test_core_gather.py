@@ -1,57 +1,47 @@
 """The core's one-round ``all_gather`` hook (what ``torch.distributed`` uses) gives
 the statistics of the concatenated batches, like the two-round ``all_sum`` spec.
 
-Replicas are threads exchanging their arrays through a barrier; each calls
-:func:`bn1d.algorithm.batch_norm` directly. Tolerance: float64 throughout; the
+Replicas are the NumPy specification's threads (``run_replicas(..., hook=...)``),
+each a synced float64 layer. Tolerance: float64 throughout; the
 gathered statistics add the same numbers in another order than the
 concatenated reference (``tests/reference.py``), so ``rtol=atol=1e-12``.
 """
-
-import threading
 
 import numpy as np
 import pytest
 from reference import reference
 
-from bn1d.algorithm import batch_norm, combine_moments
+from bn1d import BatchNormConfig, Hooks, batch_norm
+from bn1d.algorithm import combine_moments
+from bn1d.backends.numpy import BatchNorm1d, run_replicas
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 
 
-def gathered_replicas(xs, masks, *, fast_variance=False, momentum=0.99):
-    """``batch_norm`` on each replica's batch with a barrier all_gather; returns the
-    results and how many arrays each gather call carried."""
-    count = len(xs)
-    barrier = threading.Barrier(count, timeout=30)
-    slots = [None] * count
-    results, calls, errors = [None] * count, [[] for _ in range(count)], []
+def gathered_replicas(xs, masks, *, hook="all_gather", **options):
+    """One float64 synced training call per replica through ``hook``; returns the
+    outputs, the layers and how many arrays each exchange carried."""
+    layers = [BatchNorm1d(3, axis_name="r", dtype=np.float64, **options) for _ in xs]
+    calls = [[] for _ in xs]
 
     def replica(r):
-        def all_gather(arrays):
-            calls[r].append(len(arrays))
-            slots[r] = arrays
-            barrier.wait()
-            stacked = tuple(np.stack([slots[q][k] for q in range(count)]) for k in range(len(arrays)))
-            barrier.wait()
-            return stacked
+        layer = layers[r]
+        original = layer._hooks
 
-        try:
-            results[r] = batch_norm(
-                xs[r], np.zeros(3), np.ones(3), reduce_axes=(0, 1), mask=masks[r], momentum=momentum,
-                fast_variance=fast_variance, all_gather=all_gather,
-            )  # fmt: skip
-        except BaseException as error:  # noqa: BLE001 - re-raised below
-            errors.append(error)
-            barrier.abort()
+        def counted(training):  # count what each exchange carries
+            hooks = original(training)
+            exchange = getattr(hooks, hook)
 
-    threads = [threading.Thread(target=replica, args=(r,)) for r in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results, calls
+            def counting(arrays):
+                calls[r].append(len(arrays))
+                return exchange(arrays)
+
+            return hooks._replace(**{hook: counting})
+
+        layer._hooks = counted
+        return layer(xs[r], mask=masks[r])
+
+    return run_replicas(replica, len(xs), hook=hook), layers, calls
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -60,31 +50,34 @@ def test_gather_gives_the_concatenated_statistics(fast, masked):
     rng = np.random.default_rng(0)
     xs = [rng.normal(r, 1 + r, (b, 5, 3)) for r, b in enumerate([2, 4, 0, 3])]  # replica 2 is empty
     masks = [rng.random((x.shape[0], 5)) < 0.6 for x in xs] if masked else [None] * 4
-    results, calls = gathered_replicas(xs, masks, fast_variance=fast)
+    ys, layers, calls = gathered_replicas(xs, masks, fast_variance=fast)
     ref_ys, rm, rv = reference(xs, None if not masked else masks, feature_axis=2, fast_variance=fast)
-    for r, (result, y_ref) in enumerate(zip(results, ref_ys)):
-        np.testing.assert_allclose(result.y, y_ref, **F64, err_msg=f"replica {r}")
-        np.testing.assert_allclose(result.running_mean, rm, **F64)
-        np.testing.assert_allclose(result.running_var, rv, **F64)
-        np.testing.assert_array_equal(result.running_var, results[0].running_var)  # bitwise-equal across replicas
+    summed, summed_layers, _ = gathered_replicas(xs, masks, hook="all_sum", fast_variance=fast)
+    for r, (y, layer, y_ref) in enumerate(zip(ys, layers, ref_ys)):
+        np.testing.assert_allclose(y, y_ref, **F64, err_msg=f"replica {r}")
+        np.testing.assert_allclose(layer.running_mean, rm, **F64)
+        np.testing.assert_allclose(layer.running_var, rv, **F64)
+        np.testing.assert_array_equal(layer.running_var, layers[0].running_var)  # bitwise-equal across replicas
+        np.testing.assert_allclose(y, summed[r], **F64)  # the one-round hook gives what the two-round one gives
+        np.testing.assert_allclose(layer.running_var, summed_layers[r].running_var, **F64)
     assert calls == [[3 if fast else 4]] * 4  # one round: (count, sum, sum of squares) or (count, shift, S1, S2)
 
 
 def test_gather_with_nothing_kept_anywhere_behaves_as_inference():
     xs = [np.ones((2, 5, 3)), np.ones((1, 5, 3))]
     with np.errstate(all="raise"):
-        results, _ = gathered_replicas(xs, [np.zeros((2, 5), bool), np.zeros((1, 5), bool)])
-    np.testing.assert_allclose(results[0].y, 1 / np.sqrt(1 + 1e-5), **F64)
-    np.testing.assert_array_equal(results[1].running_var, 1.0)
-    np.testing.assert_array_equal(results[1].running_mean, 0.0)
+        ys, layers, _ = gathered_replicas(xs, [np.zeros((2, 5), bool), np.zeros((1, 5), bool)])
+    np.testing.assert_allclose(ys[0], 1 / np.sqrt(1 + 1e-5), **F64)
+    np.testing.assert_array_equal(layers[1].running_var, 1.0)
+    np.testing.assert_array_equal(layers[1].running_mean, 0.0)
 
 
 def test_gather_with_one_value_in_the_group_has_no_bessel_factor():
     xs = [np.full((1, 1, 3), 2.0), np.zeros((0, 1, 3))]
     with np.errstate(all="raise"):
-        results, _ = gathered_replicas(xs, [None, None], momentum=0.0)
-    np.testing.assert_allclose(results[1].running_mean, 2.0, **F64)
-    np.testing.assert_allclose(results[1].running_var, 0.0, **F64)
+        _, layers, _ = gathered_replicas(xs, [None, None], momentum=0.0)
+    np.testing.assert_allclose(layers[1].running_mean, 2.0, **F64)
+    np.testing.assert_allclose(layers[1].running_var, 0.0, **F64)
 
 
 def test_combine_moments_is_stable_where_the_one_pass_formula_cancels():
@@ -116,5 +109,8 @@ def test_combine_moments_of_no_values_is_zero():
 
 
 def test_one_hook_at_a_time():
-    with pytest.raises(ValueError, match="^all_gather: expected None when all_sum is given"):
-        batch_norm(np.ones((2, 3)), np.zeros(3), np.ones(3), reduce_axes=(0,), all_sum=tuple, all_gather=tuple)
+    config = BatchNormConfig.from_arguments(3, axis=0)
+    state = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+    params = {"scale": np.ones(3), "bias": np.zeros(3)}
+    with pytest.raises(ValueError, match="^hooks: expected at most one of all_sum and all_gather"):
+        batch_norm(np.ones((2, 3)), params, state, config, training=True, hooks=Hooks(all_sum=tuple, all_gather=tuple))

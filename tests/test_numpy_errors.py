@@ -28,14 +28,28 @@ CONSTRUCTOR_ERRORS = [
     (dict(num_features=3, epsilon=float("nan")), ValueError, r"epsilon: expected a finite float > 0, got nan"),
     (dict(num_features=3, epsilon=float("inf")), ValueError, r"epsilon: expected a finite float > 0, got inf"),
     (dict(num_features=3, epsilon="1e-5"), TypeError, r"epsilon: expected a finite float > 0, got '1e-5'"),
-    (dict(num_features=3, momentum=1.5), ValueError, r"momentum: expected a finite float in \[0, 1\], got 1\.5"),
-    (dict(num_features=3, momentum=-0.1), ValueError, r"momentum: expected a finite float in \[0, 1\], got -0\.1"),
+    (
+        dict(num_features=3, momentum=1.5),
+        ValueError,
+        r"momentum: expected a finite float in \[0, 1\] or None, got 1\.5",
+    ),
+    (
+        dict(num_features=3, momentum=-0.1),
+        ValueError,
+        r"momentum: expected a finite float in \[0, 1\] or None, got -0\.1",
+    ),
     (
         dict(num_features=3, momentum=float("nan")),
         ValueError,
-        r"momentum: expected a finite float in \[0, 1\], got nan",
+        r"momentum: expected a finite float in \[0, 1\] or None, got nan",
     ),
-    (dict(num_features=3, momentum=None), TypeError, r"momentum: expected a finite float in \[0, 1\], got None"),
+    (
+        dict(num_features=3, momentum="0.9"),
+        TypeError,
+        r"momentum: expected a finite float in \[0, 1\] or None, got '0.9'",
+    ),
+    (dict(num_features=3, track_running_stats=1), TypeError, r"track_running_stats: expected a bool, got 1"),
+    (dict(num_features=3, use_fast_variance=True), TypeError, r"use_fast_variance: expected one of the options"),
     (dict(num_features=3, affine=1), TypeError, r"affine: expected a bool, got 1"),
     (dict(num_features=3, fast_variance="yes"), TypeError, r"fast_variance: expected a bool, got 'yes'"),
     (dict(num_features=3, unbiased_running_var=None), TypeError, r"unbiased_running_var: expected a bool, got None"),
@@ -133,6 +147,9 @@ CALL_ERRORS = [
     ),
     (lambda: (X,), {"mask": np.ones((5, 4), bool)}, ValueError, r"mask: expected shape \(4, 5\).*got \(5, 4\)"),
     (lambda: (X,), {"training": 1}, TypeError, r"training: expected None or a bool, got 1"),
+    # float128 (NumPy's longdouble) has no float64 accumulation beyond it: refused, not
+    # silently computed in float32 (which was off by 0.17).
+    (lambda: (X.astype(np.longdouble),), {}, TypeError, r"x: expected a real floating-point array .*float128"),
 ]
 
 
@@ -171,10 +188,10 @@ STATE_ERRORS = [
         ValueError,
         r"state_dict\['running_var'\]: expected non-negative values",
     ),
-    (
-        lambda s: {**s, "running_mean": np.array([0, np.inf, 0])},
+    (  # finite, but beyond float32: it used to load as inf
+        lambda s: {**s, "running_mean": np.array([0, 1e39, 0])},
         ValueError,
-        r"state_dict\['running_mean'\]: expected finite",
+        r"state_dict\['running_mean'\]: expected finite values that float32 can hold",
     ),
     (lambda s: {**s, "bias": np.array(["a", "b", "c"])}, TypeError, r"state_dict\['bias'\]: expected a real array"),
     (lambda s: {**s, "bias": object()}, TypeError, r"state_dict\['bias'\]: expected a real array|expected an array"),
@@ -221,3 +238,113 @@ def test_static_count_is_a_plain_int_from_a_list():
     from bn1d.algorithm import static_count
 
     assert static_count((4, 5, 3), (0, 1)) == 20 and static_count((0, 5, 3), (0, 1)) == 0
+
+
+def test_a_layers_own_state_dict_always_loads_back():
+    """After a NaN batch the running statistics are NaN; the layer's own state_dict
+    still loads back into it, bit for bit, with a warning naming the entries (a
+    diverged run's checkpoint must load for inspection)."""
+    layer = BatchNorm1d(3)
+    layer(np.where(np.arange(60).reshape(4, 5, 3) % 3 == 0, np.nan, X))
+    saved = layer.state_dict()
+    assert np.isnan(saved["running_mean"]).any()
+    fresh = BatchNorm1d(3)
+    with pytest.warns(RuntimeWarning, match=r"state_dict\['running_mean'\] holds non-finite values"):
+        fresh.load_state_dict(saved)
+    for key, value in saved.items():
+        np.testing.assert_array_equal(fresh.state_dict()[key], value)
+
+
+def test_bfloat16_state_loads_with_its_values():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    layer = BatchNorm1d(3)
+    state = {key: np.asarray(value + 0.5).astype(ml_dtypes.bfloat16) for key, value in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(layer.state_dict()[key], value.astype(np.float32))
+
+
+def test_the_count_of_the_cumulative_average_is_checked():
+    layer = BatchNorm1d(3, momentum=None)
+    assert list(layer.state_dict()) == ["scale", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    for bad in (-1, 2.5, np.array([1, 2])):
+        with pytest.raises(ValueError, match=r"state_dict\['num_batches_tracked'\]: expected a non-negative integer"):
+            layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": bad})
+    layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": np.float32(7)})
+    assert int(layer.num_batches_tracked) == 7
+
+
+def test_vjp_raises_where_the_forward_raises():
+    """One value per feature in training: the forward raises, and so does the vjp
+    (it returned a zero gradient)."""
+    layer = BatchNorm1d(3)
+    one = X[:1, :1]
+    with pytest.raises(ValueError, match=r"^x: expected more than 1 value per feature when training"):
+        layer(one)
+    with pytest.raises(ValueError, match=r"^x: expected more than 1 value per feature when training"):
+        layer.vjp(one, np.ones_like(one))
+    with pytest.raises(ValueError, match=r"^dy: expected shape \(4, 5, 3\)"):
+        layer.vjp(X, X[:2])
+
+
+def test_a_count_beyond_its_integer_dtype_is_an_error():
+    """A count of 1e30 (or the largest uint64) used to wrap to a negative int64."""
+    layer = BatchNorm1d(3, momentum=None)
+    for bad in (1e30, np.uint64(2**64 - 1), 2**63):
+        with pytest.raises(ValueError, match=r"^state_dict\['num_batches_tracked'\]: expected a non-negative integer"):
+            layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": bad})
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_vjp_names_dy():
+    layer = BatchNorm1d(3)
+    for bad, exception, pattern in [
+        ("abc", TypeError, r"^dy: expected a real floating-point array, got dtype\('<U3'\)"),
+        (X > 0, TypeError, r"^dy: expected a real floating-point array, got dtype\('bool'\)"),
+        (X[..., :2], ValueError, r"^dy: expected shape \(4, 5, 3\) \(x's shape\), got \(4, 5, 2\)"),
+    ]:
+        with pytest.raises(exception, match=pattern):
+            layer.vjp(X, bad)
+
+
+def test_without_running_statistics_one_value_per_feature_is_an_error_in_inference_too():
+    """The batch's statistics normalise in inference too: one value gives a variance of
+    0 and an output of ``bias`` (PyTorch raises as well)."""
+    layer = BatchNorm1d(3, track_running_stats=False, mode="inference")
+    pattern = r"^x: expected more than 1 value per feature without running statistics"
+    with pytest.raises(ValueError, match=pattern):
+        layer(X[:1, :1])
+    with pytest.raises(ValueError, match=pattern):
+        layer.vjp(X[:1, :1], X[:1, :1])
+    BatchNorm1d(3, mode="inference")(X[:1, :1])  # with running statistics it is fine
+
+
+def test_the_core_function_names_its_arguments():
+    from bn1d import batch_norm
+
+    config = BatchNorm1d(3).config
+    params, state = {"scale": np.ones(3), "bias": np.zeros(3)}, {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+    with pytest.raises(TypeError, match=r"^params\['scale'\]: expected an array of the same library as x, got 'list'"):
+        batch_norm(X, {**params, "scale": [1.0, 1.0, 1.0]}, state, config, training=True)
+    with pytest.raises(TypeError, match=r"^training: expected a bool, got 'no'"):
+        batch_norm(X, params, state, config, training="no")
+    with pytest.raises(ValueError, match=r"^state: expected a mapping with exactly the keys"):
+        batch_norm(X, params, {"running_mean": np.zeros(3)}, config, training=True)
+
+
+def test_the_generic_layer_names_a_wrong_library():
+    strict = pytest.importorskip("array_api_strict")
+    from bn1d import Layer
+
+    with pytest.raises(TypeError, match=r"^xp: expected an Array API namespace"):
+        Layer(3, xp="numpy")
+    with pytest.raises(TypeError, match=r"^x: expected an array of array_api_strict, got 'ndarray'"):
+        Layer(3, xp=strict)(X)
+
+
+def test_the_generic_layers_vjp_names_a_wrong_library():
+    strict = pytest.importorskip("array_api_strict")
+    from bn1d import Layer
+
+    with pytest.raises(TypeError, match=r"^x: expected an array of array_api_strict, got 'ndarray'"):
+        Layer(3, xp=strict).vjp(X, X)

@@ -240,3 +240,43 @@ def test_state_round_trip_gives_identical_outputs():
 def test_list_input_is_accepted_like_numpy_functions():
     x = make_x((4, 3))
     np.testing.assert_allclose(BatchNorm1d(3, axis=0)(x.tolist()), BatchNorm1d(3, axis=0)(x))
+
+
+@pytest.mark.parametrize("axis, shape, feature_axis", LAYOUTS[:3])
+def test_cumulative_average_is_the_mean_of_the_batch_statistics(axis, shape, feature_axis):
+    """``momentum=None`` (PyTorch's cumulative average): after k training calls with
+    data, the running statistics are the plain means of the k batch means and the k
+    unbiased batch variances; a call that keeps nothing counts for nothing."""
+    layer = BatchNorm1d(shape[feature_axis], axis=axis, momentum=None, dtype=np.float64)
+    mask_shape = shape[:feature_axis] + shape[feature_axis + 1 :]
+    means, variances = [], []
+    for step in range(4):
+        x = make_x(shape, seed=10 + step, loc=step)
+        if step == 2:  # nothing kept: the count stays, the statistics too
+            y = layer(x, mask=np.zeros(mask_shape, bool))
+            assert int(layer.num_batches_tracked) == 2
+            continue
+        ys, mean, var = reference([x], feature_axis=feature_axis, momentum=0.0)
+        means.append(mean)
+        variances.append(var)
+        y = layer(x)
+        np.testing.assert_allclose(y, ys[0], **F64)
+        assert int(layer.num_batches_tracked) == len(means)
+        np.testing.assert_allclose(layer.running_mean, np.mean(means, axis=0), **F64)
+        np.testing.assert_allclose(layer.running_var, np.mean(variances, axis=0), **F64)
+    assert list(layer.state_dict())[-1] == "num_batches_tracked"
+
+
+@pytest.mark.parametrize("axis, shape, feature_axis", LAYOUTS[:3])
+def test_without_running_statistics_the_batch_normalises_in_inference_too(axis, shape, feature_axis):
+    c = shape[feature_axis]
+    layer = BatchNorm1d(c, axis=axis, track_running_stats=False, dtype=np.float64, scale_initializer=2.0)
+    assert list(layer.state_dict()) == ["scale", "bias"] and not hasattr(layer, "running_mean")
+    x = make_x(shape, seed=20)
+    mask = np.random.default_rng(21).random(shape[:feature_axis] + shape[feature_axis + 1 :]) < 0.6
+    for training in (True, False):
+        ys, _, _ = reference([x], [mask], feature_axis=feature_axis, scale=np.full(c, 2.0))
+        np.testing.assert_allclose(layer(x, mask=mask, training=training), ys[0], **F64)
+    # Nothing kept: mean 0 and variance 1 normalise (no running statistics to fall back on).
+    y = layer(x, mask=np.zeros_like(mask), training=False)
+    np.testing.assert_allclose(y, 2.0 * x / np.sqrt(1 + 1e-5), **F64)

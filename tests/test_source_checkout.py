@@ -1,16 +1,48 @@
-"""Run from the checkout's root, where its bn1d/ shadows an installed bn1d, the
-adapters and the suite still import (they live in ../backends and ../conformance
-of the source tree and are mapped into bn1d.* only by the install)."""
+"""The checkout's layout (``bn1d/``, ``backends/``, ``conformance/`` side by side) and
+the installed package (``bn1d``, ``bn1d.backends``, ``bn1d.conformance``) agree on
+what ``bn1d`` is: run from the checkout's root, where its ``bn1d/`` shadows an
+installed bn1d, or from a checkout that is not installed at all, the adapters and
+the suite import from ``../backends`` and ``../conformance``, and nothing else of
+the checkout becomes part of the package (``bn1d.bn1d`` would be a second copy
+of every module, with classes that are not the package's)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
+NOT_INSTALLED = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]  # no editable install
+sys.path[:] = [p for p in sys.path if "site-packages" not in p or "bn1d" not in p]
+sys.path.insert(0, {root!r})
+"""
 
-def test_imports_from_the_checkout_root():
-    code = "import bn1d, bn1d.backends.numpy, bn1d.conformance.cases; print(bn1d.backends.numpy.__file__)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.strip()).resolve() == ROOT / "backends" / "numpy.py"
+PROBE = """
+import importlib, bn1d, bn1d.backends.numpy, bn1d.conformance.cases
+print(bn1d.backends.numpy.__file__)
+assert bn1d.backends.numpy.BatchNorm1d.__mro__[1] is bn1d.Layer
+for name in ("bn1d.bn1d", "bn1d.bn1d.config", "bn1d.tests", "bn1d.benchmarks", "bn1d.docs"):
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError:
+        continue
+    raise SystemExit(f"{name} imported: the checkout's root became part of the package")
+"""
+
+
+def run(code, cwd):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("where", ["checkout root", "checkout, not installed", "elsewhere"])
+def test_the_package_is_the_same_from_everywhere(where, tmp_path):
+    code = (NOT_INSTALLED.format(root=str(ROOT)) if where == "checkout, not installed" else "") + PROBE
+    result = run(code, ROOT if where == "checkout root" else tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    backends = Path(result.stdout.strip().splitlines()[0]).resolve()
+    if where != "elsewhere":  # an installed wheel lives in site-packages
+        assert backends == ROOT / "backends" / "numpy.py"

@@ -86,5 +86,5 @@ def test_the_shift_is_formed_per_pass_for_xla():
 
     layer, shape = BatchNorm1d(4), (64, 512, 4)
     assert len(_input_sized_fusions(lambda x: layer.apply(layer.params, layer.state, x, training=True)[0], shape)) == 1
-    shared = lambda x: batch_norm(x, jnp.zeros(4), jnp.ones(4), reduce_axes=(0, 1)).y  # noqa: E731
+    shared = lambda x: batch_norm(x, layer.params, layer.state, layer.config, training=True).y  # noqa: E731
     assert len(_input_sized_fusions(shared, shape)) == 2

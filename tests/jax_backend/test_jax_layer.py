@@ -222,14 +222,13 @@ def test_bad_inputs_raise_at_trace_time_with_the_specification_message(case):
 
 
 def test_bad_arguments_name_the_argument():
-    with pytest.raises(ValueError, match=r"^momentum: expected a finite float in \[0, 1\], got 1.5$"):
+    with pytest.raises(ValueError, match=r"^momentum: expected a finite float in \[0, 1\] or None, got 1.5$"):
         BatchNorm1d(3, momentum=1.5)
     with pytest.raises(ValueError, match=r"^axis: expected no duplicate axes, got \(0, -3\)$"):
         BatchNorm1d(3, axis=(0, -3))
     with pytest.raises(TypeError, match=r"^dtype: expected jax.numpy.float32, or jax.numpy.float64 .*float16"):
         BatchNorm1d(3, dtype=jnp.float16)
-    with pytest.raises(TypeError, match=r"^dtype: expected .*, got None$"):
-        BatchNorm1d(3, dtype=None)
+    assert BatchNorm1d(3, dtype=None).dtype == jnp.float32  # None: the default, as on every backend
     if not jax.config.jax_enable_x64:
         with pytest.raises(ValueError, match=r"^dtype: expected .*float64 with jax_enable_x64 on"):
             BatchNorm1d(3, dtype=jnp.float64)
@@ -255,6 +254,81 @@ def test_stateful_training_call_refuses_tracers_but_inference_composes():
     layer.eval()
     np.testing.assert_allclose(jax.jit(layer)(x), layer(x), rtol=1e-6)
     np.testing.assert_array_equal(layer.state["running_mean"], np.float32(STATE["running_mean"]))
+
+
+def test_stateful_training_call_refuses_a_traced_mask():
+    """A traced mask used to be stored in ``layer.state`` through the new running
+    statistics, and every later call failed with ``UnexpectedTracerError``."""
+    layer, _ = layers((0, 1))
+    x = np.random.default_rng(9).standard_normal((4, 5, 3)).astype(np.float32)
+    mask = np.ones((4, 5), bool)
+    with pytest.raises(TypeError, match=r"^mask: expected a concrete array for a stateful training call"):
+        jax.jit(lambda mask: layer(x, mask=mask, training=True))(mask)
+    with pytest.raises(TypeError, match=r"^mask: expected a concrete array"):
+        jax.vmap(lambda mask: layer(x[0], mask=mask, training=True), in_axes=0)(mask[:, None].repeat(4, 1))
+    np.testing.assert_array_equal(layer.state["running_mean"], np.float32(STATE["running_mean"]))
+    layer(x, mask=mask)  # the layer still works
+
+
+def test_load_is_atomic_when_the_count_does_not_fit_jaxs_integer():
+    """JAX's default integer is int32: a count beyond it is refused before anything is
+    assigned (the parameters used to change, then the count raised OverflowError)."""
+    layer = BatchNorm1d(3, momentum=None)
+    state = {key: np.asarray(value) for key, value in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^state_dict\['num_batches_tracked'\]: expected .* up to 2147483647"):
+        layer.load_state_dict({**state, "scale": np.full(3, 5.0), "num_batches_tracked": 2**31})
+    np.testing.assert_array_equal(layer.scale, 1.0)
+
+
+def test_vjp_and_apply_name_their_arguments():
+    layer, _ = layers((0, 1))
+    x = np.ones((4, 5, 3), np.float32)
+    with pytest.raises(TypeError, match=r"^dy: expected a real floating-point array, got dtype\('int64'\)"):
+        layer.vjp(x, x.astype(np.int64))
+    with pytest.raises(ValueError, match=r"^dy: expected shape \(4, 5, 3\)"):
+        layer.vjp(x, x[..., :2])
+    y, _ = layer.apply({"scale": np.ones(3), "bias": [0.0, 0.0, 0.0]}, layer.state, x)  # host values, as JAX takes
+    with pytest.raises(TypeError, match=r"^params\['scale'\]: expected an array"):
+        layer.apply({"scale": "a", "bias": np.zeros(3)}, layer.state, x)
+
+
+@pytest.mark.parametrize("options", [{"momentum": None}, {"track_running_stats": False}], ids=str)
+def test_conversions_refuse_what_flax_and_brainpy_cannot_hold(options):
+    layer = BatchNorm1d(3, **options)
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=rf"^{name}: expected .* to convert to Flax linen BatchNorm"):
+        layer.to_flax()
+    with pytest.raises(ValueError, match=rf"^{name}: expected .* to convert to brainpy"):
+        layer.to_brainpy(object())
+
+
+def test_layers_pickle():
+    """The compiled call is cached per configuration at module level, not on the layer."""
+    import pickle
+
+    layer, _ = layers((0, 1))
+    x = np.random.default_rng(10).standard_normal((4, 5, 3)).astype(np.float32)
+    layer(x)
+    copy = pickle.loads(pickle.dumps(layer))
+    assert copy.config == layer.config and copy.training == layer.training
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(copy.state_dict()[key], value)
+    np.testing.assert_array_equal(copy(x), layer(x))
+
+
+def test_host_bfloat16_inputs_and_state_are_taken():
+    """NumPy arrays of ml_dtypes' bfloat16 (JAX's own host type) are inputs and
+    loadable state, like JAX's bfloat16 arrays."""
+    import ml_dtypes
+
+    layer, _ = layers((0, 1))
+    x = np.random.default_rng(11).standard_normal((4, 5, 3)).astype(ml_dtypes.bfloat16)
+    y = layer(x, training=False)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, layer(jnp.asarray(x), training=False))
+    state = {key: np.asarray(value).astype(ml_dtypes.bfloat16) for key, value in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.state["running_var"], state["running_var"].astype(np.float32))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])

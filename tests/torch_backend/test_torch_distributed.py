@@ -387,3 +387,27 @@ def test_a_later_size_mismatch_is_reported_by_torch_distributed_debug(two_ranks_
         error = result["layer_order"]
         assert error["type"] == "RuntimeError", error
         assert "Detected mismatch between collectives" in error["message"], error
+
+
+REINITIALISED = """
+import gc, sys, tempfile
+import torch, torch.distributed as dist
+from bn1d.backends.torch import BatchNorm1d
+from bn1d.backends import torch_distributed
+for run in range(2):  # a second process group after the first is destroyed (test suites, notebooks)
+    dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+    BatchNorm1d(3, axis_name="d", axis_index_groups=[[0]])(torch.randn(4, 5, 3))
+    assert len(torch_distributed._subgroups) == 1, len(torch_distributed._subgroups)
+    dist.destroy_process_group()
+    gc.collect()
+    assert len(torch_distributed._subgroups) == 0, "the subgroups outlived their process group"
+print("ok")
+"""
+
+
+def test_the_subgroup_cache_does_not_outlive_its_process_group():
+    """The cache of ``axis_index_groups`` subgroups held every destroyed process
+    group: it grew with each re-initialisation and the interpreter aborted at exit
+    (SIGABRT, 'terminate called without an active exception')."""
+    result = subprocess.run([sys.executable, "-c", REINITIALISED], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

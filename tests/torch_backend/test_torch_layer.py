@@ -306,7 +306,8 @@ CONSTRUCTOR_ERRORS = [
     dict(num_features=0), dict(num_features=3.0), dict(num_features=True), dict(num_features=3, axis=(0, 0)),
     dict(num_features=3, axis=(0, 3)), dict(num_features=3, axis=()), dict(num_features=3, axis="0"),
     dict(num_features=3, epsilon=0.0), dict(num_features=3, epsilon=float("nan")), dict(num_features=3, epsilon="1"),
-    dict(num_features=3, momentum=1.5), dict(num_features=3, momentum=None), dict(num_features=3, affine=1),
+    dict(num_features=3, momentum=1.5), dict(num_features=3, momentum="0.1"), dict(num_features=3, affine=1),
+    dict(num_features=3, use_fast_variance=True), dict(num_features=3, track_running_stats=None),
     dict(num_features=3, fast_variance="yes"), dict(num_features=3, unbiased_running_var=None),
     dict(num_features=3, axis_name=3), dict(num_features=3, axis_index_groups=[[0, 1]]),
     dict(num_features=3, axis_name="i", axis_index_groups=[[0, 1], [2]]), dict(num_features=3, mode="train"),
@@ -398,7 +399,7 @@ STATE_ERRORS = [
     lambda s: {**s, "num_batches_tracked": np.array(3)},
     lambda s: {**s, "scale": np.ones(4)},
     lambda s: {**s, "running_var": -np.ones(3)},
-    lambda s: {**s, "running_mean": np.array([0, np.inf, 0])},
+    lambda s: {**s, "running_mean": np.array([0, 1e39, 0])},  # finite, beyond float32
     lambda s: {**s, "bias": np.array(["a", "b", "c"])},
 ]
 
@@ -431,6 +432,89 @@ def test_state_dict_keys_and_loading():
     close(layer.scale, [1, 2, 3], 0, "scale")
     with pytest.raises(ValueError, match=r"^strict: expected True"):
         layer.load_state_dict(state, strict=False)
+
+
+def test_load_with_assign_takes_the_given_tensors():
+    """``assign=True`` (PyTorch's meaning): the module's tensors become the given
+    ones, e.g. to fill a module built on the meta device; it used to copy silently."""
+    with torch.device("meta"):
+        layer = BatchNorm1d(3)
+    model = nn.Sequential(layer)
+    source = BatchNorm1d(3)
+    source(X)
+    state = {key: value.clone() for key, value in source.state_dict().items()}
+    assert tuple(layer.load_state_dict(state, assign=True)) == ([], [])
+    assert layer.running_mean.data_ptr() == state["running_mean"].data_ptr() and layer.scale.device.type == "cpu"
+    assert isinstance(layer.scale, nn.Parameter) and layer.scale.requires_grad
+    assert layer.scale.data_ptr() == state["scale"].data_ptr()
+    torch.testing.assert_close(layer(X, training=False), source(X, training=False), rtol=0, atol=0)
+    with torch.device("meta"):
+        model = nn.Sequential(BatchNorm1d(3))
+    model.load_state_dict({f"0.{key}": value for key, value in state.items()}, assign=True)
+    assert model[0].running_var.data_ptr() == state["running_var"].data_ptr()
+    model[0](X)  # trains: the count (not state here) followed the tensors off the meta device
+    assert model[0].num_batches_tracked.device.type == "cpu" and int(model[0].num_batches_tracked) == 1
+    assert int(model[0].to_torch().num_batches_tracked) == 1
+    copied = BatchNorm1d(3)
+    copied.load_state_dict(state)
+    assert copied.running_mean.data_ptr() != state["running_mean"].data_ptr()
+    with pytest.raises(TypeError, match=r"^assign: expected a bool, got 1$"):
+        copied.load_state_dict(state, assign=1)
+
+
+def test_a_layers_own_state_dict_always_loads_back():
+    layer = BatchNorm1d(3)
+    layer(torch.where(X > 1.5, torch.nan, X))
+    saved = {key: value.clone() for key, value in layer.state_dict().items()}
+    assert torch.isnan(saved["running_mean"]).any()
+    fresh = BatchNorm1d(3)
+    with pytest.warns(RuntimeWarning, match=r"holds non-finite values"):
+        fresh.load_state_dict(saved)
+    for key, value in saved.items():
+        assert torch.equal(fresh.state_dict()[key], value) or torch.isnan(value).any(), key
+        torch.testing.assert_close(fresh.state_dict()[key], value, equal_nan=True, rtol=0, atol=0)
+
+
+def test_a_new_running_variance_tensor_renews_the_inference_kernels_verdict():
+    """Whether the inference kernel meets the rule is cached per running statistics;
+    a new ``running_var`` tensor (of the same version) must renew the verdict."""
+    layer = BatchNorm1d(3, mode="inference")
+    with torch.no_grad():
+        layer.running_mean.fill_(1e4)
+        layer.running_var.fill_(1e8)  # |mean| / std = 1: the kernel's x * a + b is accurate
+    x = 1e4 + torch.randn(4, 5, 3)
+    layer(x)
+    new_var = torch.empty(3)
+    new_var.fill_(1.0)  # |mean| / std = 1e4 now: the kernel is not; the same version as the old tensor
+    assert new_var._version == layer.running_var._version
+    layer.running_var = new_var
+    reference = spec.BatchNorm1d(3, mode="inference", dtype=np.float64)
+    reference.load_state_dict({k: v.detach().double().numpy() for k, v in layer.state_dict().items()})
+    # The rule's 1e-5 at scale 1; the kernel's float32 x * a + b is off by ~1e-3 here.
+    np.testing.assert_allclose(layer(x).detach().double().numpy(), reference(x.double().numpy()), rtol=0, atol=1e-5)
+
+
+def test_a_mask_on_another_device_is_an_argument_error():
+    layer = BatchNorm1d(3)
+    mask = torch.ones(4, 5, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match=r"^mask: expected an array on x's device \(cpu\), got device\(type='meta'\)$"):
+        layer(X, mask=mask)
+
+
+@pytest.mark.parametrize("options", [dict(momentum=None), dict(track_running_stats=False)], ids=str)
+def test_options_of_the_state_follow_pytorch_conventions(options):
+    layer = BatchNorm1d(3, **options)
+    reference = nn.BatchNorm1d(3, momentum=options.get("momentum", 0.1),
+                               track_running_stats=options.get("track_running_stats", True))  # fmt: skip
+    assert list(layer.state_dict()) == [{"weight": "scale"}.get(k, k) for k in reference.state_dict()]
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert (getattr(layer, key) is None) == (getattr(reference, key) is None), key
+    layer(X)
+    state = layer.state_dict()
+    again = BatchNorm1d(3, **options)
+    again.load_state_dict(state)
+    for key, value in state.items():
+        assert torch.equal(again.state_dict()[key], value), key
 
 
 def test_loading_inside_a_parent_module_uses_the_same_checks():
