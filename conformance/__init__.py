@@ -1,6 +1,6 @@
 """The conformance suite: every backend proven equal to the NumPy specification.
 
-* ``cases``: the named catalogue covering ``SPEC.md``;
+* ``cases``: the named catalogue covering every rule of ``docs/spec.md``;
 * ``golden``: inputs and expected results from the float64 specification;
 * ``accuracy``, ``tolerances``: the contract's accuracy rule as metrics, and the
   bound it implies for every quantity a case compares;

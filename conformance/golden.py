@@ -20,10 +20,10 @@ import numpy as np
 from bn1d.backends.numpy import BatchNorm1d
 
 from .builtin import NumpyBackend
-from .cases import CASES, SYNC_CASES, case_inputs, sync_inputs
+from .cases import CASES, SYNC_CASES, Case, case_inputs, sync_inputs
 from .registry import ReplicaJob
 
-__all__ = ["GOLDEN_PATH", "generate", "load", "save"]
+__all__ = ["GOLDEN_PATH", "case_golden", "generate", "load", "save"]
 
 GOLDEN_PATH = Path(__file__).with_name("golden.npz")
 
@@ -32,25 +32,32 @@ def _spec_layer(constructor: dict[str, Any]) -> BatchNorm1d:
     return BatchNorm1d(**constructor, dtype=np.float64)
 
 
+def case_golden(case: Case) -> dict[str, np.ndarray]:
+    """One case's inputs and the float64 specification's results, keyed ``<case>/<what>``."""
+    golden: dict[str, np.ndarray] = {}
+    xs, masks, dy = case_inputs(case)
+    layer = _spec_layer(case.constructor())
+    for i, (x, mask, step) in enumerate(zip(xs, masks, case.steps)):
+        golden[f"{case.name}/x{i}"] = x
+        if mask is not None:
+            golden[f"{case.name}/mask{i}"] = mask
+        golden[f"{case.name}/y{i}"] = layer(x, mask=mask, training=step.training)
+        for key, value in layer.state_dict().items():
+            golden[f"{case.name}/state{i}/{key}"] = value
+    if case.gradients:
+        golden[f"{case.name}/dy"] = dy
+        training = case.steps[-1].training
+        for key, value in layer.vjp(xs[-1], dy, mask=masks[-1], training=training).items():
+            golden[f"{case.name}/grad/{key}"] = value
+    return golden
+
+
 def generate(stored: bool = True) -> dict[str, np.ndarray]:
     """The golden arrays of the stored cases (``stored=False``: of the others), keyed
     ``<case>/<what>``."""
     golden: dict[str, np.ndarray] = {}
     for case in (c for c in CASES if c.stored == stored):
-        xs, masks, dy = case_inputs(case)
-        layer = _spec_layer(case.constructor())
-        for i, (x, mask, step) in enumerate(zip(xs, masks, case.steps)):
-            golden[f"{case.name}/x{i}"] = x
-            if mask is not None:
-                golden[f"{case.name}/mask{i}"] = mask
-            golden[f"{case.name}/y{i}"] = layer(x, mask=mask, training=step.training)
-            for key, value in layer.state_dict().items():
-                golden[f"{case.name}/state{i}/{key}"] = value
-        if case.gradients:
-            golden[f"{case.name}/dy"] = dy
-            training = case.steps[-1].training
-            for key, value in layer.vjp(xs[-1], dy, mask=masks[-1], training=training).items():
-                golden[f"{case.name}/grad/{key}"] = value
+        golden.update(case_golden(case))
     jobs = []
     syncs = [c for c in SYNC_CASES if c.stored == stored]
     for sync in syncs:

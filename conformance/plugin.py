@@ -18,3 +18,8 @@ def pytest_addoption(parser: Any) -> None:
         default=None,
         help="conformance backend to test (repeatable; default: $BN1D_BACKEND or every installed backend)",
     )
+    parser.addoption(
+        "--bn1d-xfail",
+        default=None,
+        help="expected failures: a TOML file, a [backend] table of case = 'reason' (see bn1d.conformance.reports)",
+    )

@@ -23,6 +23,8 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "ConformanceBackend",
     "BackendUnavailable",
+    "NotApplicable",
+    "PEERS_GROUP",
     "ReplicaJob",
     "ReplicaResult",
     "registered_backends",
@@ -30,10 +32,19 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "bn1d.conformance.backends"
+#: Other libraries' batch norms, run with ``--peers``: a report of where they differ.
+PEERS_GROUP = "bn1d.conformance.peers"
 
 
 class BackendUnavailable(RuntimeError):
     """A registered backend whose framework is not installed (or failed to load)."""
+
+
+class NotApplicable(Exception):
+    """Raised by a backend (``make_layer``, ``asarray``, a call, ``gradients``) for what
+    it cannot express at all (a layout, masks, an option): the case is reported as not
+    applicable, with this reason, never as passed. From ``gradients`` it leaves the
+    gradients of the case unscored."""
 
 
 @dataclass(frozen=True)
@@ -81,17 +92,18 @@ class ConformanceBackend(Protocol):
         backend that must start processes starts them once)."""
 
     # Optional: ``precision(dtype) -> context manager`` that a case of input dtype
-    # ``dtype`` runs in (JAX's float64 needs jax_enable_x64; the others run without).
+    # ``dtype`` runs in (JAX's float64 needs jax_enable_x64; the others run without);
+    # ``versions() -> dict[str, str]``: the library versions a report prints.
 
 
-def registered_backends() -> dict[str, Any]:
-    """Entry points by name (nothing is imported yet)."""
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+def registered_backends(group: str = ENTRY_POINT_GROUP) -> dict[str, Any]:
+    """Entry points by name (nothing is imported yet): the backends, or the peers."""
+    return {ep.name: ep for ep in entry_points(group=group)}
 
 
-def load_backend(name: str) -> ConformanceBackend:
-    """The backend registered as ``name``; raise if unknown or not installed."""
-    registered = registered_backends()
+def load_backend(name: str, group: str = ENTRY_POINT_GROUP) -> ConformanceBackend:
+    """The backend (or peer) registered as ``name``; raise if unknown or not installed."""
+    registered = registered_backends(group)
     if name not in registered:
         raise ValueError(f"backend: expected one of {sorted(registered)}, got {name!r}")
     try:

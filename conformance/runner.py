@@ -13,33 +13,34 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .cases import CASES, ERROR_CASES, SYNC_CASES, Case, ErrorCase, SyncCase
-from .registry import ConformanceBackend, ReplicaJob
-from .tolerances import Bounds, rule_for, worst
+from .cases import CASES, CHECK_CASES, ERROR_CASES, SYNC_CASES, Case, ErrorCase, SyncCase
+from .checks import CHECKS, Check, score
+from .registry import ConformanceBackend, NotApplicable, ReplicaJob
+from .tolerances import Bounds, rule_for, spacing, worst
 
-__all__ = ["Check", "run_case", "run_error_case", "run_sync_cases", "cross_backend_checks", "run_suite"]
+__all__ = [
+    "Check",
+    "cross_backend_checks",
+    "run_case",
+    "run_check_case",
+    "run_error_case",
+    "run_suite",
+    "run_sync_cases",
+]
+
+_score = score
 
 
-@dataclass
-class Check:
-    case: str
-    backend: str
-    error: float | None  # worst error / bound; None: not applicable, or an error case
-    tolerance: float | None  # 1.0 for scored cases: the bound itself
-    passed: bool | None  # None: not applicable to this backend
-    detail: str = ""
-
-
-def _score(case: str, backend: str, scored: list[tuple[tuple[float, float, float], str]]) -> Check:
-    """The worst of ``((error / bound, error, bound), what)``."""
-    (ratio, error, bound), where = max(scored, key=lambda item: item[0][0])
-    return Check(case, backend, ratio, 1.0, ratio <= 1.0, f"{where}: {error:.1e} against a bound of {bound:.1e}")
+def dtype_name(array: Any) -> str:
+    """``array``'s dtype as a NumPy-style name ("float32", "bfloat16") on any library."""
+    dtype = array.dtype
+    return getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
 
 
 def _spec_layer(constructor: dict[str, Any]) -> Any:
@@ -67,7 +68,30 @@ def run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndarr
     if case.dtype not in backend.dtypes:
         return _not_applicable(case.name, backend, f"no {case.dtype}")
     with _precision(backend, case.dtype):
-        return _run_case(backend, case, golden)
+        try:
+            return _run_case(backend, case, golden)
+        except NotApplicable as reason:
+            return _not_applicable(case.name, backend, str(reason))
+
+
+def _initial_state(backend: ConformanceBackend, layer: Any, spec: Any, stats_dtype: str) -> list[Any]:
+    """R3.1 and R6.1 before any call: the keys, and the values within one ulp."""
+    state = layer.state_dict()
+    if set(state) != set(spec.config.keys):
+        raise _Failed(f"initial state keys: expected {list(spec.config.keys)}, got {list(state)}", "state keys")
+    want = spec.state_dict()
+    return [
+        (worst(backend.to_numpy(v), want[k], spacing(want[k], stats_dtype)), f"initial/{k}") for k, v in state.items()
+    ]
+
+
+class _Failed(Exception):
+    """A case failed in a way that is not a number: ``what`` (the state's keys, the
+    output dtype, the gradients' keys)."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
 
 
 def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndarray]) -> Check:
@@ -75,6 +99,7 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
     try:
         bounds, spec = _bounds(case.constructor(), case.dtype, case.param_dtype)
         layer = backend.make_layer(param_dtype=case.param_dtype, **case.constructor())
+        scored.extend(_initial_state(backend, layer, spec, case.param_dtype))
         x = mask = None
         for i, step in enumerate(case.steps):
             x64 = golden[f"{case.name}/x{i}"]
@@ -82,14 +107,15 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
             raw_mask = golden.get(f"{case.name}/mask{i}")
             mask = None if raw_mask is None else backend.asarray(raw_mask)
             y = layer(x, mask=mask, training=step.training)
+            if dtype_name(y) != case.dtype:
+                raise _Failed(f"y{i} is {dtype_name(y)}, expected the input's {case.dtype}", "output dtype")
             want_y = golden[f"{case.name}/y{i}"]
             training = spec.training if step.training is None else step.training
             bound = bounds.step(x64, raw_mask, training, want_y)
             scored.append((worst(backend.to_numpy(y), want_y, bound["y"]), f"y{i}"))
             got_state = layer.state_dict()
             if set(got_state) != set(spec.config.keys):  # a missing or extra entry is never scored
-                detail = f"state{i} keys: expected {list(spec.config.keys)}, got {list(got_state)}"
-                return Check(case.name, backend.name, float("inf"), 1.0, False, detail)
+                raise _Failed(f"state{i} keys: expected {list(spec.config.keys)}, got {list(got_state)}", "state keys")
             for key, value in got_state.items():
                 want = golden[f"{case.name}/state{i}/{key}"]
                 scored.append((worst(backend.to_numpy(value), want, bound[key]), f"state{i}/{key}"))
@@ -103,11 +129,27 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
             grad_bounds = bounds.gradients(
                 golden[f"{case.name}/x{last}"], raw_mask, dy64, golden[f"{case.name}/grad/x"]
             )
-            for key, value in backend.gradients(layer, x, dy, mask, training).items():
+            try:
+                grads = backend.gradients(layer, x, dy, mask, training)
+            except NotApplicable:
+                grads = {}  # a backend without gradients: the rest is scored
+            want_keys = {"x", *spec.config.param_keys}
+            if grads and set(grads) != want_keys:
+                raise _Failed(f"gradients of {sorted(grads)}, expected {sorted(want_keys)}", "gradient keys")
+            for key, value in grads.items():
                 scored.append((worst(value, golden[f"{case.name}/grad/{key}"], grad_bounds[key]), f"grad/{key}"))
+    except NotApplicable:
+        raise
+    except _Failed as failure:
+        return Check(case.name, backend.name, float("inf"), 1.0, False, str(failure), differs=(failure.what,))
     except Exception as error:  # a crash is a failure of the backend, reported in the table
-        return Check(case.name, backend.name, float("inf"), 1.0, False, f"{type(error).__name__}: {error}")
+        return _crashed(case.name, backend, error)
     return _score(case.name, backend.name, scored)
+
+
+def _crashed(case: str, backend: ConformanceBackend, error: Exception) -> Check:
+    return Check(case, backend.name, float("inf"), 1.0, False, f"{type(error).__name__}: {error}",
+                 differs=(f"raised {type(error).__name__}",))  # fmt: skip
 
 
 def _bad_input(case: ErrorCase, backend: ConformanceBackend) -> tuple[Any, Any]:
@@ -146,22 +188,31 @@ def run_error_case(backend: ConformanceBackend, case: ErrorCase) -> Check:
         before = None if layer is None else {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
         try:
             fn()
+        except NotApplicable as reason:
+            return _not_applicable(case.name, backend, str(reason))
         except case.exception as error:
-            if not str(error).startswith(f"{case.argument}:"):
+            if not re.match(rf"{re.escape(case.argument)}: expected .+, got .+", str(error), re.S):
                 return Check(
-                    case.name, backend.name, None, None, False, f"message does not name {case.argument}: {error}"
-                )
+                    case.name, backend.name, None, None, False,
+                    f"message is not '{case.argument}: expected ..., got ...': {error}", differs=("message",),
+                )  # fmt: skip
             if before is not None:
                 after = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
-                if any(not np.array_equal(before[k], after[k]) for k in before):
-                    return Check(case.name, backend.name, None, None, False, "state changed before the error")
+                if set(after) != set(before) or any(not np.array_equal(before[k], after[k]) for k in before):
+                    return Check(case.name, backend.name, None, None, False, "state changed before the error",
+                                 differs=("state changed",))  # fmt: skip
             return Check(case.name, backend.name, None, None, True, case.exception.__name__)
         except Exception as error:
-            return Check(case.name, backend.name, None, None, False, f"raised {type(error).__name__}: {error}")
-        return Check(case.name, backend.name, None, None, False, f"no {case.exception.__name__} raised")
+            return Check(case.name, backend.name, None, None, False, f"raised {type(error).__name__}: {error}",
+                         differs=(f"raised {type(error).__name__}",))  # fmt: skip
+        return Check(case.name, backend.name, None, None, False, f"no {case.exception.__name__} raised",
+                     differs=("not raised",))  # fmt: skip
 
     with _precision(backend, "float32"):
-        return _run_error_case(backend, case, check)
+        try:
+            return _run_error_case(backend, case, check)
+        except NotApplicable as reason:
+            return _not_applicable(case.name, backend, str(reason))
 
 
 def _run_error_case(backend: ConformanceBackend, case: ErrorCase, check: Callable[..., Check]) -> Check:
@@ -172,7 +223,9 @@ def _run_error_case(backend: ConformanceBackend, case: ErrorCase, check: Callabl
     if case.where == "call":
         x, mask = _bad_input(case, backend)
         return check(lambda: layer(x, mask=mask), layer)
-    state = {k: backend.to_numpy(v) for k, v in layer.state_dict().items()}
+    # Every other entry differs from the current state, so a load that applies some
+    # entries before it raises shows (R6.3).
+    state = {k: backend.to_numpy(v) + 1 for k, v in layer.state_dict().items()}
     return check(lambda: layer.load_state_dict(_bad_state(case, state)), layer)
 
 
@@ -195,13 +248,16 @@ def run_sync_cases(
             )
         )
     try:
-        results = backend.run_replicated(jobs)
+        results = _replicated(backend, jobs)
     except Exception as error:
         return checks + [
             Check(c.name, backend.name, float("inf"), 1.0, False, f"{type(error).__name__}: {error}")
             for c in applicable
         ]
     for case, result in zip(applicable, results):
+        if isinstance(result, NotApplicable):
+            checks.append(_not_applicable(case.name, backend, str(result)))
+            continue
         scored = []
         groups = case.layer.get("axis_index_groups") or [list(range(case.replicas))]
         for r in range(case.replicas):
@@ -231,6 +287,21 @@ def run_sync_cases(
     return checks
 
 
+def _replicated(backend: ConformanceBackend, jobs: list[ReplicaJob]) -> list[Any]:
+    """Every job's result, all in one call (a backend may start processes for them);
+    when some cannot be expressed, each job alone, those as :class:`NotApplicable`."""
+    try:
+        return list(backend.run_replicated(jobs))
+    except NotApplicable:
+        results: list[Any] = []
+        for job in jobs:
+            try:
+                results.extend(backend.run_replicated([job]))
+            except NotApplicable as reason:
+                results.append(reason)
+        return results
+
+
 def cross_backend_checks(backends: Sequence[ConformanceBackend], golden: dict[str, np.ndarray]) -> list[Check]:
     """A state trained on one backend, loaded into another, gives the same outputs:
     both compute inference from the same float32 state, each within ``RULE * |scale|``
@@ -258,21 +329,50 @@ def cross_backend_checks(backends: Sequence[ConformanceBackend], golden: dict[st
     return checks
 
 
+def run_check_case(backend: ConformanceBackend, name: str) -> Check:
+    """One of ``cases.CHECK_CASES`` (but ``state_transfer``) on ``backend``."""
+    with _precision(backend, "float32"):
+        try:
+            return CHECKS[name](backend)
+        except NotApplicable as reason:
+            return _not_applicable(name, backend, str(reason))
+        except Exception as error:
+            return _crashed(name, backend, error)
+
+
+def _expected(check: Check, xfail: Mapping[str, Mapping[str, str]]) -> Check:
+    """Mark a check that the backend's expected-failure list names."""
+    reason = xfail.get(check.backend, {}).get(check.case)
+    if reason is not None:
+        check.xfail = reason
+    return check
+
+
 def run_suite(
     backends: Sequence[ConformanceBackend],
     golden: dict[str, np.ndarray],
     progress: Callable[[str], None] = lambda message: None,
+    xfail: Mapping[str, Mapping[str, str]] | None = None,
+    cases: Iterable[str] | None = None,
 ) -> list[Check]:
-    """Every case on every backend, then the synced and cross-backend checks."""
+    """Every case (or those named in ``cases``) on every backend, then the synced and
+    cross-backend checks; ``xfail``: per backend, the expected failures and why."""
+    selected = None if cases is None else set(cases)
+    keep = (lambda name: True) if selected is None else (lambda name: name in selected)
     checks: list[Check] = []
-    work: Iterable[tuple[str, Callable[[], Any]]] = [
-        *[(f"{b.name}: {c.name}", lambda b=b, c=c: [run_case(b, c, golden)]) for b in backends for c in CASES],
-        *[(f"{b.name}: {c.name}", lambda b=b, c=c: [run_error_case(b, c)]) for b in backends for c in ERROR_CASES],
-        *[(f"{b.name}: synced cases", lambda b=b: run_sync_cases(b, golden)) for b in backends],
-        ("state transfer between backends", lambda: cross_backend_checks(backends, golden)),
-    ]
-    work = list(work)
+    singles = [c.name for c in CHECK_CASES if c.name in CHECKS and keep(c.name)]
+    syncs = [c for c in SYNC_CASES if keep(c.name)]
+    work: list[tuple[str, Callable[[], Any]]] = [
+        *[(f"{b.name}: {c.name}", lambda b=b, c=c: [run_case(b, c, golden)]) for b in backends for c in CASES
+          if keep(c.name)],
+        *[(f"{b.name}: {c.name}", lambda b=b, c=c: [run_error_case(b, c)]) for b in backends for c in ERROR_CASES
+          if keep(c.name)],
+        *[(f"{b.name}: {n}", lambda b=b, n=n: [run_check_case(b, n)]) for b in backends for n in singles],
+        *[(f"{b.name}: synced cases", lambda b=b: run_sync_cases(b, golden, syncs)) for b in backends if syncs],
+    ]  # fmt: skip
+    if keep("state_transfer"):
+        work.append(("state transfer between backends", lambda: cross_backend_checks(backends, golden)))
     for i, (label, job) in enumerate(work, 1):
         progress(f"[{i}/{len(work)}] {label}")
-        checks.extend(job())
+        checks.extend(_expected(check, xfail or {}) for check in job())
     return checks

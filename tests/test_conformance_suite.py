@@ -115,13 +115,15 @@ def test_unavailable_is_reported_not_raised_as_import_error(monkeypatch):
         def load(self):
             raise ImportError("No module named 'cupy'")
 
-    monkeypatch.setattr("bn1d.conformance.registry.registered_backends", lambda: {"cupy": Entry()})
+    monkeypatch.setattr("bn1d.conformance.registry.registered_backends", lambda group=None: {"cupy": Entry()})
     with pytest.raises(BackendUnavailable, match="'cupy' is registered but cannot be loaded"):
         load_backend("cupy")
 
 
 def test_catalogue_names_are_unique_and_cover_the_contract():
-    names = [c.name for c in (*CASES, *ERROR_CASES, *SYNC_CASES)]
+    from bn1d.conformance.cases import CHECK_CASES
+
+    names = [c.name for c in (*CASES, *ERROR_CASES, *SYNC_CASES, *CHECK_CASES)]
     assert len(names) == len(set(names))
     dtypes = {c.dtype for c in CASES}
     assert dtypes == {"float16", "bfloat16", "float32", "float64"}
@@ -150,3 +152,56 @@ def test_a_missing_state_entry_fails_the_case():
     assert run_case(NumpyBackend(), case, vectors).passed
     check = run_case(Forgetful(), case, vectors)
     assert check.passed is False and "keys" in check.detail, check
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_the_spec_document_and_the_rule_index_agree():
+    """docs/spec.md's numbered rules are exactly conformance.spec.RULES, in order, and
+    its coverage table is current (``python -m bn1d.conformance.reports coverage``)."""
+    from bn1d.conformance import reports
+    from bn1d.conformance.spec import RULES, SPEC_VERSION
+
+    text = (ROOT / "docs" / "spec.md").read_text()
+    assert re.findall(r"^- \*\*(R\d+\.\d+)\*\*", text, re.M) == list(RULES)
+    assert f"Spec version: **{SPEC_VERSION}**" in text
+    block = text.split(reports.COVERAGE_START)[1].split(reports.COVERAGE_END)[0].strip()
+    assert block == reports.coverage_markdown(), "stale: python -m bn1d.conformance.reports coverage docs/spec.md"
+
+
+def test_every_rule_has_a_case_and_coverage_says_so():
+    result = subprocess.run([sys.executable, "-m", "bn1d.conformance", "--coverage"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "uncovered rules: none" in result.stdout, result.stdout
+
+
+def test_a_rule_without_a_case_fails_coverage(monkeypatch):
+    from bn1d.conformance import reports, spec
+
+    monkeypatch.setitem(spec.RULES, "R9.9", "a rule nobody checks")
+    text, uncovered = reports.coverage()
+    assert uncovered == ["R9.9"] and "R9.9 a rule nobody checks: NO CASE" in text
+
+
+def test_list_cases_names_every_case_with_its_rules():
+    result = subprocess.run([sys.executable, "-m", "bn1d.conformance", "--list-cases"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert set(lines) == {c.name for c in (*CASES, *ERROR_CASES, *SYNC_CASES)} | {
+        c.name for c in __import__("bn1d.conformance.cases", fromlist=["CHECK_CASES"]).CHECK_CASES
+    }
+    assert lines["cumulative_average"].split() == ["R1.5", "R3.7", "R3.1", "R6.1", "R2.5"]
+
+
+def test_the_readme_semantics_table_is_the_peers_report():
+    """README's table is generated from docs/peers.json (``tox -e peers`` regenerates both)."""
+    import json
+
+    from bn1d.conformance import reports
+
+    report = json.loads((ROOT / "docs" / "peers.json").read_text())["report"]
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(reports.START)[1].split(reports.END)[0].strip()
+    assert block == reports.readme_table(report), "stale: python -m bn1d.conformance.reports readme ..."
+    assert set(report["peers"]) == {"brainpy", "equinox", "flax_linen", "flax_nnx", "keras", "torch_nn"}

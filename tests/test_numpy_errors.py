@@ -1,4 +1,4 @@
-"""SPEC sections 1 and 7: every bad argument or input raises a ValueError/TypeError
+"""docs/spec.md sections 1, 7: every bad argument or input raises a ValueError/TypeError
 naming the argument, what was expected and what was given, before any state changes."""
 
 import re

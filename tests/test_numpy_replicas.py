@@ -1,4 +1,4 @@
-"""SPEC section 4 on the NumPy specification: synced statistics are those of the
+"""docs/spec.md section 4 on the NumPy specification: synced statistics are those of the
 concatenated local batches of a replica group, weighted by counts.
 
 Tolerance: float64 throughout; the synced sums add the same numbers in another

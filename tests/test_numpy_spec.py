@@ -1,4 +1,4 @@
-"""SPEC sections 2, 3, 5, 6 and 8 on the NumPy backend, against the independent
+"""docs/spec.md sections 2, 3, 5, 6 and 8 on the NumPy backend, against the independent
 float64 re-derivation in ``reference.py``.
 
 Tolerances: with float64 parameters and inputs the only differences are summation
@@ -193,7 +193,7 @@ def test_ill_conditioned_two_pass_keeps_precision():
     # off by the square of the float32 mean's error, about one ulp of 1e4 (2**-10):
     # ~1e-6 against a variance of 1e-4.
     np.testing.assert_allclose(two_pass.running_var * (n - 1) / n, true_var, rtol=0, atol=2 * 2.0**-20)
-    # The one-pass formula loses everything: SPEC section 2 says it returns var = 0 here.
+    # The one-pass formula loses everything: docs/spec.md section 2 says it returns var = 0 here.
     np.testing.assert_array_equal(fast.running_var, 0.0)
     (y_ref,), _, _ = reference([x], feature_axis=2)
     # A mean error of one ulp of 1e4 is ~0.1 std, hence the bound on y.

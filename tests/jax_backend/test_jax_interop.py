@@ -1,4 +1,4 @@
-"""The JAX layer with Flax linen, BrainPy and optax (SPEC section 6, issue items 2 and 6).
+"""The JAX layer with Flax linen, BrainPy and optax (docs/spec.md section 6, issue items 2 and 6).
 
 Flax and optax are test dependencies (``pytest.importorskip``: the package itself
 never needs them). BrainPy is optional too: the test against the real

@@ -1,4 +1,4 @@
-"""Cross-replica statistics of the JAX backend over 4 CPU devices (SPEC section 4).
+"""Cross-replica statistics of the JAX backend over 4 CPU devices (docs/spec.md section 4).
 
 Under ``jax.vmap``, ``jax.pmap`` and ``jax.shard_map``, with and without
 ``axis_index_groups=[[0, 1], [2, 3]]`` and with uneven masked counts, every
