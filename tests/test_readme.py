@@ -12,7 +12,7 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-FRAMEWORKS = ("jax", "torch", "flax", "optax", "array_api_strict")
+FRAMEWORKS = ("jax", "torch", "flax", "optax", "equinox", "array_api_strict")
 
 
 def needs(block):

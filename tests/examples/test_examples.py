@@ -62,3 +62,22 @@ def test_jax_distributed_launcher_gives_the_global_batch_statistics():
     # numpy prints 8 significant digits: that is the tolerance.
     np.testing.assert_allclose(printed["running_mean"], 0.01 * flat.mean(axis=0), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(printed["running_var"], 0.99 + 0.01 * flat.var(axis=0) * n / (n - 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "script, checks",
+    [
+        ("nnx_data_parallel.py", ["group [0, 1]: statistics of its 28 real rows (of 32): ok",
+                                  "group [2, 3]: statistics of its 12 real rows (of 32): ok"]),
+        ("linen_sequences.py", ["first step: statistics of the 251 real positions (of 384): ok"]),
+        ("equinox_per_example.py", ["first step: statistics of the 48 kept examples (of 64): ok"]),
+    ],
+)  # fmt: skip
+def test_jax_module_examples_train_with_the_specifications_statistics(script, checks):
+    """Each checks one step against the NumPy specification (an assertion, then the line
+    printed) and asserts an accuracy above 0.9 after training (the exit status)."""
+    (output,) = launch([[sys.executable, str(ROOT / "examples" / script)]])
+    for line in checks:
+        assert line in output, output
+    accuracy = float(re.search(r"accuracy (\d\.\d+)", output).group(1))
+    assert accuracy > 0.9, output

@@ -2,8 +2,8 @@
 
 Forward, running statistics and ``jax.grad`` gradients are compared with the
 float64 NumPy backend (``BatchNorm1d.__call__`` and the analytic ``vjp``), in
-training and inference, with and without masks, for every layout of SPEC
-section 1; then dtypes, edge counts, errors (SPEC section 7) and the protocol.
+training and inference, with and without masks, for every layout of docs/spec.md
+R1.3; then dtypes, edge counts, errors (docs/spec.md R7.1) and the protocol.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from bn1d.protocol import BatchNormLayer
 # factor or axis) changes (> 1e-3).
 ATOL, RTOL = 2e-5, 2e-5
 
-#: (name, axis, input shape): SPEC section 1's layouts, with negative axes.
+#: (name, axis, input shape): docs/spec.md R1.3's layouts, with negative axes.
 LAYOUTS = [
     ("BLC", (0, 1), (4, 5, 3)),
     ("BC", 0, (6, 3)),
@@ -108,7 +108,7 @@ def test_variance_options_and_non_affine_layer_match_the_specification(options):
 
 
 def test_spec_reference_numbers():
-    """SPEC section 8 (BrainPy 2.8.2's numbers for this input)."""
+    """docs/spec.md R8.1 (BrainPy 2.8.2's numbers for this input)."""
     x = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32)
     layer = BatchNorm1d(3)
     y = layer(x)
@@ -154,7 +154,7 @@ def test_float64_with_x64_matches_the_specification_to_rounding():
 
 
 def test_two_pass_variance_survives_a_large_mean_and_fast_variance_does_not():
-    """Mean 1e4, std 1e-2 in float32 (SPEC section 2): the one-pass formula cancels."""
+    """Mean 1e4, std 1e-2 in float32 (docs/spec.md R2.2, R2.7): the one-pass formula cancels."""
     x = (1e4 + 1e-2 * np.random.default_rng(4).standard_normal((16, 8, 3))).astype(np.float32)
     true_var = np.var(x.astype(np.float64), axis=(0, 1))
     for fast in (False, True):
@@ -165,7 +165,7 @@ def test_two_pass_variance_survives_a_large_mean_and_fast_variance_does_not():
 
 
 def test_no_unmasked_position_behaves_as_inference():
-    """n == 0 (SPEC section 3): y as in inference, state unchanged, nothing NaN."""
+    """n == 0 (docs/spec.md R3.6): y as in inference, state unchanged, nothing NaN."""
     jax_layer, spec_layer = layers((0, 1))
     x, dy, _ = data((4, 5, 3), 2, seed=5)
     mask = np.zeros((4, 5), bool)
@@ -306,6 +306,8 @@ def test_layers_pickle():
     """The compiled call is cached per configuration at module level, not on the layer."""
     import pickle
 
+    fresh = pickle.loads(pickle.dumps(BatchNorm1d(3)))  # the issue's reproducer
+    assert fresh.config == BatchNorm1d(3).config
     layer, _ = layers((0, 1))
     x = np.random.default_rng(10).standard_normal((4, 5, 3)).astype(np.float32)
     layer(x)
