@@ -193,7 +193,7 @@ def _from_flax(layer: nnx.BatchNorm, ndim: int | None, options: dict[str, Any]) 
         raise argument_error("axis", "one feature axis (bn1d normalises per feature of one axis)", layer.axis)
     feature = int(layer.axis[0] if isinstance(layer.axis, (tuple, list)) else layer.axis)
     adaptive = ndim is None
-    if adaptive:  # the smallest rank that has the feature axis; calls of other ranks adapt
+    if ndim is None:  # the smallest rank that has the feature axis; calls of other ranks adapt
         ndim = max(2, feature + 1 if feature >= 0 else -feature)
     if not -ndim <= feature < ndim:
         raise argument_error("ndim", f"a rank that has the feature axis {feature}", ndim)
