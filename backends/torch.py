@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import array_api_compat.torch as xp
 import numpy as np
@@ -38,7 +38,7 @@ from bn1d.state import check_state, from_torch_state_dict, to_torch_state_dict, 
 
 from . import torch_kernels
 
-__all__ = ["BatchNorm1d"]
+__all__ = ["BatchNorm1d", "ChannelFirstBatchNorm", "convert_batchnorm", "revert_batchnorm", "sync_running_statistics"]
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
@@ -142,6 +142,12 @@ class BatchNorm1d(nn.Module):
             and config.feature_axis in (1, config.ndim - 1)
         )
         self._peers_checked = False  # synced: whether all ranks agreed on num_features etc. (first call)
+        self._agreed_shift: torch.Tensor | None = None  # synced over a large group: torch_distributed.Reduce
+        self._digest: int | None = None  # synced: torch_distributed.fingerprint(config), computed once
+        if config.synced:
+            from . import torch_distributed
+
+            self._digest = torch_distributed.fingerprint(config)
         self._inference_check: tuple[Any, bool] = (None, False)  # (running statistics' versions, accurate)
 
     # -- the uniform layer protocol -------------------------------------------------
@@ -157,13 +163,14 @@ class BatchNorm1d(nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
         group = self._sync_group() if training and self.config.synced else None
-        gather = None if group is None else self._gather(x, group)
+        exchange = None if group is None else self._exchange(x, group)
         route = self._route(x, mask, training, group)
-        if route == "core":
-            return self._core_forward(x, mask, training, gather)
-        if route == "synced native":
-            return self._kernel_forward(x, gather)
-        return self._native_forward(x, training)
+        if route == "native":
+            return self._native_forward(x, training)
+        y = self._core_forward(x, mask, training, exchange) if route == "core" else self._kernel_forward(x, exchange)
+        if exchange is not None:  # the next call's agreed shift (torch_distributed.Reduce; None for Gather)
+            self._agreed_shift = exchange.next_shift
+        return y
 
     def _route(self, x: torch.Tensor, mask: torch.Tensor | None, training: bool, group: Any) -> str:
         """The path of one call, one of:
@@ -180,7 +187,7 @@ class BatchNorm1d(nn.Module):
           holds for it (:meth:`_native_forward`).
 
         Synced ranks may take different paths: both synced paths make the same
-        exchanges.
+        exchanges (``torch_distributed.make_exchange`` chooses them by the group alone).
         """
         if not self._native or (training and mask is not None) or torch.compiler.is_compiling():
             return "core"
@@ -196,15 +203,15 @@ class BatchNorm1d(nn.Module):
         return {key: cast(torch.Tensor, self._buffers[key]) for key in self.config.state_keys}
 
     # -- the paths ------------------------------------------------------------------------
-    def _core_forward(self, x: torch.Tensor, mask: torch.Tensor | None, training: bool, gather: Any) -> torch.Tensor:
-        """:func:`bn1d.algorithm.forward` under autograd (``gather``: the synced exchange)."""
+    def _core_forward(self, x: torch.Tensor, mask: torch.Tensor | None, training: bool, exchange: Any) -> torch.Tensor:
+        """:func:`bn1d.algorithm.forward` under autograd (``exchange``: the synced one)."""
         from . import torch_distributed
 
         state = self._state()
         if training:  # copies: under torch.compile with graph breaks, a graph may save them for backward
             state = {key: value.clone() for key, value in state.items()}  # before copy_ below
         hooks = Hooks(
-            all_gather=None if gather is None else torch_distributed.make_all_gather(gather),
+            all_gather=None if exchange is None else torch_distributed.make_all_gather(exchange),
             stop_gradient=torch.Tensor.detach,
         )
         params = {key: self._parameters[key] for key in self.config.param_keys}
@@ -219,8 +226,9 @@ class BatchNorm1d(nn.Module):
         :class:`torch_kernels.NativeBatchNorm`; in inference the inference kernel
         unless ``|running_mean| / std`` is too large for its ``x * a + b``."""
         params, buffers = self._parameters, self._buffers
-        # Contiguous input: PyTorch's generic strided kernel rounds half-input parameter gradients to half.
-        view = x.reshape(-1, self.config.num_features) if self._channels_last else x.contiguous()
+        # Contiguous input: PyTorch's generic strided kernel rounds half-input parameter gradients to
+        # half; a channel-last view can be strided too (a transposed (N, C), a slice of the features).
+        view = (x.reshape(-1, self.config.num_features) if self._channels_last else x).contiguous()
         if training:
             y = self._fused_forward(view)
             if y is None:
@@ -258,14 +266,15 @@ class BatchNorm1d(nn.Module):
         cast(torch.Tensor, count).add_(1)
         return y
 
-    def _kernel_forward(self, x: torch.Tensor, gather: Any) -> torch.Tensor:
-        """Training on :class:`torch_kernels.NativeBatchNorm`, in the compute dtype."""
+    def _kernel_forward(self, x: torch.Tensor, exchange: Any) -> torch.Tensor:
+        """Training on :class:`torch_kernels.NativeBatchNorm`, in the compute dtype, contiguous
+        (a cast keeps a strided input's strides)."""
         c, params = self.config.num_features, self._parameters
-        view = x.reshape(-1, c) if self._channels_last else x.contiguous()
+        view = x.reshape(-1, c) if self._channels_last else x
         state = self._state()
         dtype = compute_dtype(torch, x.dtype, state["running_mean"].dtype)
         y, *new_values = torch_kernels.NativeBatchNorm.apply(
-            view.to(dtype), params.get("scale"), params.get("bias"), state, gather, self.config
+            view.to(dtype).contiguous(), params.get("scale"), params.get("bias"), state, exchange, self.config
         )
         self._update_state(dict(zip(self.config.state_keys, new_values)))
         y = y.to(x.dtype)
@@ -300,18 +309,22 @@ class BatchNorm1d(nn.Module):
 
         return torch_distributed.sync_group(self.process_group, self.config.axis_index_groups, self.timeout)
 
-    def _gather(self, x: torch.Tensor, group: Any) -> Any:
-        """The exchange of one synced training call; the first call checks that every
-        rank agrees on what sizes the exchange (``torch_distributed.check_peers``)."""
+    def _exchange(self, x: torch.Tensor, group: Any) -> Any:
+        """The exchange of one synced training call (``torch_distributed.make_exchange``:
+        by the group's size); the first call checks that every rank agrees on what
+        sizes the exchange (``torch_distributed.check_peers``)."""
         from . import torch_distributed
 
         float64 = call_dtype(torch, x.dtype, self._parameters, self._buffers) == torch.float64
-        header = torch_distributed.make_header(x, self.config, float64=float64)
+        header = torch_distributed.make_header(x, self.config, float64=float64, digest=self._digest)
         if not self._peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
             parent = torch.distributed.group.WORLD if self.process_group is None else self.process_group
             torch_distributed.check_peers(header, device=x.device, group=parent, timeout=self.timeout)
             self._peers_checked = True
-        return torch_distributed.Gather(group, header, self.timeout)
+        return torch_distributed.make_exchange(
+            group, header, self.timeout, fast_variance=self.config.fast_variance, shift=self._agreed_shift,
+            device=x.device,
+        )  # fmt: skip
 
     # -- state ----------------------------------------------------------------------------
     def train(self, mode: bool = True) -> BatchNorm1d:
@@ -336,10 +349,20 @@ class BatchNorm1d(nn.Module):
         the parameters' and statistics' dtype and device."""
         return next((getattr(self, key) for key in self.config.keys if key in ("scale", "running_mean")), None)
 
+    @property
+    def _checkpoint_config(self) -> BatchNormConfig:
+        """The config whose ``keys`` are this module's ``state_dict()`` keys (``config``)."""
+        return self.config
+
     def _checked_state(self, state_dict: Any) -> dict[str, np.ndarray]:
         reference = self._reference()
         dtype = np.float32 if reference is None else _PARAM_DTYPES.get(reference.dtype, np.float32)
-        return check_state(state_dict, self.config, dtype=dtype)
+        return check_state(state_dict, self._checkpoint_config, dtype=dtype)
+
+    def _checkpoint_entries(self, local: dict[str, Any], local_metadata: Mapping[str, Any]) -> dict[str, Any]:
+        """A checkpoint's entries for this module, named as ``state_dict()`` names them
+        (unchanged here; a converted layer also takes PyTorch's names)."""
+        return local
 
     def _set_state(self, checked: Mapping[str, np.ndarray], given: Mapping[str, Any], assign: bool) -> None:
         with torch.no_grad():
@@ -367,17 +390,28 @@ class BatchNorm1d(nn.Module):
         self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:  # fmt: skip
-        """Loading as part of a parent module: the same checks, errors reported to the parent."""
+        """Loading as part of a parent module, with PyTorch's documented semantics: the
+        entries present are loaded, absent ones are reported as ``missing_keys`` and
+        unknown ones as ``unexpected_keys`` (the parent raises for either only when
+        ``strict``). The entries present are checked together first (``check_state``;
+        an error is reported to the parent and nothing of this layer is loaded)."""
         local = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-        if not strict and not local:
-            missing_keys.extend(prefix + key for key in self.config.keys)
+        local = self._checkpoint_entries(local, local_metadata)
+        keys = self._checkpoint_config.keys
+        missing_keys.extend(prefix + key for key in keys if key not in local)
+        unexpected_keys.extend(prefix + key for key in local if key not in keys)
+        present = {key: local[key] for key in keys if key in local}
+        if not present:
             return
+        # Absent entries are checked as placeholders of the right shape and never assigned.
+        placeholders = initial_state(self._checkpoint_config, Ones(1.0), Zeros(), np.float64)
         try:
-            checked = self._checked_state(local)
+            checked = self._checked_state({**placeholders, **present})
         except (TypeError, ValueError) as error:
             error_msgs.append(str(error))
             return
-        self._set_state(checked, local, bool(local_metadata.get("assign_to_params_buffers", False)))
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        self._set_state({key: checked[key] for key in present}, present, assign)
 
     # -- interop with torch.nn.BatchNorm1d -------------------------------------------
     @classmethod
@@ -432,3 +466,20 @@ class BatchNorm1d(nn.Module):
             f"{c.num_features}, axis={c.reduce_axes}, epsilon={c.epsilon}, momentum={c.momentum}, "
             f"affine={c.affine}, axis_name={c.axis_name!r}{options}"
         )
+
+
+if TYPE_CHECKING:  # imported lazily at run time (``__getattr__`` below)
+    from .torch_models import ChannelFirstBatchNorm, convert_batchnorm, revert_batchnorm, sync_running_statistics
+
+_MODEL_NAMES = frozenset({"ChannelFirstBatchNorm", "convert_batchnorm", "revert_batchnorm", "sync_running_statistics"})
+
+
+def __getattr__(name: str) -> Any:
+    """Whole models (conversion, checkpoints, running statistics across ranks) live in
+    ``bn1d.backends.torch_models``, which builds on ``BatchNorm1d``: imported on first
+    use, so either module may be imported first without a circular import."""
+    if name in _MODEL_NAMES:
+        from . import torch_models
+
+        return getattr(torch_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

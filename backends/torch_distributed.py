@@ -1,12 +1,35 @@
 r"""Cross-replica statistics for ``bn1d.backends.torch`` over ``torch.distributed``.
 
 One exchange per synced training call, device-agnostic (gloo on CPU, NCCL on
-GPU): every rank of a group contributes its count, shift ``K``, shifted sum
-``sum(x - K)`` and sum of squared deviations, which
-:func:`bn1d.algorithm.combine_shifted` merges in the frame of rank 0's shift
-(Chan, Golub and LeVeque: no cancellation), or, with ``fast_variance``, its
-count, sum and sum of squares, which are added. The backward pass makes one more
-exchange, of the cotangents, when the input needs a gradient.
+GPU), forward and (when the input needs a gradient) backward. Two exchanges,
+chosen by the group's size (:func:`make_exchange`; the cost model and the bytes
+counted by ``bn1d.backends.torch_exchange_cost`` are in ``docs/torch-models.md``):
+
+* :class:`Gather`, for groups of at most :data:`ALL_GATHER_MAX_RANKS` ranks: one
+  all-gather of every rank's row (header, count, shift ``K_r``, shifted sum
+  ``sum(x - K_r)`` and centred squares), merged by
+  :func:`bn1d.algorithm.combine_shifted` in the frame of rank 0's shift (Chan,
+  Golub and LeVeque: no cancellation), or, with ``fast_variance``, its count, sum
+  and sum of squares, which are added. Its backward all-reduces the ``(ranks,
+  row)`` cotangents: for a loss :math:`L = \sum_q L_q` summed over ranks,
+  :math:`\partial L/\partial a_r = \sum_q \partial L_q/\partial \mathrm{rows}[r]`.
+  ``O(ranks x C)`` bytes per rank, one round; the headers are compared on every
+  call and a mismatch names every rank.
+* :class:`Reduce`, for larger groups: one all-reduce of each rank's count and its
+  sums re-centred on a shift that every rank holds bitwise (the previous call's
+  global mean, :attr:`Reduce.next_shift`), with a checksum of the header and of
+  that shift. ``O(C)`` bytes per rank, one round; the backward all-reduces the
+  ``2C`` cotangents of the combined row. A checksum that differs between ranks
+  (which every rank sees, the reduced sums being identical) makes that call fall
+  back to :class:`Gather`, which names disagreeing ranks or, when only the shift
+  differed, gives the exact statistics and a new agreed shift.
+
+Both look to the algorithm like the core's ``all_gather`` hook (:class:`Reduce`
+returns one combined row), so both paths use either: the core
+(:func:`make_all_gather`, differentiable) and PyTorch's kernels around the exchange
+(:class:`bn1d.backends.torch_kernels.NativeBatchNorm`). The collectives of a call
+depend only on the group, so ranks may take different paths (e.g. a mask on some
+ranks only).
 
 * :func:`sync_group` resolves the group of this rank: ``process_group`` (WORLD by
   default), or, with ``axis_index_groups``, the subgroup (``dist.new_group``) that
@@ -22,22 +45,17 @@ exchange, of the cotangents, when the input needs a gradient.
   be reported on every rank from inside one collective (gloo aborts the rank that
   receives the longer row): ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` (PyTorch's check of
   every collective's shapes) reports them on every rank.
-* :class:`Gather` makes the exchange: one all-gather of this rank's row
-  (header, then values) in float64. Each call's headers are
-  compared again, so a dtype or option that changes on one rank later is also a
-  ``ValueError`` on every rank. Local batch sizes may differ: the statistics are
-  count-weighted.
-* Two paths make the same exchanges, so ranks may take different ones (e.g. a
-  mask on some ranks only): the core (:func:`make_all_gather`, the core's
-  differentiable ``all_gather`` hook; its backward all-reduces the cotangents,
-  because :math:`\partial L/\partial a_r = \sum_q \partial L_q/\partial
-  \mathrm{rows}[r]` for a loss :math:`L = \sum_q L_q` summed over ranks), and
-  PyTorch's native kernels around the exchange
-  (:class:`bn1d.backends.torch_kernels.NativeBatchNorm`).
+* ``bn1d.backends.torch_models.sync_running_statistics`` (built on
+  :func:`all_reduce_sum`) makes the running statistics of a model's layers
+  identical across ranks (their mean, or one rank's) before evaluation.
 
 Every collective waits at most ``timeout`` seconds (``None``: the process group's
 own timeout): a rank that died or never calls the layer gives a ``RuntimeError``
-on the others instead of a hang.
+on the others instead of a hang. Under ``torch.compile`` the collectives are
+PyTorch's functional collectives (traced into the graph, the same messages; the
+process group's timeout applies) and a header or checksum that differs between
+ranks is a ``RuntimeError`` from ``torch._assert_async`` (no fallback, no rank
+names: those need the host).
 """
 
 from __future__ import annotations
@@ -51,18 +69,43 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
-from bn1d.algorithm import AllGather
+from bn1d.algorithm import AllGather, combine_shifted
 from bn1d.config import OPTIONS, BatchNormConfig, argument_error, check_partition
 
-__all__ = ["Gather", "check_peers", "fingerprint", "make_all_gather", "make_header", "sync_group"]
+__all__ = [
+    "ALL_GATHER_MAX_RANKS",
+    "Gather",
+    "Reduce",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "check_peers",
+    "fingerprint",
+    "group_rank",
+    "group_size",
+    "make_all_gather",
+    "make_exchange",
+    "make_header",
+    "sync_group",
+]
 
+#: The largest group that exchanges with :class:`Gather` (one round, ``O(ranks x C)``
+#: bytes); larger groups use :class:`Reduce` (one round, ``O(C)`` bytes). Every rank
+#: of a group must have the same value.
+ALL_GATHER_MAX_RANKS = 8
 _MAX_HEADER_DIMS = 8
 _AGREED = 6  # header entries every rank must share; the dims after them may differ
+_PRIME = 2**31 - 1  # the checksum of the agreed shift is taken modulo this prime
 #: Subgroups per parent process group and ``axis_index_groups``. Weakly keyed: when
 #: ``destroy_process_group`` drops a parent, its entry (and the subgroups, destroyed
 #: with it) goes too; a process that holds destroyed groups aborts at exit.
 _subgroups: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[int, ...], ...], list[Any]]] = weakref.WeakKeyDictionary()
+
+
+#: The eager all-gather into one tensor (``all_gather_single`` from PyTorch 2.13 on); the
+#: functional collective of compiled graphs makes the same collective.
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _wait(work: Any, timeout: float | None, what: str, group: Any) -> None:
@@ -80,6 +123,37 @@ def _wait(work: Any, timeout: float | None, what: str, group: Any) -> None:
         ) from error
 
 
+# -- the collectives (the only calls into torch.distributed's messages) -------------------
+def group_size(group: Any) -> int:
+    """The number of ranks of ``group``."""
+    return dist.get_world_size(group)
+
+
+def group_rank(group: Any) -> int:
+    """This process's rank in ``group``."""
+    return dist.get_rank(group)
+
+
+def all_gather_rows(row: torch.Tensor, group: Any, timeout: float | None, what: str) -> torch.Tensor:
+    """Every rank's 1-D ``row``, stacked ``(ranks, row.numel())`` in rank order: one round."""
+    size = group_size(group)
+    if torch.compiler.is_compiling():
+        return funcol.all_gather_single(row, 0, group).view(size, -1)
+    buffer = row.new_empty(size * row.numel())
+    _wait(_ALL_GATHER_SINGLE(buffer, row, group=group, async_op=True), timeout, what, group)
+    return buffer.view(size, -1)
+
+
+def all_reduce_sum(buffer: torch.Tensor, group: Any, timeout: float | None, what: str) -> torch.Tensor:
+    """The sum over the ranks of ``group`` of ``buffer`` (contiguous; summed in place
+    eagerly), identical on every rank: one round."""
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(buffer, "sum", group)
+    _wait(dist.all_reduce(buffer, group=group, async_op=True), timeout, what, group)
+    return buffer
+
+
+# -- groups and headers ----------------------------------------------------------------------
 def sync_group(process_group: Any, axis_index_groups: tuple[tuple[int, ...], ...] | None, timeout: float | None) -> Any:
     """The process group whose ranks this rank's statistics are summed over."""
     parent = dist.group.WORLD if process_group is None else process_group
@@ -112,11 +186,13 @@ def _describe(ranks: list[int], header: Sequence[int]) -> str:
     )
 
 
-def make_header(x: torch.Tensor, config: BatchNormConfig, *, float64: bool) -> list[int]:
-    """What every rank of a group must agree on (all but the batch sizes), then the input's shape."""
+def make_header(x: torch.Tensor, config: BatchNormConfig, *, float64: bool, digest: int | None = None) -> list[int]:
+    """What every rank of a group must agree on (all but the batch sizes), then the input's
+    shape; ``digest``: :func:`fingerprint` of ``config``, if known (a layer computes it once:
+    ``torch.compile`` cannot trace ``zlib``)."""
     dims = list(x.shape[:_MAX_HEADER_DIMS]) + [-1] * (_MAX_HEADER_DIMS - min(x.dim(), _MAX_HEADER_DIMS))
     agreed = [config.num_features, x.dim(), config.feature_axis, int(float64), int(config.fast_variance)]
-    return [*agreed, fingerprint(config), *dims]
+    return [*agreed, fingerprint(config) if digest is None else digest, *dims]
 
 
 def _raise_on_mismatch(headers: list[list[int]]) -> None:
@@ -128,18 +204,39 @@ def _raise_on_mismatch(headers: list[list[int]]) -> None:
         raise argument_error("x", "the same num_features, input rank, dtype and options on every rank", given)
 
 
+_COMPILED_MISMATCH = (
+    "x: expected the same num_features, input rank, dtype and options on every rank, got ranks that differ "
+    "(under torch.compile the ranks are not named: run the call eagerly to see them)"
+)
+
+
+def _check_headers(headers: torch.Tensor) -> None:
+    """Raise unless the rows of ``headers`` (integers) share their agreed entries."""
+    if torch.compiler.is_compiling():  # no host round trip in a graph: an assertion on the device
+        agreed = headers[:, :_AGREED]
+        torch._assert_async((agreed == agreed[0]).all(), _COMPILED_MISMATCH)
+        return
+    _raise_on_mismatch(headers.long().tolist())
+
+
 def check_peers(header: list[int], *, device: Any, group: Any, timeout: float | None) -> None:
     """Raise ``ValueError`` on every rank unless all ranks of ``group`` have the same
     header (:func:`make_header`): run before the first exchange of statistics, whose
     size depends on num_features."""
     local = torch.tensor(header, dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    _wait(dist.all_gather(gathered, local, group=group, async_op=True), timeout, "the all_gather of shapes", group)
-    _raise_on_mismatch([h.tolist() for h in gathered])
+    _check_headers(all_gather_rows(local, group, timeout, "the all_gather of shapes"))
 
 
+def _split(values: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``values`` (``(..., sum of sizes)``) as arrays shaped and typed like ``like``."""
+    lead = values.shape[:-1]
+    parts = values.split([a.numel() for a in like], dim=-1)
+    return tuple(p.reshape((*lead, *a.shape)).to(a.dtype) for p, a in zip(parts, like))
+
+
+# -- the two exchanges ------------------------------------------------------------------------
 class Gather:
-    """The exchange of per-rank statistics in one collective.
+    """The exchange of small groups: one all-gather of every rank's row.
 
     Each rank all-gathers its row (the header, then the arrays flattened) in
     float64: every rank gets every row, exactly (float32 and float64 values and
@@ -147,57 +244,192 @@ class Gather:
     messages; the all-reduce of a zero ``(ranks, row)`` buffer that gives the
     same rows takes two with gloo (measured in ``docs/performance.md``). Every
     synced training call, on either path, makes this same exchange for its
-    ``(count, mean, centred squares)`` (or ``(count, sum, sum of squares)``), and
-    its backward pass one all-reduce of the
-    ``(ranks, values)`` cotangents (each rank needs the sum over ranks of its
-    row: a reduce-scatter, which gloo runs slower than the all-reduce): the
-    collectives match whatever path each rank takes. The headers are compared
-    on every call.
+    ``(count, shift, shifted sum, centred squares)`` (or ``(count, sum, sum of
+    squares)``), and its backward pass one all-reduce of the ``(ranks, values)``
+    cotangents (each rank needs the sum over ranks of its row: a reduce-scatter,
+    which gloo runs slower than the all-reduce). The headers are compared on
+    every call.
     """
 
     def __init__(self, group: Any, header: list[int], timeout: float | None):
         self.group, self.header, self.timeout = group, header, timeout
-        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.rank, self.size = group_rank(group), group_size(group)
+        self.next_shift: torch.Tensor | None = None  # no shift to agree on
 
     def rows(self, arrays: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Every rank's ``arrays``, stacked: ``(ranks, *a.shape)`` each, in ``a``'s dtype."""
-        h, device = len(self.header), arrays[0].device
-        header = torch.tensor(self.header, dtype=torch.float64, device=device)
+        h = len(self.header)
+        header = torch.tensor(self.header, dtype=torch.float64, device=arrays[0].device)
         row = torch.cat([header, *(a.detach().reshape(-1).to(torch.float64) for a in arrays)])
-        buffer = row.new_empty(self.size, row.numel())
-        work = dist.all_gather(list(buffer.unbind(0)), row, group=self.group, async_op=True)
-        _wait(work, self.timeout, "the exchange of statistics", self.group)
-        _raise_on_mismatch(buffer[:, :h].long().tolist())
-        return self._split(buffer[:, h:], arrays)
+        buffer = all_gather_rows(row, self.group, self.timeout, "the exchange of statistics")
+        _check_headers(buffer[:, :h])
+        return _split(buffer[:, h:], arrays)
 
     def own_cotangents(self, cotangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """This rank's row of the sum over ranks of each rank's ``(ranks, *shape)`` cotangents."""
         buffer = torch.cat([c.reshape(self.size, -1).to(torch.float64) for c in cotangents], dim=1)
-        work = dist.all_reduce(buffer, group=self.group, async_op=True)
-        _wait(work, self.timeout, "the exchange of gradients", self.group)
-        return self._split(buffer[self.rank], tuple(c[0] for c in cotangents))
+        buffer = all_reduce_sum(buffer, self.group, self.timeout, "the exchange of gradients")
+        return _split(buffer[self.rank], tuple(c[0] for c in cotangents))
 
-    def _split(self, values: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        lead = values.shape[:-1]
-        parts = values.split([a.numel() for a in like], dim=-1)
-        return tuple(p.reshape((*lead, *a.shape)).to(a.dtype) for p, a in zip(parts, like))
+
+def _nibbles(values: torch.Tensor) -> torch.Tensor:
+    """Integers ``0 <= v < 2**32`` as their eight 4-bit pieces, in float64."""
+    offsets = torch.arange(0, 32, 4, device=values.device, dtype=torch.int64)
+    return ((values.reshape(-1, 1) >> offsets) & 0xF).reshape(-1).to(torch.float64)
+
+
+def _shift_checksum(shift: torch.Tensor) -> torch.Tensor:
+    """Two weighted sums modulo :data:`_PRIME` of the bits of ``shift`` (float64 ``(C,)``):
+    computed on its device, with no overflow (every product is below ``2**62``)."""
+    bits = shift.contiguous().view(torch.int64)
+    weights = torch.arange(1, shift.numel() + 1, device=shift.device, dtype=torch.int64) % _PRIME
+    halves = torch.stack([bits & 0xFFFFFFFF, (bits >> 32) & 0xFFFFFFFF]) % _PRIME
+    return (halves * weights % _PRIME).sum(dim=1) % _PRIME
+
+
+class Reduce:
+    r"""The exchange of large groups: one all-reduce of sums around an agreed shift.
+
+    ``shift`` is the agreed shift ``K`` ``(C,)`` (float64), the same bits on every
+    rank: zeros on a layer's first synced call, then :attr:`next_shift`, the
+    global mean of the previous call (computed here, from the reduced sums, with
+    the same operations on every rank). Rank ``r``, with count ``n_r``, local
+    shift ``K_r``, ``S1_r = sum(x - K_r)`` and centred squares ``M_r``, sends in
+    float64, with ``e_r = S1_r / n_r + (K_r - K)`` (its mean minus ``K``)::
+
+        n_r,   n_r * e_r,   M_r + n_r * e_r**2,   checksum nibbles c,   c**2
+
+    and the sums give ``n``, ``A = n (mean - K)`` and ``B``, the squares around
+    ``K``; the centred squares of the whole group are ``B - A**2 / n``. That
+    difference cancels only as much as ``|mean - K| / std`` is large: ``K`` is the
+    previous call's mean, so little after the first call, and in float64 the
+    relative error ``u64 (|mean - K| / std)**2`` is 1e-8 even at the contract's
+    ``|mean| / std = 1e4`` with ``K = 0``. :meth:`rows` returns the one combined
+    row ``(n, K, A, B - A**2 / n)``, which :func:`~bn1d.algorithm.combine_shifted`
+    takes as any gathered rows. The checksum covers the agreed header entries
+    and ``K``'s bits; ``R sum(c**2) == (sum c)**2`` holds (exactly, in float64)
+    only when every rank sent the same ``c``. When it fails, the call falls back
+    to :class:`Gather`. The backward all-reduces the cotangents of ``A`` and of
+    the centred squares; rank ``r``'s own are ``dA + 2 (mean_r - mean) dM`` and
+    ``dM`` (the derivative of the combined row; counts and shifts get none, as
+    both paths detach them).
+    """
+
+    def __init__(
+        self, group: Any, header: list[int], timeout: float | None, *, fast_variance: bool, shift: torch.Tensor
+    ):
+        self.group, self.header, self.timeout, self.fast_variance = group, header, timeout, fast_variance
+        self.rank, self.size = group_rank(group), group_size(group)
+        self.shift = shift
+        self.next_shift: torch.Tensor | None = shift
+        self.fallback: Gather | None = None
+        self.deviation: torch.Tensor | None = None  # this rank's mean - the global mean, for the backward
+
+    def _checksum(self, device: Any) -> torch.Tensor:
+        digest = 7
+        for value in self.header[:_AGREED]:  # Python integers: traced as constants under torch.compile
+            digest = (digest * 1_000_003 + value) % _PRIME
+        agreed = torch.tensor([digest], dtype=torch.int64, device=device)
+        if self.fast_variance:  # no shift: only the header is checked
+            return _nibbles(agreed)
+        return _nibbles(torch.cat([agreed, _shift_checksum(self.shift)]))
+
+    def rows(self, arrays: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The combined row, ``(1, *a.shape)`` for each of ``arrays``, in ``a``'s dtype
+        (or, after a fallback, every rank's rows)."""
+        wide = tuple(a.detach().to(torch.float64) for a in arrays)
+        if self.fast_variance:  # count, sum and sum of squares: added
+            terms = [w.reshape(-1) for w in wide]
+        else:
+            count, shift, sums, squares = wide
+            count = count.reshape(())
+            has = count > 0
+            local_offset = torch.where(has, sums / torch.where(has, count, 1.0), 0.0) + (shift - self.shift)
+            terms = [count.reshape(1), count * local_offset, squares + count * local_offset * local_offset]
+        check = self._checksum(wide[0].device)
+        sizes = [t.numel() for t in terms]
+        buffer = torch.cat([*terms, check, check * check])
+        buffer = all_reduce_sum(buffer, self.group, self.timeout, "the exchange of statistics")
+        *totals, check_sum, check_squares = buffer.split([*sizes, check.numel(), check.numel()])
+        agreed = (self.size * check_squares == check_sum * check_sum).all()
+        if torch.compiler.is_compiling():
+            torch._assert_async(agreed, _COMPILED_MISMATCH + " or in the agreed shift")
+        elif not bool(agreed):  # every rank sees the same sums, so every rank falls back
+            return self._fall_back(arrays)
+        if self.fast_variance:
+            return tuple(t.reshape(1, *a.shape).to(a.dtype) for t, a in zip(totals, arrays))
+        n, a_total, b_total = totals[0].reshape(()), totals[1], totals[2]
+        offset = a_total / torch.where(n > 0, n, 1.0)  # the global mean - K
+        centred = torch.clamp(b_total - a_total * offset, min=0.0)
+        self.deviation = torch.where(has, local_offset - offset, 0.0)
+        self.next_shift = torch.where(n > 0, self.shift + offset, self.shift)
+        combined = (n, self.shift, a_total, centred)
+        return tuple(v.reshape(1, *a.shape).to(a.dtype) for v, a in zip(combined, arrays))
+
+    def _fall_back(self, arrays: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The call's exchange as :class:`Gather` (which raises, naming the ranks, when the
+        headers differ) and, from its rows, a new agreed shift: their global mean."""
+        self.fallback = Gather(self.group, self.header, self.timeout)
+        rows = self.fallback.rows(arrays)
+        if not self.fast_variance:
+            n, offset, _, frame = combine_shifted(*(r.to(torch.float64) for r in rows))
+            self.next_shift = torch.where(n > 0, frame + offset, self.shift)
+        return rows
+
+    def own_cotangents(self, cotangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """This rank's cotangents of its own arrays, from each rank's cotangents of the
+        combined row: one all-reduce of ``2C`` values (``2C + 1`` with ``fast_variance``)."""
+        if self.fallback is not None:
+            return self.fallback.own_cotangents(cotangents)
+        one_row = tuple(c[0] for c in cotangents)
+        if self.fast_variance:  # a sum: the derivative of the total by each rank's term is 1
+            buffer = torch.cat([c.reshape(-1).to(torch.float64) for c in one_row])
+            return _split(all_reduce_sum(buffer, self.group, self.timeout, "the exchange of gradients"), one_row)
+        d_sums, d_squares = one_row[2], one_row[3]
+        buffer = torch.cat([d_sums.reshape(-1), d_squares.reshape(-1)]).to(torch.float64)
+        buffer = all_reduce_sum(buffer, self.group, self.timeout, "the exchange of gradients")
+        total_sums, total_squares = buffer.split(d_sums.numel())
+        deviation = self.deviation
+        assert deviation is not None, "rows() ran before own_cotangents()"
+        own_sums = total_sums + 2.0 * deviation * total_squares
+        own = (torch.zeros_like(one_row[0]), torch.zeros_like(one_row[1]), own_sums, total_squares)
+        return tuple(v.reshape(c.shape).to(c.dtype) for v, c in zip(own, one_row))
+
+
+def make_exchange(
+    group: Any,
+    header: list[int],
+    timeout: float | None,
+    *,
+    fast_variance: bool,
+    shift: torch.Tensor | None,
+    device: Any,
+) -> Gather | Reduce:
+    """The exchange of one synced call for ``group``: :class:`Gather` up to
+    :data:`ALL_GATHER_MAX_RANKS` ranks, else :class:`Reduce` around ``shift`` (the
+    layer's agreed shift; zeros when ``None`` or on another device)."""
+    if group_size(group) <= ALL_GATHER_MAX_RANKS:
+        return Gather(group, header, timeout)
+    if shift is None or shift.device != torch.device(device):
+        shift = torch.zeros(header[0], dtype=torch.float64, device=device)
+    return Reduce(group, header, timeout, fast_variance=fast_variance, shift=shift)
 
 
 class _AllGather(torch.autograd.Function):
-    """:meth:`Gather.rows` for the core's ``all_gather`` hook. Its backward all-reduces
-    the cotangents and keeps this rank's row: for a loss summed over ranks, the
+    """An exchange's ``rows`` for the core's ``all_gather`` hook. Its backward gives
+    this rank's cotangents (``own_cotangents``): for a loss summed over ranks, the
     gradient of rank r's arrays is the sum over ranks q of dL_q / d rows[r]."""
 
     @staticmethod
-    def forward(ctx: Any, gather: Gather, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.gather = gather
-        return gather.rows(arrays)
+    def forward(ctx: Any, exchange: Gather | Reduce, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.exchange = exchange
+        return exchange.rows(arrays)
 
     @staticmethod
     def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:
-        return (None, *ctx.gather.own_cotangents(cotangents))
+        return (None, *ctx.exchange.own_cotangents(cotangents))
 
 
-def make_all_gather(gather: Gather) -> AllGather:
-    """The core's differentiable ``all_gather`` hook over ``gather``."""
-    return lambda arrays: _AllGather.apply(gather, *arrays)
+def make_all_gather(exchange: Gather | Reduce) -> AllGather:
+    """The core's differentiable ``all_gather`` hook over ``exchange``."""
+    return lambda arrays: _AllGather.apply(exchange, *arrays)

@@ -180,12 +180,19 @@ def _divisor_at_least(n: int, lowest: int) -> int:
     return next(k for k in range(lowest - 1, 0, -1) if n % k == 0)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(N, C, 1, ...)`` as the ``(N, C)`` it is in memory (a converted
+    ``nn.BatchNorm1d`` sees ``(N, C)`` input so): the split statistics need 2-D."""
+    return x.view(x.shape[0], x.shape[1]) if x.dim() > 2 and math.prod(x.shape[2:]) == 1 else x
+
+
 def local_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     """This rank's mean and biased variance per feature (float64 NumPy) of ``x`` ``(N,
     C, ...)`` contiguous, and the :func:`predicted_error` of the kernel's result."""
     n, c = x.shape[0], x.shape[1]
     if x.numel() == 0:
         return np.zeros(c), np.zeros(c), 0.0
+    x = _rows(x)
     k = _split_factor(x) if x.dim() == 2 else 1
     means, variances = torch.ops.aten.batch_norm_update_stats(x.view(n // k, k * c) if k > 1 else x, None, None, 0.0)
     means, variances = _host(means).reshape(k, c), _host(variances).reshape(k, c)
@@ -201,6 +208,7 @@ def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: to
     n, c = x.shape[0], x.shape[1]
     if x.numel() == 0:
         return np.zeros(c), np.zeros(c)
+    dy, x = _rows(dy), _rows(x)
     k = _split_factor(x) if x.dim() == 2 else 1
     view = (n // k, k * c)
     dy_, x_ = (dy.view(view), x.view(view)) if k > 1 else (dy, x)
@@ -214,8 +222,8 @@ def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: to
 class NativeBatchNorm(torch.autograd.Function):
     """Training on PyTorch's kernels with the statistics of this module's docstring,
     for input ``(N, C, ...)`` contiguous in the compute dtype, no mask, the default
-    variance; ``state``: the running statistics (``config.state_keys``), ``gather``
-    (``torch_distributed.Gather`` or ``None``) syncs it, ``config`` is the layer's.
+    variance; ``state``: the running statistics (``config.state_keys``), ``exchange``
+    (``torch_distributed.Gather`` or ``Reduce``, or ``None``) syncs it, ``config`` is the layer's.
     Returns ``y`` and the new state's entries in ``config.state_keys`` order (the
     core's :func:`~bn1d.algorithm.running_statistics`, so ``momentum=None`` too).
 
@@ -241,7 +249,7 @@ class NativeBatchNorm(torch.autograd.Function):
         scale: torch.Tensor | None,
         bias: torch.Tensor | None,
         state: dict[str, torch.Tensor],
-        gather: Any,
+        exchange: Any,
         config: Any,
     ) -> tuple[torch.Tensor, ...]:
         # The per-feature arithmetic is float64 NumPy; the kernels run on x's device.
@@ -257,16 +265,16 @@ class NativeBatchNorm(torch.autograd.Function):
             local_offset = mean - shift64
         n: Any = n_local
         offset, deviations, counts = local_offset, None, None
-        if gather is not None:
+        if exchange is not None:
             row = (np.asarray(float(n_local)), shift64, local_offset * n_local, var * n_local)
-            rows = gather.rows(tuple(_device(a, x, torch.float64) for a in row))
+            rows = exchange.rows(tuple(_device(a, x, torch.float64) for a in row))
             counts, shifts, sums, squares = (_host(t) for t in rows)
             n, global_offset, var, frame = combine_shifted(counts, shifts, sums, squares)
             safe_counts = np.where(counts > 0, counts, 1.0)[:, None]
             deviations = (shifts - frame) + sums / safe_counts - global_offset  # each rank's mean - the mean
             offset = global_offset + (frame - shift64)
         host_state = {key: _host(value) for key, value in state.items()}
-        new_state = running_statistics(host_state, n, shift64 + offset, var, config, may_be_empty=gather is not None)
+        new_state = running_statistics(host_state, n, shift64 + offset, var, config, may_be_empty=exchange is not None)
         invstd = 1.0 / np.sqrt(var + config.epsilon)
         shifted = shifted or predicted_error(_unit(x.dtype), 0, 1, _ratio(shift64 + offset, var)) > _tolerance(x.dtype)
         # y = (xu - centre) * f + bias, formed as xu * f + (bias - centre * f): xu = x - K
@@ -277,7 +285,7 @@ class NativeBatchNorm(torch.autograd.Function):
         constant = -centre * factor if bias is None else _host(bias) - centre * factor
         y = torch.addcmul(_device(constant, x).view(per_feature), xu, _device(factor, x).view(per_feature))
         ctx.save_for_backward(xu, scale)
-        ctx.gather, ctx.n, ctx.n_local, ctx.per_feature = gather, n, n_local, per_feature
+        ctx.exchange, ctx.n, ctx.n_local, ctx.per_feature = exchange, n, n_local, per_feature
         ctx.numbers = centre, local_centre, invstd, counts, deviations
         new_stats = tuple(_device(new_state[key], state[key]) for key in config.state_keys)
         ctx.mark_non_differentiable(*new_stats)
@@ -294,7 +302,7 @@ class NativeBatchNorm(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:  # dx = a * dy + slope * (xu - local_centre) + intercept
             d_mean, d_var = -a * sum_dy, -0.5 * a * invstd * sum_dy_xhat  # of this rank's loss
-            if ctx.gather is None:
+            if ctx.exchange is None:
                 n = max(ctx.n, 1)
                 slope, intercept = 2.0 * d_var / n, d_mean / n
             else:  # the cotangents of every rank's (count, K, S1, M2) row, summed over ranks
@@ -302,7 +310,7 @@ class NativeBatchNorm(torch.autograd.Function):
                 d_sums = (counts[:, None] > 0) * (d_mean + 2.0 * d_var * deviations) / safe_n
                 d_squares = np.broadcast_to(d_var / safe_n, deviations.shape)
                 cotangents = (np.zeros_like(counts), np.zeros_like(d_sums), d_sums, d_squares)
-                own = ctx.gather.own_cotangents(tuple(_device(c, xu, torch.float64) for c in cotangents))
+                own = ctx.exchange.own_cotangents(tuple(_device(c, xu, torch.float64) for c in cotangents))
                 intercept, slope = _host(own[2]), 2.0 * _host(own[3])
             if ctx.n_local:
                 shape = ctx.per_feature

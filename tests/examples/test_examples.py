@@ -46,6 +46,15 @@ def test_torch_distributed_example():
     assert "rank 1: 5 local sequences, statistics of all 8: ok" in output
 
 
+def test_torch_ddp_cpu_example():
+    # Each rank asserts its parameters and running statistics against one process on all 8
+    # images before printing "ok"; rank 0 reverts the model to PyTorch's classes.
+    (output,) = launch([[sys.executable, str(ROOT / "examples" / "torch_ddp_cpu.py")]])
+    assert "rank 0: 3 images per step, parameters and running statistics of all 8: ok" in output
+    assert "rank 1: 5 images per step, parameters and running statistics of all 8: ok" in output
+    assert "rank 0: reverted for export: BatchNorm1d, BatchNorm2d" in output
+
+
 def test_jax_distributed_launcher_gives_the_global_batch_statistics():
     port = free_port()
     command = [sys.executable, "-m", "bn1d.backends.jax_distributed", "--coordinator", f"127.0.0.1:{port}",

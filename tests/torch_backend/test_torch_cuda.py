@@ -62,10 +62,20 @@ def test_half_precision_on_cuda_keeps_float32_statistics():
     )
 
 
-def test_synced_over_nccl_equals_unsynced_on_one_rank():
-    """A one-rank NCCL group: the collectives (and their backward) run on the GPU."""
+@pytest.mark.parametrize("exchange", ["all_gather", "all_reduce"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_synced_over_nccl_equals_unsynced_on_one_rank(monkeypatch, exchange, compiled):
+    """A one-rank NCCL group: the collectives (and their backward) run on the GPU, with
+    either exchange (``torch_distributed.Reduce`` forced on one rank), eagerly and under
+    ``torch.compile(fullgraph=True)`` (the functional collectives on NCCL); then
+    ``sync_running_statistics`` over NCCL (the mean over one rank: the statistics)."""
     import torch.distributed as dist
 
+    from bn1d.backends import torch_distributed
+    from bn1d.backends.torch import sync_running_statistics
+
+    if exchange == "all_reduce":
+        monkeypatch.setattr(torch_distributed, "ALL_GATHER_MAX_RANKS", 0)
     with tempfile.TemporaryDirectory() as scratch:
         dist.init_process_group(
             "nccl", init_method=f"file://{os.path.join(scratch, 'rendezvous')}", rank=0, world_size=1,
@@ -73,17 +83,87 @@ def test_synced_over_nccl_equals_unsynced_on_one_rank():
         )  # fmt: skip
         try:
             torch.manual_seed(1)
-            x = torch.randn(8, 128, 64, device="cuda")
             synced, plain = BatchNorm1d(64, axis_name="data", device="cuda"), BatchNorm1d(64, device="cuda")
-            xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
-            ys, yp = synced(xs), plain(xp)
-            ys.square().sum().backward()
-            yp.square().sum().backward()
-            torch.testing.assert_close(ys, yp, **TOL)
-            torch.testing.assert_close(xs.grad, xp.grad, **TOL)
-            torch.testing.assert_close(synced.running_var, plain.running_var, **TOL)
+            call = torch.compile(synced, fullgraph=True) if compiled else synced
+            for _ in range(2):  # the second call of the all-reduce shifts by the first call's mean
+                x = torch.randn(8, 128, 64, device="cuda") * 2 + 3
+                xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+                ys, yp = call(xs), plain(xp)
+                ys.square().sum().backward()
+                yp.square().sum().backward()
+                torch.testing.assert_close(ys, yp, **TOL)
+                torch.testing.assert_close(xs.grad, xp.grad, **TOL)
+                torch.testing.assert_close(synced.running_var, plain.running_var, **TOL)
+            if exchange == "all_reduce":
+                assert synced._agreed_shift is not None and synced._agreed_shift.device.type == "cuda"
+            before = synced.running_mean.clone()
+            sync_running_statistics(synced)
+            torch.testing.assert_close(synced.running_mean, before, rtol=0, atol=0)
         finally:
             dist.destroy_process_group()
+
+
+def test_a_converted_cuda_model_stays_on_cuda_and_trains_as_pytorch():
+    """Every batch-norm class converted on the GPU: same device and tensors, and three
+    SGD steps equal to PyTorch's CUDA layers (TOL: the two reduce in different orders)."""
+    import copy
+
+    from torch import nn
+
+    from bn1d.backends.torch import convert_batchnorm, revert_batchnorm
+
+    torch.manual_seed(2)
+    theirs = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(2), nn.BatchNorm1d(4),
+        nn.Flatten(), nn.Linear(4 * 36, 5), nn.SyncBatchNorm(5), nn.Linear(5, 3),
+    ).cuda()  # fmt: skip
+    ours = convert_batchnorm(copy.deepcopy(theirs))
+    assert all(t.device.type == "cuda" for t in ours.state_dict().values())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (theirs, ours)]
+    for _ in range(3):
+        x = torch.randn(8, 2, 6, 6, device="cuda") * 2 + 1
+        target = torch.randint(0, 3, (8,), device="cuda")
+        for model, optimizer in zip((theirs, ours), optimizers):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), target).backward()
+            optimizer.step()
+    for (key, value), ours_value in zip(theirs.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(ours_value, value, **TOL, msg=key)
+    revert_batchnorm(ours)
+    assert type(ours[1]) is nn.BatchNorm2d and ours[1].weight.device.type == "cuda"
+
+
+def test_functional_call_vmaps_an_ensemble_on_cuda():
+    import copy
+
+    from torch import nn
+
+    from bn1d.backends.torch import convert_batchnorm
+    from bn1d.backends.torch_func import functional_call
+
+    models = [convert_batchnorm(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))).cuda() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(6, 5, device="cuda")
+    y, new_buffers = torch.func.vmap(lambda p, b: functional_call(base, {**p, **b}, (x,)))(params, buffers)
+    for i, model in enumerate(models):
+        torch.testing.assert_close(y[i], model(x), **TOL)
+        torch.testing.assert_close(new_buffers["1.running_var"][i], model[1].running_var, **TOL)
+
+
+def test_strided_half_input_keeps_float32_parameter_gradients_on_cuda():
+    """A transposed (N, C) bfloat16 input on CUDA against the same values made contiguous
+    (the contiguous path is checked against the specification on the CPU): the parameter
+    gradients are float32 sums, TOL."""
+    values = (torch.randn(3, 4096, device="cuda") * 2 + 1).to(torch.bfloat16)
+    dy = torch.randn(4096, 3, device="cuda").to(torch.bfloat16)
+    grads = []
+    for x in (values.t(), values.t().contiguous()):
+        layer = BatchNorm1d(3, axis=0, device="cuda")
+        layer(x.detach().requires_grad_()).backward(dy)
+        grads.append((layer.scale.grad, layer.bias.grad))
+    for strided, contiguous in zip(*grads):
+        torch.testing.assert_close(strided, contiguous, **TOL)
 
 
 @pytest.mark.parametrize("axis, shape, feature_axis", [((0, 1), (64, 4096, 4), 2), ((0, 2), (64, 4, 4096), 1)])

@@ -1,11 +1,12 @@
 """Synced statistics of ``bn1d.backends.torch`` over torch.distributed (gloo, CPU).
 
-Two launches (4 ranks, then 2 ranks) of tests/torch_backend/torch_workers/sync_worker.py, each
+Three launches (4 ranks, 2 ranks, 2 ranks) of tests/torch_backend/torch_workers/sync_worker.py, each
 running many checks, spawned on loopback with a ``file://`` rendezvous in a tmp
 dir, killed if they outlive a hard timeout. The results are compared here with
 the NumPy specification: ``run_replicas`` (threads summing exactly) and, for
 the groups and uneven batches, a single unsynced layer on the concatenated
-batch of each group.
+batch of each group. Cases marked ``all-reduce`` force the exchange of large groups
+(``torch_distributed.Reduce``) on these small ones.
 
 Tolerances: float32 cases compare float32 results with the float64
 specification. Outputs and input gradients are O(1) per element and go through
@@ -80,12 +81,15 @@ def launch(job: dict, world: int, workdir: Path, **extra_env: str) -> list[dict]
 
 
 def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, masked=False, dtype="float32",
-              fast_variance=False, steps=2, seed=0, x_grad=True, raw=False, momentum=0.9):  # fmt: skip
+              fast_variance=False, steps=2, seed=0, x_grad=True, raw=False, momentum=0.9, exchange=None,
+              perturb=None):  # fmt: skip
     """Per-rank data with rank-dependent means and spreads, so that weighting the
     ranks by their counts matters when batch sizes or masks differ. ``masked``:
     True, or the ranks that pass a mask (the others pass none); ``x_grad``:
     whether the input requires a gradient (the parameters always do); ``raw``:
-    un-centred data instead, ``1e4 + rank + N(0, 1)`` (the accuracy rule's case)."""
+    un-centred data instead, ``1e4 + rank + N(0, 1)`` (the accuracy rule's case);
+    ``exchange="all_reduce"`` forces ``torch_distributed.Reduce``; ``perturb=(rank,
+    step)`` changes that rank's agreed shift before that step."""
     rng = np.random.default_rng(seed)
     feature_axis = 1 if axis in ((0, 2), 0) else 2
     ndim = 2 if axis == 0 else 3
@@ -108,6 +112,7 @@ def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, maske
         "scale": (1 + 0.5 * rng.standard_normal(C)).astype(dtype), "bias": rng.standard_normal(C).astype(dtype),
         "steps": [[batch_data(r) for _ in range(steps)] for r in range(world)],
         "eval_x": [rng.standard_normal(shape(2)).astype(dtype) for _ in range(world)],
+        "exchange": exchange, "perturb": perturb,
     }  # fmt: skip
 
 
@@ -159,7 +164,77 @@ FOUR = [
         steps=1,
         seed=12,
     ),  # fmt: skip
+    # The same checks with the all-reduce exchange of large groups (torch_distributed.Reduce).
+    make_case(
+        "all-reduce: uneven batches, one empty, channel-first",
+        4,
+        [3, 1, 0, 5],
+        axis=(0, 2),
+        seed=13,
+        exchange="all_reduce",
+        steps=3,
+    ),  # fmt: skip
+    make_case(
+        "all-reduce: groups, uneven batches, masks",
+        4,
+        [2, 4, 3, 1],
+        groups=[[0, 1], [2, 3]],
+        masked=True,
+        seed=14,
+        exchange="all_reduce",
+    ),  # fmt: skip
+    make_case(
+        "all-reduce: masks on some ranks only", 4, [3, 2, 4, 1], masked=[0, 2], seed=15, exchange="all_reduce", steps=3
+    ),  # fmt: skip
+    make_case(
+        "all-reduce: groups, fast variance, float64",
+        4,
+        [2, 3, 1, 4],
+        groups=[[0, 1], [2, 3]],
+        fast_variance=True,
+        dtype="float64",
+        seed=16,
+        exchange="all_reduce",
+    ),  # fmt: skip
+    make_case(
+        "all-reduce: masks on some ranks only, no input gradient",
+        4,
+        [2, 3, 3, 2],
+        masked=[1, 2],
+        x_grad=False,
+        steps=3,
+        seed=18,
+        exchange="all_reduce",
+    ),  # fmt: skip
+    # Rank 2's agreed shift differs before step 1: that call falls back to the all-gather
+    # (same numbers) and the ranks agree again from then on.
+    make_case(
+        "all-reduce: float64, uneven, a perturbed agreed shift",
+        4,
+        [1, 2, 3, 4],
+        dtype="float64",
+        seed=17,
+        exchange="all_reduce",
+        steps=3,
+        perturb=(2, 1),
+    ),  # fmt: skip
+    # The rule at |mean| / std = 1e4: the first call shifts by 0 (float64 keeps 1e-8 there),
+    # the second by the first call's mean.
+    make_case(
+        "raw data, all-reduce, uneven ranks, groups",
+        4,
+        [40, 8, 56, 24],
+        length=1024,
+        groups=[[0, 1], [2, 3]],
+        masked=[1, 2],
+        raw=True,
+        momentum=0.0,
+        steps=2,
+        seed=19,
+        exchange="all_reduce",
+    ),  # fmt: skip
 ]
+ALL_REDUCE = [i for i, case in enumerate(FOUR) if case["exchange"] == "all_reduce"]
 RAW = [i for i, case in enumerate(FOUR) if case["name"].startswith("raw data")]
 TWO = [make_case("two ranks, (B, C) input, uneven", 2, [5, 2], axis=0, seed=5)]
 DDP = {"in_features": 3, "num_features": C, "xs": [np.random.default_rng(6).standard_normal((b, 5, 3)).astype("float32")
@@ -172,9 +247,24 @@ def four_ranks(tmp_path_factory):
     return launch({"cases": FOUR, "eval_silent": True}, 4, tmp_path_factory.mktemp("torch4") / "run")
 
 
+_COMPILED_RNG = np.random.default_rng(20)
+#: Uneven batches (3 and 5 sequences), (B, L, C). The backend is aot_eager: dynamo's graph
+#: capture (what fullgraph=True is about) and AOTAutograd, without Inductor's compile time
+#: (test_torch_compile.py runs Inductor).
+COMPILED = {
+    "num_features": C, "backend": "aot_eager",
+    "scale": (1 + 0.5 * _COMPILED_RNG.standard_normal(C)).astype("float32"),
+    "bias": _COMPILED_RNG.standard_normal(C).astype("float32"),
+    "steps": [[((rank + (1 + rank) * _COMPILED_RNG.standard_normal((b, 5, C))).astype("float32"),
+                _COMPILED_RNG.standard_normal((b, 5, C)).astype("float32")) for _ in range(2)]
+              for rank, b in enumerate((3, 5))],
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return launch({"cases": TWO, "ddp": DDP, "faults": True}, 2, tmp_path_factory.mktemp("torch2") / "run")
+    job = {"cases": TWO, "ddp": DDP, "compiled": COMPILED, "faults": True}
+    return launch(job, 2, tmp_path_factory.mktemp("torch2") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +361,9 @@ def test_raw_data_over_gloo_meet_the_accuracy_rule(four_ranks, index):
 
     case, results = FOUR[index], [r["cases"][index] for r in four_ranks]
     fa = case["feature_axis"]
-    for group in case["groups"] or [list(range(case["world"]))]:
-        xs, masks, dys = zip(*(case["steps"][r][0] for r in group))
+    groups = case["groups"] or [list(range(case["world"]))]
+    for step, group in ((step, group) for step in range(len(case["steps"][0])) for group in groups):
+        xs, masks, dys = zip(*(case["steps"][r][step] for r in group))
         x, dy = np.concatenate(xs).astype(np.float64), np.concatenate(dys).astype(np.float64)
         kept = [np.ones(np.delete(b.shape, fa), bool) for b in xs]
         mask = (
@@ -285,7 +376,7 @@ def test_raw_data_over_gloo_meet_the_accuracy_rule(four_ranks, index):
         want = layer.vjp(x, dy, mask)
         per_feature = (-1,) + (1,) * (x.ndim - 1 - fa)
         scale, bias = case["scale"].reshape(per_feature), case["bias"].reshape(per_feature)
-        steps = [results[r]["steps"][0] for r in group]
+        steps = [results[r]["steps"][step] for r in group]
         y = (np.concatenate([s["y"] for s in steps]) - bias) / scale  # the rule's metrics: at scale 1, bias 0
         got = {"x": np.concatenate([s["dx"] for s in steps]) / scale, "scale": sum(s["dscale"] for s in steps),
                "bias": sum(s["dbias"] for s in steps)}  # fmt: skip
@@ -293,10 +384,13 @@ def test_raw_data_over_gloo_meet_the_accuracy_rule(four_ranks, index):
         for s in steps:
             errors = forward_errors(x, y, s["running_mean"], s["running_var"], feature_axis=fa, mask=mask)
             errors.update(gradient_errors(x, dy, got, want, feature_axis=fa, mask=mask))
-            assert max(errors.values()) <= RULE, (group, errors)
+            assert max(errors.values()) <= RULE, (step, group, errors)
 
 
-@pytest.mark.parametrize("index", [1, 2, 4, 5], ids=[FOUR[i]["name"] for i in (1, 2, 4, 5)])
+CONCATENATED = [1, 2, 4, 5] + [i for i in ALL_REDUCE if i not in RAW and FOUR[i]["x_grad"]]
+
+
+@pytest.mark.parametrize("index", CONCATENATED, ids=[FOUR[i]["name"] for i in CONCATENATED])
 def test_four_ranks_equal_the_concatenated_batch(four_ranks, index):
     check_against_concatenation(FOUR[index], [r["cases"][index] for r in four_ranks])
 
@@ -309,6 +403,43 @@ def test_native_kernels_run_wherever_there_is_no_mask(four_ranks):
             masked = case["steps"][rank][0][1] is not None
             expected = 0 if masked or case["fast_variance"] else len(case["steps"][rank])
             assert result["cases"][index]["native_calls"] == expected, (case["name"], rank)
+
+
+def test_each_case_makes_the_exchange_of_its_group_size(four_ranks):
+    # Groups of <= ALL_GATHER_MAX_RANKS ranks gather (Gather); the forced cases reduce (Reduce),
+    # on every rank and whichever path (core or kernels) the rank took.
+    for index, case in enumerate(FOUR):
+        for rank, result in enumerate(four_ranks):
+            kinds = result["cases"][index]["exchanges"]
+            want = "Reduce" if case["exchange"] == "all_reduce" else "Gather"
+            assert kinds == [want] * len(case["steps"][rank]), (case["name"], rank, kinds)
+
+
+@pytest.mark.parametrize("index", [i for i in ALL_REDUCE if not FOUR[i]["fast_variance"]],
+                         ids=[FOUR[i]["name"] for i in ALL_REDUCE if not FOUR[i]["fast_variance"]])  # fmt: skip
+def test_the_agreed_shift_is_the_same_bits_on_every_rank_and_the_last_mean(four_ranks, index):
+    """After every call (the perturbed one included: it fell back and agreed again) the
+    ranks of a group hold the same agreed shift, bit for bit: the group's mean of that
+    call. Tolerance: the accuracy rule's mean metric, 1e-5 std beyond one float32 ulp
+    of the mean (PyTorch's kernels return each rank's mean in the input's precision);
+    float64: summation order only, 1e-12 of |mean| + std."""
+    case = FOUR[index]
+    for group in case["groups"] or [list(range(case["world"]))]:
+        for step in range(len(case["steps"][0])):
+            shifts = [four_ranks[r]["cases"][index]["steps"][step]["agreed_shift"] for r in group]
+            for r, shift in zip(group, shifts):
+                np.testing.assert_array_equal(shift, shifts[0], err_msg=f"rank {r} step {step}")
+            xs, masks = zip(*((case["steps"][r][step][0], case["steps"][r][step][1]) for r in group))
+            fa = case["feature_axis"]
+            values = [np.moveaxis(x, fa, -1).reshape(-1, C) if m is None else np.moveaxis(x, fa, -1)[m]
+                      for x, m in zip(xs, masks)]  # fmt: skip
+            values = np.concatenate(values).astype(np.float64)
+            mean, std = values.mean(axis=0), values.std(axis=0)
+            if case["param_dtype"] == "float64":
+                tolerance = 1e-12 * (np.abs(mean) + std)
+            else:
+                tolerance = 1e-5 * std + 2.0**-23 * np.abs(mean)
+            assert np.all(np.abs(shifts[0] - mean) <= tolerance), (step, shifts[0] - mean, tolerance)
 
 
 def test_empty_rank_gets_an_empty_output_and_the_global_statistics(four_ranks):
@@ -339,6 +470,27 @@ def test_ddp_gradients_equal_the_global_batch(two_ranks):
         np.testing.assert_allclose(ddp["running_var"], ddp["expected_running_var"], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("exchange", ["all_gather", "all_reduce"])
+@pytest.mark.parametrize("mode", ["compiled", "mixed"])
+def test_compiled_synced_training_equals_eager(two_ranks, exchange, mode):
+    """``torch.compile(fullgraph=True)`` of a synced layer over gloo (the functional
+    collectives, traced): the eager results, on every rank, also with only rank 0
+    compiled. The compiled layer runs the core, the eager one PyTorch's kernels, on
+    float32 data: a few ulps apart on O(1) values, parameter gradients summing 25 terms:
+    1e-5 (test_torch_compile.py's tolerance)."""
+    for rank, result in enumerate(two_ranks):
+        eager, other = result["compiled"][(exchange, "eager")], result["compiled"][(exchange, mode)]
+        for step, (want, got) in enumerate(zip(eager, other)):
+            for key, value in want.items():
+                np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=f"rank {rank} {step} {key}")
+    # and the eager run is the global batch's (the synced statistics of both ranks' sequences)
+    whole = np.concatenate([COMPILED["steps"][r][0][0] for r in range(2)]).astype(np.float64)
+    reference = spec.BatchNorm1d(C, momentum=0.9, dtype=np.float64)
+    reference(whole)
+    got = two_ranks[1]["compiled"][(exchange, "eager")][0]["running_var"]
+    np.testing.assert_allclose(got, reference.running_var, rtol=2e-5, atol=2e-5)
+
+
 def test_num_features_mismatch_names_both_ranks(two_ranks):
     for result in two_ranks:
         error = result["mismatch"]
@@ -362,6 +514,17 @@ def test_a_dtype_change_after_the_first_call_names_both_ranks(two_ranks):
     for result in two_ranks:
         error = result["later_dtype_mismatch"]
         assert error["type"] == "ValueError", error
+        assert "ranks [0]: num_features=3" in error["message"] and "float32 statistics" in error["message"]
+        assert "ranks [1]: num_features=3" in error["message"] and "float64 statistics" in error["message"]
+
+
+def test_a_later_dtype_change_under_the_all_reduce_exchange_names_both_ranks(two_ranks):
+    # The all-reduce's checksum of the headers differs: every rank falls back to the all-gather,
+    # whose headers name the ranks, as on the small groups' exchange.
+    for result in two_ranks:
+        error = result["later_dtype_mismatch_all_reduce"]
+        assert error["type"] == "ValueError", error
+        assert error["exchanges"] == ["Reduce", "Reduce"], error
         assert "ranks [0]: num_features=3" in error["message"] and "float32 statistics" in error["message"]
         assert "ranks [1]: num_features=3" in error["message"] and "float64 statistics" in error["message"]
 

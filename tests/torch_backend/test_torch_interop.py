@@ -1,5 +1,5 @@
 """Conversion between ``bn1d.backends.torch.BatchNorm1d`` and ``torch.nn.BatchNorm1d``
-(SPEC section 6): layout (PyTorch's ``(N, C, L)`` is ``axis=(0, 2)``, its ``(N, C)``
+(docs/spec.md R6.7): layout (PyTorch's ``(N, C, L)`` is ``axis=(0, 2)``, its ``(N, C)``
 is ``axis=0``), momentum ``1 - m``, running statistics and ``num_batches_tracked``.
 
 Both layers run PyTorch's float32 kernel on the same data, so they agree to the

@@ -2,10 +2,10 @@
 
 Forward, running statistics and autograd gradients are compared with the float64
 NumPy backend (``BatchNorm1d.__call__`` and its analytic ``vjp``) in training and
-inference, with and without masks, for every layout of SPEC section 1, for
+inference, with and without masks, for every layout of R1.3 (docs/spec.md), for
 float16/bfloat16/float32/float64 input, on both execution paths (PyTorch's
-native kernel and the core); then edge counts, options, errors (SPEC section 7),
-state (section 6) and the PyTorch idioms (functional_call, autocast, devices).
+native kernel and the core); then edge counts, options, errors (R7.1),
+state (R6.1-R6.6) and the PyTorch idioms (functional_call, autocast, devices).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bn1d.protocol import BatchNormLayer  # noqa: E402
 TOL = {"float32": 2e-5, "float64": 1e-10, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 FLOAT32_TOL = 2e-5
 
-#: (name, axis, input shape): SPEC section 1's layouts, negative axes, and the
+#: (name, axis, input shape): R1.3's layouts, negative axes, and the
 #: feature axis first (PyTorch's kernel sees it through movedim).
 LAYOUTS = [
     ("BLC", (0, 1), (4, 5, 3)),
@@ -140,7 +140,7 @@ def test_matches_specification(name, axis, shape, dtype, masked, native):
 
 
 def test_spec_section_8_reference_numbers():
-    # BrainPy 2.8.2's numbers (SPEC section 8), float32 throughout: 1e-6 is ~10 ulps.
+    # BrainPy 2.8.2's numbers (R8.1), float32 throughout: 1e-6 is ~10 ulps.
     x = torch.tensor(np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32))
     for native in (True, False):
         layer = BatchNorm1d(3, native_kernel=native)
@@ -152,7 +152,7 @@ def test_spec_section_8_reference_numbers():
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "core"])
 def test_variance_is_stable_at_large_mean(native):
-    # mean 1e4, std 1e-2 in float32 (SPEC section 2). The float32 mean itself is off by
+    # mean 1e4, std 1e-2 in float32 (R2.7). The float32 mean itself is off by
     # up to half an ulp of 1e4 (4.9e-4), which moves the variance by (4.9e-4 / 1e-2)**2
     # = 2.4e-3 relative: 1e-2 bounds the two-pass result; the one-pass formula loses
     # everything (relative error ~1).
@@ -171,7 +171,7 @@ def test_variance_is_stable_at_large_mean(native):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("native", [True, False], ids=["native", "core"])
 def test_half_input_at_mean_300_has_float32_statistics(dtype, native):
-    # BrainPy and Haiku return NaN here in float16 (SPEC section 2).
+    # BrainPy and Haiku return NaN here in float16 (R2.5, R2.7).
     x, dy, _ = data((8, 16, 3), 2, dtype, offset=300.0, spread=1.0)
     layer = BatchNorm1d(3, momentum=0.0, native_kernel=native)
     reference = spec.BatchNorm1d(3, momentum=0.0, dtype=np.float64)
@@ -230,7 +230,7 @@ def test_single_value_per_feature():
     with pytest.raises(ValueError, match=r"^x: expected more than 1 value per feature when training, got \(1, 1, 3\)$"):
         layer(torch.ones(1, 1, 3))
     assert layer.num_batches_tracked == 0
-    # Known only at run time (a mask): no Bessel factor, no error (SPEC section 3).
+    # Known only at run time (a mask): no Bessel factor, no error (R3.5).
     x, _, _ = data((2, 2, 3), 2, "float32")
     mask = np.array([[True, False], [False, False]])
     reference = spec.BatchNorm1d(3, momentum=0.5, dtype=np.float64)
@@ -299,7 +299,7 @@ def test_expanded_cotangent_gives_the_same_gradients(monkeypatch, axis, shape, h
     close(layer.scale.grad, want["scale"], 1e-4 * np.abs(want["bias"]).max(), "dscale")
 
 
-# -- errors (SPEC section 7): the NumPy backend's messages, before any state change ------
+# -- errors (R7.1): the NumPy backend's messages, before any state change ------
 
 
 CONSTRUCTOR_ERRORS = [
@@ -391,7 +391,7 @@ def test_shape_error_messages_equal_the_numpy_backend():
         assert str(torch_error.value) == str(numpy_error.value)
 
 
-# -- state (SPEC section 6) --------------------------------------------------------------
+# -- state (R6.1-R6.6) --------------------------------------------------------------
 
 STATE_ERRORS = [
     lambda s: [1, 2],
@@ -620,3 +620,29 @@ def test_initializers_and_repr():
     layer = BatchNorm1d(3, scale_initializer=torch.tensor([1.0, 2.0, 3.0]))
     close(layer.scale, [1, 2, 3], 0, "tensor initializer")
     assert repr(BatchNorm1d(3, axis=(0, 2))).startswith("BatchNorm1d(3, axis=(0, 2), epsilon=1e-05, momentum=0.99")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("n, offset", [(200, 0.0), (4096, 30.0)], ids=["fused kernel", "split kernels"])
+def test_strided_channel_last_input(dtype, n, offset):
+    """Features last but strided (a transposed ``(N, C)``; a slice of a wider feature axis
+    is the same): PyTorch's generic strided kernel rounded half inputs' parameter
+    gradients to half (bfloat16: 2e-3 off), and the split kernels' views of it failed.
+    Against the float64 specification on the same values: TOL for y and dx (rounded to
+    the input's dtype), FLOAT32_TOL for the parameter gradients (float32 sums)."""
+    rng = np.random.default_rng(4)
+    values = torch.tensor(offset + 2.0 * rng.standard_normal((3, n))).to(getattr(torch, dtype))
+    x = values.t()  # (n, 3), strides (1, n)
+    assert not x.is_contiguous()
+    dy = torch.tensor(rng.standard_normal((n, 3))).to(x.dtype)
+    reference = spec.BatchNorm1d(3, axis=0, momentum=0.9, dtype=np.float64)
+    want = reference.vjp(x.double().numpy(), dy.double().numpy())
+    layer = BatchNorm1d(3, axis=0, momentum=0.9)
+    xt = x.detach().requires_grad_(True)
+    y = layer(xt)
+    y.backward(dy)
+    close(y, reference(x.double().numpy()), TOL[dtype] * 4, "y")  # |y| < 4
+    close(xt.grad, want["x"], TOL[dtype] * 4, "dx")
+    scale = np.abs(want["bias"]).max() + np.abs(want["scale"]).max()
+    for name in ("scale", "bias"):
+        close(getattr(layer, name).grad, want[name], FLOAT32_TOL * scale, f"d{name}")

@@ -9,11 +9,16 @@ compares the results with the NumPy specification.
 Sections of the job (each optional):
 
 * ``cases``: synced training steps (forward, backward with a given cotangent)
-  and one inference call per case; outputs, gradients, running statistics.
+  and one inference call per case; outputs, gradients, running statistics, the
+  exchanges made and the agreed shift after each step. A case may force the
+  ``all_reduce`` exchange (``torch_distributed.Reduce``) at any group size, and
+  perturb one rank's agreed shift before a step (the exchange must fall back).
 * ``eval_silent``: rank 0 alone calls a synced layer in inference while the
   others wait at a barrier: it must not communicate (a collective would time out).
 * ``ddp``: a Linear + synced BatchNorm1d model under DistributedDataParallel,
   its gradients, and those of the same model on the concatenated global batch.
+* ``compiled``: a synced layer under ``torch.compile(fullgraph=True)``, eagerly, and
+  compiled on rank 0 only, with each exchange.
 * ``layer_order`` (2 ranks, run with ``TORCH_DISTRIBUTED_DEBUG=DETAIL``): two
   layers whose first calls agree, then called in a rank-dependent order.
 * ``faults`` (2 ranks): a num_features mismatch, a dtype mismatch (on a first
@@ -35,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bn1d.backends import torch_kernels
+from bn1d.backends import torch_distributed, torch_kernels
 from bn1d.backends.torch import BatchNorm1d
 
 torch.set_num_threads(1)
@@ -49,9 +54,30 @@ def _counted(*args, **kwargs):
 
 
 torch_kernels.NativeBatchNorm.apply = _counted
+exchanges: list[str] = []  # the class of each synced call's exchange
+_make_exchange = torch_distributed.make_exchange
+
+
+def _recorded(*args, **kwargs):
+    exchange = _make_exchange(*args, **kwargs)
+    exchanges.append(type(exchange).__name__)
+    return exchange
+
+
+torch_distributed.make_exchange = _recorded
 
 
 def run_case(case: dict, rank: int) -> dict:
+    limit = torch_distributed.ALL_GATHER_MAX_RANKS
+    if case.get("exchange") == "all_reduce":
+        torch_distributed.ALL_GATHER_MAX_RANKS = 0
+    try:
+        return _run_case(case, rank)
+    finally:
+        torch_distributed.ALL_GATHER_MAX_RANKS = limit
+
+
+def _run_case(case: dict, rank: int) -> dict:
     layer = BatchNorm1d(
         case["num_features"], axis=case["axis"], momentum=case["momentum"], axis_name="batch",
         axis_index_groups=case["groups"], fast_variance=case["fast_variance"],
@@ -59,8 +85,10 @@ def run_case(case: dict, rank: int) -> dict:
         dtype=getattr(torch, case["param_dtype"]), timeout=60,
     )  # fmt: skip
     steps = []
-    native_before = native_calls[0]
-    for x, mask, dy in case["steps"][rank]:
+    native_before, exchanges_before = native_calls[0], len(exchanges)
+    for step, (x, mask, dy) in enumerate(case["steps"][rank]):
+        if case.get("perturb") == (rank, step):  # this rank's agreed shift differs from the others'
+            layer._agreed_shift = layer._agreed_shift + 1.0
         xt = torch.tensor(x, requires_grad=case["x_grad"])
         y = layer(xt, None if mask is None else torch.tensor(mask))
         y.backward(torch.tensor(dy))
@@ -72,11 +100,13 @@ def run_case(case: dict, rank: int) -> dict:
                 "dbias": layer.bias.grad.numpy().copy(),
                 "running_mean": layer.running_mean.numpy().copy(),
                 "running_var": layer.running_var.numpy().copy(),
+                "agreed_shift": None if layer._agreed_shift is None else layer._agreed_shift.numpy().copy(),
             }
         )
         layer.zero_grad(set_to_none=True)
     eval_y = layer(torch.tensor(case["eval_x"][rank]), training=False).detach().numpy()
-    return {"steps": steps, "eval_y": eval_y, "native_calls": native_calls[0] - native_before}
+    return {"steps": steps, "eval_y": eval_y, "native_calls": native_calls[0] - native_before,
+            "exchanges": exchanges[exchanges_before:]}  # fmt: skip
 
 
 def eval_is_silent(rank: int) -> dict:
@@ -103,6 +133,33 @@ def run_ddp(job: dict, rank: int, world: int) -> dict:
     expected = {name: p.grad.numpy() for name, p in reference.named_parameters()}
     return {"grads": grads, "expected": expected, "running_var": model[1].running_var.numpy().copy(),
             "expected_running_var": reference[1].running_var.numpy().copy()}  # fmt: skip
+
+
+def run_compiled(job: dict, rank: int) -> dict:
+    """A synced layer under ``torch.compile(fullgraph=True)`` and eagerly, for each exchange,
+    on the same uneven batches; ``mixed``: rank 0 compiled, rank 1 eager (the same
+    collectives). Per run and step: y, dx, the parameter gradients, the running statistics."""
+    limit = torch_distributed.ALL_GATHER_MAX_RANKS
+    out: dict = {}
+    for exchange in ("all_gather", "all_reduce"):
+        torch_distributed.ALL_GATHER_MAX_RANKS = limit if exchange == "all_gather" else 0
+        for mode in ("eager", "compiled", "mixed"):
+            layer = BatchNorm1d(job["num_features"], momentum=0.9, axis_name="batch", timeout=60,
+                                scale_initializer=job["scale"], bias_initializer=job["bias"])  # fmt: skip
+            compiled = mode == "compiled" or (mode == "mixed" and rank == 0)
+            call = torch.compile(layer, fullgraph=True, backend=job["backend"]) if compiled else layer
+            steps = []
+            for x, dy in job["steps"][rank]:
+                xt = torch.tensor(x, requires_grad=True)
+                y = call(xt)
+                y.backward(torch.tensor(dy))
+                values = {"y": y, "dx": xt.grad, "dscale": layer.scale.grad, "dbias": layer.bias.grad,
+                          "running_mean": layer.running_mean, "running_var": layer.running_var}  # fmt: skip
+                steps.append({key: value.detach().numpy().copy() for key, value in values.items()})
+                layer.zero_grad(set_to_none=True)
+            out[(exchange, mode)] = steps
+    torch_distributed.ALL_GATHER_MAX_RANKS = limit
+    return out
 
 
 def rank_dependent_layer_order(rank: int) -> dict:
@@ -137,6 +194,16 @@ def run_faults(rank: int, workdir: str, out: dict, out_path: str) -> None:
     out["later_dtype_mismatch"] = timed_error(
         lambda: layer(torch.randn(4, 5, 3, dtype=(torch.float32, torch.float64)[rank]))
     )
+    # 3b. the same under the all-reduce exchange: its checksum differs, every rank falls back
+    # to the all-gather, whose headers name both ranks.
+    limit, torch_distributed.ALL_GATHER_MAX_RANKS = torch_distributed.ALL_GATHER_MAX_RANKS, 0
+    layer = BatchNorm1d(3, axis_name="batch", timeout=30)
+    layer(torch.randn(4, 5, 3))
+    out["later_dtype_mismatch_all_reduce"] = timed_error(
+        lambda: layer(torch.randn(4, 5, 3, dtype=(torch.float32, torch.float64)[rank]))
+    )
+    out["later_dtype_mismatch_all_reduce"]["exchanges"] = exchanges[-2:]
+    torch_distributed.ALL_GATHER_MAX_RANKS = limit
     dist.barrier()
     marker = os.path.join(workdir, "rank0_done_waiting")
     if rank == 0:
@@ -179,6 +246,8 @@ def main() -> None:
         os._exit(0)  # the process group saw mismatched collectives: skip its teardown
     if job.get("ddp"):
         out["ddp"] = run_ddp(job["ddp"], rank, world)
+    if job.get("compiled"):
+        out["compiled"] = run_compiled(job["compiled"], rank)
     out_path = os.path.join(workdir, f"rank{rank}.pkl")
     if job.get("faults"):
         run_faults(rank, workdir, out, out_path)
