@@ -313,7 +313,7 @@ def peers_markdown(report: dict[str, Any], found: dict[str, str], missing: Seque
 
 def main(argv: Sequence[str]) -> None:
     """``readme REPORT.json README.md``: regenerate the README's semantics table from a
-    peers' report; ``coverage SPEC.md``: regenerate the spec's coverage table."""
+    peers' report; ``coverage docs/spec.md``: regenerate the spec's coverage table."""
     import json
 
     if argv[:1] == ["readme"] and len(argv) == 3:
@@ -323,7 +323,7 @@ def main(argv: Sequence[str]) -> None:
     elif argv[:1] == ["coverage"] and len(argv) == 2:
         path, content, start, end = argv[1], coverage_markdown(), COVERAGE_START, COVERAGE_END
     else:
-        raise SystemExit(f"arguments: expected 'readme REPORT.json README.md' or 'coverage SPEC.md', got {argv}")
+        raise SystemExit(f"arguments: expected 'readme REPORT.json README.md' or 'coverage docs/spec.md', got {argv}")
     with open(path) as stream:
         text = stream.read()
     with open(path, "w") as stream:
