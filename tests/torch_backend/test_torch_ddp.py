@@ -24,57 +24,22 @@ the global ones by > 1e-2.
 
 from __future__ import annotations
 
-import os
-import pickle
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from torch_backend import worker_launch
 
 pytest.importorskip("torch")
 
 pytestmark = pytest.mark.dist
 
-WORKER = Path(__file__).parent / "torch_workers" / "ddp_worker.py"
 LAUNCH_TIMEOUT_S = 180
 TOL = 1e-5
 
 
 def launch(job: dict, world: int, workdir: Path) -> list[dict]:
-    """Run ``world`` worker processes on ``job``; their results, in rank order."""
-    workdir.mkdir(parents=True)
-    with open(workdir / "job.pkl", "wb") as file:
-        pickle.dump(job, file)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    logs = [open(workdir / f"rank{r}.log", "w") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(workdir)], stdout=log,
-                              stderr=subprocess.STDOUT, env=env) for r, log in enumerate(logs)]  # fmt: skip
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        timed_out = [p.poll() is None for p in procs]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    if any(timed_out) or any(p.returncode != 0 for p in procs):
-        text = "\n".join(f"--- rank {r} (rc {p.returncode}) ---\n{(workdir / f'rank{r}.log').read_text()[-3000:]}"
-                         for r, p in enumerate(procs))  # fmt: skip
-        pytest.fail(f"workers failed or outlived {LAUNCH_TIMEOUT_S}s (timed out: {timed_out}):\n{text}")
-    results = []
-    for r in range(world):
-        with open(workdir / f"rank{r}.pkl", "rb") as file:
-            results.append(pickle.load(file))
-    return results
+    return worker_launch.launch("ddp_worker.py", job, world, workdir, timeout_s=LAUNCH_TIMEOUT_S)
 
 
 def job(sizes: list[int], *, unsynced: bool, steps: int = 3, seed: int = 0) -> dict:

@@ -18,15 +18,13 @@ terms, hence 1e-4 absolute. float64 cases leave only summation-order rounding:
 
 from __future__ import annotations
 
-import os
-import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from torch_backend import worker_launch
 
 pytest.importorskip("torch")
 
@@ -34,50 +32,12 @@ from bn1d.backends import numpy as spec  # noqa: E402
 
 pytestmark = pytest.mark.dist
 
-WORKER = Path(__file__).parent / "torch_workers" / "sync_worker.py"
 LAUNCH_TIMEOUT_S = 240
 C = 4
 
 
 def launch(job: dict, world: int, workdir: Path, **extra_env: str) -> list[dict]:
-    """Run ``world`` worker processes on ``job``; their results, in rank order."""
-    workdir.mkdir(parents=True)
-    with open(workdir / "job.pkl", "wb") as file:
-        pickle.dump(job, file)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra_env)
-    logs = [open(workdir / f"rank{r}.log", "w") for r in range(world)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(world), str(workdir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for r, log in enumerate(logs)
-    ]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        timed_out = [p.poll() is None for p in procs]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    if any(timed_out) or any(p.returncode != 0 for p in procs):
-        text = "\n".join(f"--- rank {r} (rc {p.returncode}) ---\n{(workdir / f'rank{r}.log').read_text()[-3000:]}"
-                         for r, p in enumerate(procs))  # fmt: skip
-        pytest.fail(f"workers failed or outlived {LAUNCH_TIMEOUT_S}s (timed out: {timed_out}):\n{text}")
-    results = []
-    for r in range(world):
-        with open(workdir / f"rank{r}.pkl", "rb") as file:
-            results.append(pickle.load(file))
-    return results
+    return worker_launch.launch("sync_worker.py", job, world, workdir, timeout_s=LAUNCH_TIMEOUT_S, **extra_env)
 
 
 def make_case(name, world, batches, *, axis=(0, 1), length=5, groups=None, masked=False, dtype="float32",
