@@ -2,7 +2,8 @@
 
 :class:`BatchNorm1d` is an ``eqx.Module`` (an ``eqx.nn.StatefulLayer``, so it works in
 ``eqx.nn.Sequential``) with bn1d's semantics (the maths: ``bn1d.algorithm``; the
-differences from Equinox: the README's semantics table) and Equinox's conventions:
+contract: ``docs/spec.md``; the differences from Equinox: the README's semantics
+table) and Equinox's conventions:
 
 * ``weight`` and ``bias`` are fields (arrays, or ``None`` when not affine); the running
   statistics live in an ``eqx.nn.State`` under the field ``state_index``

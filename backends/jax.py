@@ -1,8 +1,8 @@
 """The JAX backend: ``BatchNorm1d`` as a stateful layer and as a pure function.
 
 :class:`BatchNorm1d` is the core's :class:`bn1d.Layer` on JAX arrays (the maths:
-``bn1d.algorithm``; the deviations from BrainPy, Flax and PyTorch: the table in
-the README). It adds what JAX needs:
+``bn1d.algorithm``; the contract: ``docs/spec.md``; the deviations from BrainPy,
+Flax and PyTorch: the table in the README). It adds what JAX needs:
 
 * the pure form, for ``jax.jit``, ``jax.grad``, ``jax.vmap``, ``jax.pmap``,
   ``jax.shard_map`` and optax loops: ``layer.params`` and ``layer.state`` are

@@ -1,7 +1,7 @@
 """``BatchNorm1d`` as a Flax linen module.
 
 :class:`BatchNorm1d` is a ``flax.linen.Module`` with bn1d's semantics (the maths:
-``bn1d.algorithm``; the differences from Flax: the README's semantics table) and
+``bn1d.algorithm``; the contract: ``docs/spec.md``; the differences from Flax: the README's semantics table) and
 linen's conventions, so it sits where ``flax.linen.BatchNorm`` sits:
 
 * variables ``params/{scale,bias}`` and ``batch_stats/{mean,var}``, named as in

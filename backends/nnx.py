@@ -1,7 +1,7 @@
 """``BatchNorm1d`` as a Flax NNX module, and :func:`replace_batchnorm`.
 
 :class:`BatchNorm1d` is an ``nnx.Module`` with bn1d's semantics (the maths:
-``bn1d.algorithm``; the differences from Flax: the README's semantics table) and
+``bn1d.algorithm``; the contract: ``docs/spec.md``; the differences from Flax: the README's semantics table) and
 NNX's conventions, so it sits where ``nnx.BatchNorm`` sits:
 
 * ``scale`` and ``bias`` are ``nnx.Param``; the running statistics ``mean`` and

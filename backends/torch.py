@@ -1,7 +1,7 @@
 """The PyTorch backend: ``BatchNorm1d`` as a ``torch.nn.Module``.
 
 It computes what ``bn1d.algorithm`` states (the maths) and the NumPy backend
-specifies; where it departs from PyTorch's ``nn.BatchNorm1d``, BrainPy and Flax is
+specifies, under the contract ``docs/spec.md``; where it departs from PyTorch's ``nn.BatchNorm1d``, BrainPy and Flax is
 the table in the README.
 
 PyTorch idioms: ``scale``/``bias`` are ``nn.Parameter`` (absent, not ``None``,

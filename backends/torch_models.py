@@ -12,7 +12,8 @@
 * :func:`sync_running_statistics` makes the running statistics of every batch norm of
   a model identical across ranks (their mean, or one rank's) before evaluation.
 
-The maths is ``bn1d.algorithm``'s; ``docs/torch-models.md`` is the guide.
+The maths is ``bn1d.algorithm``'s, the contract ``docs/spec.md`` (R6.7: PyTorch's
+state); ``docs/torch-models.md`` is the guide.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 r"""The batch-normalization algorithm, written once against the Array API standard.
 
-This docstring is the one statement of the maths; the backends refer to it.
+This docstring is the one statement of the maths; the backends refer to it. The
+rules it implements are those of ``docs/spec.md``: R2 (the statistics and ``y``,
+R2.7 the accuracy rule), R3 (running statistics), R4 (synced statistics) and R5
+(masks).
 
 :func:`batch_norm` is a pure function: it takes arrays of any Array API library
 (NumPy, JAX, PyTorch, ``array_api_strict``...), gets ``xp`` from

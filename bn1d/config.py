@@ -2,7 +2,7 @@
 
 Every backend's constructor builds a :class:`BatchNormConfig` first, so a bad
 argument raises the same ``ValueError``/``TypeError`` with the same message on
-NumPy, JAX and PyTorch, before any parameter or statistic exists. The core
+NumPy, JAX and PyTorch, before any parameter or statistic exists (``docs/spec.md`` R1 and R7.1). The core
 (:func:`bn1d.algorithm.batch_norm`) takes the config itself: an option that only
 the algorithm reads is a field here, its use there, and its conformance cases
 (``docs/contributing.md`` lists the files an option touches).

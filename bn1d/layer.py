@@ -15,7 +15,8 @@ gets a working layer with no adapter at all::
     layer = Layer(3, xp=xp)
     y = layer(xp.ones((4, 5, 3)))
 
-(``docs/new-library.md`` shows how a library joins the conformance suite.)
+(``docs/new-library.md`` shows how a library joins the conformance suite; the
+contract every layer meets is ``docs/spec.md``.)
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ statistics through a barrier, as a data-parallel all-reduce or all-gather would.
 :class:`bn1d.layer.Layer` with ``axis_name`` gets the group's hook from
 :func:`replica_hooks` and its statistics are those of the concatenated batches
 of its ``axis_index_groups`` group. Every member adds the same operands in the
-same order, so synced results are bitwise equal within a group.
+same order, so synced results are bitwise equal within a group (``docs/spec.md``
+R4).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ statistics are tracked (arrays of shape ``(num_features,)``), and the integer
 ``num_batches_tracked`` for the cumulative average (``momentum=None``).
 :func:`check_state` validates a whole mapping into NumPy arrays before a backend
 assigns anything, which is what makes every ``load_state_dict`` strict and
-atomic.
+atomic (``docs/spec.md`` R6).
 
 The converters work on plain mappings of arrays and import no framework:
 
