@@ -76,6 +76,7 @@ from bn1d.config import OPTIONS, BatchNormConfig, argument_error, check_partitio
 
 __all__ = [
     "ALL_GATHER_MAX_RANKS",
+    "FLOAT64_REDUCE_MAX_RATIO",
     "Gather",
     "Reduce",
     "all_gather_rows",
@@ -287,6 +288,26 @@ def _shift_checksum(shift: torch.Tensor) -> torch.Tensor:
     return (halves * weights % _PRIME).sum(dim=1) % _PRIME
 
 
+#: With float64 statistics, the largest ``|mean - K| / std`` at which :class:`Reduce`
+#: keeps its sums: the cancellation of ``B - A**2 / n`` then costs ``u64 * 16``
+#: relative, a tenth of R2.7's float64 bound (``1e-5 * 2**-29``, about ``168 u64``).
+FLOAT64_REDUCE_MAX_RATIO = 4.0
+
+
+def _cancels(offset: torch.Tensor, centred: torch.Tensor, n: torch.Tensor) -> bool:
+    """Whether ``|mean - K| / std`` exceeds :data:`FLOAT64_REDUCE_MAX_RATIO` for a
+    feature (eager only: it reads the values)."""
+    limit = FLOAT64_REDUCE_MAX_RATIO**2 * centred / torch.where(n > 0, n, 1.0)
+    return bool((offset * offset > limit).any())
+
+
+def _next_shift(shift: torch.Tensor, count: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The agreed shift after a call: the call's global ``mean`` where it saw data and is
+    finite, else the current ``shift`` (one inf or NaN batch must not poison every later
+    call: the same bits on every rank, so no checksum would see it)."""
+    return torch.where((count > 0) & torch.isfinite(mean), mean, shift)
+
+
 class Reduce:
     r"""The exchange of large groups: one all-reduce of sums around an agreed shift.
 
@@ -304,7 +325,13 @@ class Reduce:
     difference cancels only as much as ``|mean - K| / std`` is large: ``K`` is the
     previous call's mean, so little after the first call, and in float64 the
     relative error ``u64 (|mean - K| / std)**2`` is 1e-8 even at the contract's
-    ``|mean| / std = 1e4`` with ``K = 0``. :meth:`rows` returns the one combined
+    ``|mean| / std = 1e4`` with ``K = 0``: within float32's bound of R2.7, not
+    within float64's (``1e-5 * 2**-29``). So with float64 statistics a call whose
+    ``|mean - K| / std`` exceeds :data:`FLOAT64_REDUCE_MAX_RATIO` (a first call on raw
+    data, or a mean that moved) falls back to :class:`Gather`: every rank sees the
+    same sums and header, so every rank falls back (compiled, where nothing can
+    depend on the data, float64 calls always do). A shift is agreed only from
+    finite means. :meth:`rows` returns the one combined
     row ``(n, K, A, B - A**2 / n)``, which :func:`~bn1d.algorithm.combine_shifted`
     takes as any gathered rows. The checksum covers the agreed header entries
     and ``K``'s bits; ``R sum(c**2) == (sum c)**2`` holds (exactly, in float64)
@@ -361,8 +388,10 @@ class Reduce:
         n, a_total, b_total = totals[0].reshape(()), totals[1], totals[2]
         offset = a_total / torch.where(n > 0, n, 1.0)  # the global mean - K
         centred = torch.clamp(b_total - a_total * offset, min=0.0)
+        if self.header[3] and (torch.compiler.is_compiling() or _cancels(offset, centred, n)):  # float64 statistics
+            return self._fall_back(arrays)
         self.deviation = torch.where(has, local_offset - offset, 0.0)
-        self.next_shift = torch.where(n > 0, self.shift + offset, self.shift)
+        self.next_shift = _next_shift(self.shift, n, self.shift + offset)
         combined = (n, self.shift, a_total, centred)
         return tuple(v.reshape(1, *a.shape).to(a.dtype) for v, a in zip(combined, arrays))
 
@@ -373,7 +402,7 @@ class Reduce:
         rows = self.fallback.rows(arrays)
         if not self.fast_variance:
             n, offset, _, frame = combine_shifted(*(r.to(torch.float64) for r in rows))
-            self.next_shift = torch.where(n > 0, frame + offset, self.shift)
+            self.next_shift = _next_shift(self.shift, n, frame + offset)
         return rows
 
     def own_cotangents(self, cotangents: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -407,7 +436,8 @@ def make_exchange(
 ) -> Gather | Reduce:
     """The exchange of one synced call for ``group``: :class:`Gather` up to
     :data:`ALL_GATHER_MAX_RANKS` ranks, else :class:`Reduce` around ``shift`` (the
-    layer's agreed shift; zeros when ``None`` or on another device)."""
+    layer's agreed shift; zeros when ``None`` or on another device). The choice
+    depends on the group alone, so every rank makes the same collectives."""
     if group_size(group) <= ALL_GATHER_MAX_RANKS:
         return Gather(group, header, timeout)
     if shift is None or shift.device != torch.device(device):
@@ -421,9 +451,12 @@ class _AllGather(torch.autograd.Function):
     gradient of rank r's arrays is the sum over ranks q of dL_q / d rows[r]."""
 
     @staticmethod
-    def forward(ctx: Any, exchange: Gather | Reduce, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.exchange = exchange
+    def forward(exchange: Gather | Reduce, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return exchange.rows(arrays)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:  # torch.func.grad needs this form
+        ctx.exchange = inputs[0]
 
     @staticmethod
     def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:

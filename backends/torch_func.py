@@ -48,19 +48,33 @@ def _returning_state(model: nn.Module) -> Iterator[dict[str, dict[str, torch.Ten
 
     def recorder(name: str, layer: BatchNorm1d) -> Any:
         def record(new_state: Mapping[str, torch.Tensor]) -> None:
-            values = dict(new_state)
-            count = layer.num_batches_tracked
+            # Running statistics take no gradient (R2.3): detached, or the next step's graph
+            # would hold this one's.
+            values = {key: value.detach() for key, value in new_state.items()}
+            count = updates.get(name, {}).get("num_batches_tracked", layer.num_batches_tracked)
             if "num_batches_tracked" not in values and count is not None:  # PyTorch's count of training calls
                 values["num_batches_tracked"] = count + 1
             updates[name] = values
 
         return record
 
+    def current(name: str, layer: BatchNorm1d, own: Any) -> Any:
+        # A layer called twice in one functional_call (shared, or in a loop) chains its
+        # updates, as its stateful calls do.
+        def state() -> dict[str, torch.Tensor]:
+            recorded = updates.get(name)
+            return own() if recorded is None else {key: recorded[key] for key in layer.config.state_keys}
+
+        return state
+
+    methods = ("_route", "_update_state", "_state")
     try:
         for name, layer in layers:
-            saved.append((layer, {key: layer.__dict__.get(key) for key in ("_route", "_update_state")}))
+            saved.append((layer, {key: layer.__dict__.get(key) for key in methods}))
+            own_state = layer._state
             layer.__dict__["_route"] = lambda *args: "core"
             layer.__dict__["_update_state"] = recorder(name, layer)
+            layer.__dict__["_state"] = current(name, layer, own_state)
         yield updates
     finally:
         for layer, methods in saved:

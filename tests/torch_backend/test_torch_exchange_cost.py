@@ -17,6 +17,7 @@ differs by the Bessel factor of the global count, which is the point of the chec
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -100,3 +101,42 @@ def test_the_table_command_lists_both_exchanges_for_every_group_size():
                 f"1 + 1 | {messages['forward'][0].received:,} | {messages['backward'][0].sent:,} | {wire:,.0f}"
             )
         assert f"| {ranks} | {chosen} | {cells[0]} | {cells[1]} |" in text.splitlines(), text
+
+
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["kernels", "core"])
+def test_an_inf_batch_does_not_poison_the_agreed_shift(native_kernel):
+    """Reduce carries the previous call's mean as the next shift; a batch with an inf (an
+    overflowing AMP step, which GradScaler skips) must not make every later call NaN."""
+    generator = torch.Generator().manual_seed(5)
+    synced = BatchNorm1d(C, axis_name="batch", native_kernel=native_kernel)
+    local = BatchNorm1d(C, native_kernel=native_kernel)
+    bad = torch.randn(4, 8, C, generator=generator)
+    bad[0, 0, 0] = float("inf")
+    with simulated_ranks(4096):
+        synced(bad)
+        assert torch.isfinite(synced._agreed_shift).all()
+        for _ in range(2):
+            x = torch.randn(4, 8, C, generator=generator) * 2 + 3
+            torch.testing.assert_close(synced(x), local(x), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["kernels", "core"])
+def test_float64_statistics_fall_back_to_the_gather_where_the_reduce_would_cancel(native_kernel):
+    """R2.7 in float64: Reduce's cancellation, u64 (|mean - K| / std)**2, is 5e-9 at
+    |mean| / std = 1e4 on a first call (K = 0), far over float64's bound; such a call
+    gathers, and the next, shifted by the first's mean, keeps its one all-reduce. 4096
+    gathered rows are combined by cascaded sums (row after row costs 4096 u64: 2e-13
+    was measured on the kernels' path). Bound: R2.7's 1e-5 * 2**-29 (1.9e-14) on O(1)
+    outputs plus y's own roundings, 8 * 2**-53 * |y| (tolerances.py)."""
+    from bn1d.backends.numpy import BatchNorm1d as Spec
+
+    generator = torch.Generator().manual_seed(0)
+    layer = BatchNorm1d(3, axis_name="batch", dtype=torch.float64, native_kernel=native_kernel)
+    for step, kinds in enumerate((["all_reduce", "all_gather"], ["all_reduce"])):
+        x = (1e4 + torch.randn(64, 32, 3, generator=generator)).double()
+        want = torch.from_numpy(Spec(3, dtype=np.float64)(x.numpy()))  # R copies of x: its own statistics
+        with simulated_ranks(4096) as messages:
+            y = layer(x)
+        assert [m.kind for m in messages if m.what == "the exchange of statistics"] == kinds, (step, messages)
+        bound = 1e-5 * 2.0**-29 + 8 * 2.0**-53 * want.abs()
+        assert ((y - want).abs() <= bound).all(), (step, float((y - want).abs().max()))

@@ -51,7 +51,7 @@ def test_a_training_call_returns_what_the_stateful_call_stores_and_changes_nothi
     assert int(new_buffers["1.num_batches_tracked"]) == int(new_buffers["5.num_batches_tracked"]) == 1
     for key, value in buffers.items():  # neither the given tensors nor the module's changed
         assert torch.equal(value, given[key]) and torch.equal(dict(model.named_buffers())[key], given[key]), key
-    assert all("_route" not in m.__dict__ and "_update_state" not in m.__dict__ for m in model.modules())
+    assert not any(key in m.__dict__ for m in model.modules() for key in ("_route", "_update_state", "_state"))
     model.eval()
     y, unchanged = functional_call(model, {**params, **new_buffers}, (x,))
     torch.testing.assert_close(y, stateful.eval()(x), rtol=TOL, atol=TOL)
@@ -110,3 +110,55 @@ def test_arguments_are_checked():
         functional_call({}, {}, ())
     with pytest.raises(TypeError, match=r"^parameters_and_buffers: expected a mapping, got 'list'$"):
         functional_call(BatchNorm1d(3), [], ())
+
+
+def test_returned_statistics_are_detached_so_steps_do_not_chain_their_graphs():
+    """R2.3: the running statistics take no gradient. Fed back as the guide says, a
+    returned statistic attached to the graph would keep every earlier step's alive."""
+    model = make(0)
+    params, buffers = variables(model)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    for _ in range(2):
+        y, buffers = functional_call(model, {**params, **buffers}, (torch.randn(6, 2, 5),))
+        y.square().sum().backward()
+        for key, value in buffers.items():
+            assert not value.requires_grad and value.grad_fn is None, key
+
+
+def test_a_layer_called_twice_in_one_call_chains_its_updates_as_the_stateful_layer():
+    """A shared layer (or one called in a loop) updates its statistics on each call."""
+    layer = BatchNorm1d(3, momentum=0.9)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    stateful = copy.deepcopy(model)
+    params, buffers = variables(model)
+    x = torch.randn(4, 5, 3) * 2 + 1
+    y, new_buffers = functional_call(model, {**params, **buffers}, (x,))
+    torch.testing.assert_close(y, stateful(x), rtol=TOL, atol=TOL)
+    for key, value in stateful.named_buffers():  # both calls' updates, and a count of 2
+        torch.testing.assert_close(new_buffers[key], value, rtol=TOL, atol=TOL, msg=key)
+    assert int(new_buffers["0.num_batches_tracked"]) == 2
+
+
+def test_torch_func_grad_through_a_synced_layer():
+    """The exchange's autograd.Function has the setup_context form torch.func needs;
+    ranks simulated in this process (4096 identical ranks: the Reduce exchange, and 4:
+    the Gather), whose statistics are the local batch's."""
+    from bn1d.backends.torch_exchange_cost import simulated_ranks
+
+    x = torch.randn(4, 5, 3) * 2 + 1
+    local = BatchNorm1d(3)
+    params, buffers = variables(local)
+
+    def loss(params, x, layer):
+        y, new = functional_call(layer, {**params, **buffers}, (x,))
+        return y.square().mean() + y[0, 0, 0], new
+
+    want = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(params, x, local)
+    for ranks in (4, 4096):
+        synced = BatchNorm1d(3, axis_name="batch")
+        with simulated_ranks(ranks) as messages:
+            (grads, dx), _ = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(params, x, synced)
+        assert messages, "the synced layer exchanged"
+        torch.testing.assert_close(dx, want[0][1], rtol=TOL, atol=TOL)
+        for key in params:  # each rank's share of the parameters' gradient is its own batch's
+            torch.testing.assert_close(grads[key], want[0][0][key], rtol=TOL, atol=TOL, msg=key)
