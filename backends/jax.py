@@ -91,6 +91,8 @@ def replica_all_sum(axis_name: str | tuple[Hashable, ...], axis_index_groups: Se
         return lambda arrays: lax.psum(tuple(arrays), axis_name)
     check_partition(axis_index_groups, size, f", the size of axis {axis_name!r}")
     groups = tuple(tuple(int(i) for i in group) for group in axis_index_groups)
+    if len({len(group) for group in groups}) > 1:  # any partition: the layers' configs take equal groups only
+        return _rows_all_sum(axis_name, groups, size)
     group_size = len(groups[0])
     if group_size == size:
         return lambda arrays: lax.psum(tuple(arrays), axis_name)

@@ -151,35 +151,75 @@ def replace_batchnorm(model: Any, *, ndim: int | None = None, **options: Any) ->
     (biased, as Flax); ``options`` override these or set bn1d's others (e.g.
     ``fast_variance=False`` for the exact variance). A layer without scale or bias gets
     the neutral value for the missing one (bn1d's affine layer has both);
-    ``use_scale=use_bias=False`` becomes ``affine=False``. Shared layers stay shared.
+    ``use_scale=use_bias=False`` becomes ``affine=False``. Shared layers stay shared;
+    layers in ``nnx.List``/``nnx.Dict`` and in ``nnx.data`` tuples, lists and dicts are
+    replaced too. Every layer is converted before any is replaced, so an error (a
+    ``ValueError``/``TypeError`` naming the argument) leaves ``model`` as it was.
+
+    Two call-site differences remain (``docs/jax-modules.md``): the call is bn1d's,
+    ``(x, mask=None, *, use_running_average=None)``, so Flax's ``bn(x, True)`` becomes
+    ``bn(x, use_running_average=True)`` and a mask has ``x``'s shape without the feature
+    axis (Flax's broadcasts to ``x``); and the output has the input's dtype with
+    float32 (or float64) statistics (R2.5), where Flax casts to its ``dtype``.
     """
-    if ndim is not None and (not isinstance(ndim, int) or isinstance(ndim, bool) or ndim < 2):
+    if ndim is not None and (not isinstance(ndim, int) or isinstance(ndim, bool)):
         raise argument_error("ndim", "None or an int >= 2 (the rank of the layers' inputs)", ndim, TypeError)
-    replaced: dict[int, BatchNorm1d] = {}
-    seen: set[int] = set()
-
-    def visit(node: Any) -> None:
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        implementation = graphlib.get_node_impl(node)
-        if implementation is None:
-            return
-        for key, child in list(nnx.iter_children(node)):
-            if isinstance(child, nnx.BatchNorm):
-                if id(child) not in replaced:
-                    replaced[id(child)] = _from_flax(child, ndim, options)
-                set_key = getattr(implementation, "set_key", None)
-                if set_key is None:
-                    raise argument_error("model", "nnx.BatchNorm layers held by mutable graph nodes", type(node))
-                set_key(node, key, replaced[id(child)])
-            else:
-                visit(child)
-
+    if ndim is not None and ndim < 2:
+        raise argument_error("ndim", "None or an int >= 2 (the rank of the layers' inputs)", ndim)
     if isinstance(model, nnx.BatchNorm):
         return _from_flax(model, ndim, options)
-    visit(model)
+    # Two passes, so that a layer that cannot be converted raises before any is replaced.
+    found: dict[int, nnx.BatchNorm] = {}
+    _walk(model, lambda layer: found.setdefault(id(layer), layer), set())
+    replaced = {key: _from_flax(layer, ndim, options) for key, layer in found.items()}
+    _walk(model, lambda layer: replaced[id(layer)], set())
     return model
+
+
+def _children(node: Any) -> list[tuple[Any, Any]]:
+    """``(key, child)`` of a graph node (its graph children and the lists, tuples and
+    dicts it holds as data, e.g. ``nnx.data((...))``) or of such a container."""
+    if isinstance(node, (list, tuple)):
+        return list(enumerate(node))
+    if isinstance(node, dict):
+        return list(node.items())
+    if graphlib.get_node_impl(node) is None:
+        return []
+    children = dict(nnx.iter_children(node))
+    if isinstance(node, nnx.Module):
+        children.update(
+            (k, v) for k, v in vars(node).items() if k not in children and isinstance(v, (list, tuple, dict))
+        )
+    return list(children.items())
+
+
+def _walk(node: Any, swap: Any, seen: set[int]) -> Any:
+    """``node`` with every ``nnx.BatchNorm`` below it replaced by ``swap(layer)``: graph
+    nodes, lists and dicts changed in place, tuples rebuilt (and set on their holder)."""
+    if isinstance(node, nnx.BatchNorm):
+        return swap(node)
+    if id(node) in seen:
+        return node
+    seen.add(id(node))
+    changed = {}
+    for key, child in _children(node):
+        new = _walk(child, swap, seen)
+        if new is not child:
+            changed[key] = new
+    if not changed:
+        return node
+    if isinstance(node, tuple):
+        return tuple(changed.get(i, v) for i, v in enumerate(node))
+    if isinstance(node, (list, dict)):
+        for key, new in changed.items():
+            node[key] = new
+        return node
+    set_key = getattr(graphlib.get_node_impl(node), "set_key", None)
+    if set_key is None:  # an immutable graph node (only reached when it holds a BatchNorm)
+        raise argument_error("model", "nnx.BatchNorm layers held by mutable graph nodes", type(node))
+    for key, new in changed.items():
+        set_key(node, key, new)
+    return node
 
 
 def _reduced(feature: int, ndim: int) -> tuple[int, ...]:
@@ -204,18 +244,19 @@ def _from_flax(layer: nnx.BatchNorm, ndim: int | None, options: dict[str, Any]) 
     state = jax_modules.state_from_flax(variables)
     affine = bool(variables["params"])
     wide = any(np.asarray(v).dtype == np.float64 for v in state.values())
-    module = BatchNorm1d(
-        layer.num_features,
-        axis=_reduced(feature, ndim),
-        epsilon=layer.epsilon,
-        momentum=layer.momentum,
-        affine=affine,
-        axis_name=layer.axis_name,
-        axis_index_groups=layer.axis_index_groups,
-        dtype=jnp.float64 if wide else None,
-        use_running_average=layer.use_running_average,
-        **{"fast_variance": bool(layer.use_fast_variance), "unbiased_running_var": False, **options},
-    )
+    flax_options = {
+        "axis": _reduced(feature, ndim),
+        "epsilon": layer.epsilon,
+        "momentum": layer.momentum,
+        "affine": affine,
+        "axis_name": layer.axis_name,
+        "axis_index_groups": layer.axis_index_groups,
+        "dtype": jnp.float64 if wide else None,
+        "use_running_average": layer.use_running_average,
+        "fast_variance": bool(layer.use_fast_variance),
+        "unbiased_running_var": False,
+    }
+    module = BatchNorm1d(layer.num_features, **{**flax_options, **options})
     state["num_batches_tracked"] = np.asarray(0)  # for momentum=None: no call counted yet
     module.load_state_dict({k: v for k, v in state.items() if k in module.config.keys})
     if adaptive:

@@ -119,6 +119,25 @@ def test_every_formulation_under_vmap_is_the_groups_concatenated_batch():
         assert_groups(groups, x, mask, dy, y, dx, state)
 
 
+def test_replica_all_sum_of_unequal_groups_sums_each_group():
+    """``replica_all_sum`` is public and takes any partition (the layers' configs take
+    equal groups only): unequal groups sum as rows, under vmap and pmap."""
+    import jax
+    import jax.numpy as jnp
+
+    from bn1d.backends.jax import replica_all_sum
+
+    values = jnp.arange(1.0, 7.0)
+    cases = (
+        ([[0, 1], [2, 3, 4, 5]], [3, 3, 18, 18, 18, 18]),
+        ([[0], [1, 2, 3, 4, 5]], [1, 20, 20, 20, 20, 20]),
+        ([[0, 1, 2], [3, 4], [5]], [6, 6, 6, 9, 9, 6]),
+    )
+    for groups, want in cases:
+        summed = jax.vmap(lambda v, g=groups: replica_all_sum("i", g)([v])[0], axis_name="i")(values)
+        np.testing.assert_array_equal(summed, want, err_msg=str(groups))
+
+
 def test_a_tuple_axis_name_sums_over_the_spanned_axes_or_falls_back_to_rows():
     """Nested vmap over ("a", "b") of sizes (3, 4); the replica index is a * 4 + b."""
     import jax

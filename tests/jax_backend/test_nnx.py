@@ -307,6 +307,35 @@ def test_replace_batchnorm_without_ndim_reduces_every_axis_but_flaxs_feature_axi
         replace_batchnorm(nnx.BatchNorm(3, axis=2, rngs=nnx.Rngs(0)))(np.ones((4, 3), np.float32))
 
 
+def test_replace_batchnorm_reaches_pytree_containers_is_atomic_and_takes_every_option():
+    """Layers in ``nnx.data`` tuples, lists and dicts (Flax 0.12's containers of modules)
+    are replaced too; a layer that cannot be converted raises before any is replaced;
+    ``options`` override what comes from Flax (``momentum=None``: the cumulative average)."""
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.t = nnx.data((nnx.BatchNorm(3, rngs=nnx.Rngs(0)),))
+            self.l = nnx.data([nnx.BatchNorm(3, rngs=nnx.Rngs(0))])
+            self.d = nnx.data({"bn": nnx.BatchNorm(3, rngs=nnx.Rngs(0))})
+            self.L = nnx.List([nnx.BatchNorm(3, rngs=nnx.Rngs(0))])
+
+    net = replace_batchnorm(Net(), momentum=None, epsilon=1e-3)
+    for layer in (net.t[0], net.l[0], net.d["bn"], net.L[0]):
+        assert isinstance(layer, BatchNorm1d) and layer.config.momentum is None and layer.config.epsilon == 1e-3
+
+    class Mixed(nnx.Module):
+        def __init__(self):
+            self.a = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+            self.b = nnx.BatchNorm(3, axis=(0, 1), rngs=nnx.Rngs(0))  # two feature axes: not bn1d's
+
+    mixed = Mixed()
+    with pytest.raises(ValueError, match=r"^axis: expected one feature axis"):
+        replace_batchnorm(mixed)
+    assert type(mixed.a) is nnx.BatchNorm and type(mixed.b) is nnx.BatchNorm  # nothing replaced
+    with pytest.raises(ValueError, match=r"^ndim: expected None or an int >= 2"):
+        replace_batchnorm(mixed, ndim=1)
+
+
 def test_nested_nnx_vmap_over_two_named_axes_and_an_empty_batch():
     """Nested ``nnx.vmap`` (the model broadcast at both levels) with
     ``axis_name=("a", "b")``: the statistics of all 2 x 2 replicas' rows,
