@@ -38,7 +38,14 @@ from bn1d.state import check_state, from_torch_state_dict, to_torch_state_dict, 
 
 from . import torch_kernels
 
-__all__ = ["BatchNorm1d", "ChannelFirstBatchNorm", "convert_batchnorm", "revert_batchnorm", "sync_running_statistics"]
+__all__ = [
+    "BatchNorm1d",
+    "ChannelFirstBatchNorm",
+    "check_timeout",
+    "convert_batchnorm",
+    "revert_batchnorm",
+    "sync_running_statistics",
+]
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
@@ -46,6 +53,44 @@ _PARAM_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 #: Below this many elements a hook making the gradient contiguous costs more than it
 #: saves (``docs/performance.md``).
 _CONTIGUOUS_GRAD_MIN_NUMEL = 1 << 17
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """``timeout`` (seconds each collective may wait) checked, as a float, or ``None``:
+    the one check of the layer's and ``sync_running_statistics``'s. Any real number
+    but a bool (NumPy's scalars included) is a number; a non-number is a
+    ``TypeError``, a number that is not finite and > 0 a ``ValueError`` (R7.1)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise argument_error("timeout", "None or a number of seconds", type(timeout).__name__, TypeError)
+    seconds = float(timeout)
+    if not (0 < seconds < math.inf):
+        raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
+    return seconds
+
+
+def momentum_to_torch(layer: BatchNorm1d) -> float | None:
+    """PyTorch's momentum for ``layer``: the one it was converted from where that maps to
+    its momentum (every float comes back: ``bn1d.state.torch_momentum`` alone cannot
+    invert every float below 0.5), else ``torch_momentum`` of its momentum."""
+    momentum, given = layer.config.momentum, getattr(layer, "_torch_momentum", None)
+    if momentum is None:
+        return None
+    if given is not None and (torch_momentum(given) == momentum or torch_momentum(momentum) == given):
+        return given
+    return torch_momentum(momentum)
+
+
+def momentum_from_torch(module: nn.Module) -> float | None:
+    """bn1d's momentum for a PyTorch batch norm: the one it was reverted from where that
+    maps to its momentum, else ``torch_momentum`` of its momentum (``None`` stays)."""
+    momentum, given = cast(Any, module).momentum, getattr(module, "_bn1d_momentum", None)
+    if momentum is None:
+        return None
+    if given is not None and (torch_momentum(given) == momentum or torch_momentum(momentum) == given):
+        return given
+    return torch_momentum(momentum)
 
 
 def _contiguous_gradient(grad: torch.Tensor) -> torch.Tensor:
@@ -77,6 +122,9 @@ class BatchNorm1d(nn.Module):
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: torch.Tensor | None
+    #: Training never writes the running statistics nor the count (a converted PyTorch
+    #: module with ``track_running_stats = False`` and its buffers kept: ``ChannelFirstBatchNorm``).
+    _frozen = False
 
     def __init__(
         self,
@@ -114,16 +162,13 @@ class BatchNorm1d(nn.Module):
                 raise argument_error(
                     "process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError
                 )
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not (0 < timeout < math.inf)
-        ):
-            raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
+        timeout = check_timeout(timeout)
         if not isinstance(native_kernel, bool):
             raise argument_error("native_kernel", "a bool", native_kernel, TypeError)
         values = initial_state(config, scale_initializer, bias_initializer, _PARAM_DTYPES[dtype])
         super().__init__()
         self.config, self.name, self.process_group = config, name, process_group
-        self.timeout = None if timeout is None else float(timeout)
+        self.timeout = timeout
         factory = {"device": device, "dtype": dtype}
         for key in config.param_keys:  # not affine: no scale/bias attributes at all, not None ones
             setattr(self, key, nn.Parameter(torch.as_tensor(values[key], **factory)))
@@ -159,6 +204,8 @@ class BatchNorm1d(nn.Module):
         if mask is not None or not (
             isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES and x.dim() == self._ndim and x.shape[fa] == c
         ):
+            if not isinstance(x, torch.Tensor) and hasattr(x, "shape"):  # the type first: an array of another library
+                raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
             algorithm.check_inputs(x, mask, num_features=c, reduce_axes=self.config.reduce_axes)
             if not isinstance(x, torch.Tensor):
                 raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
@@ -251,6 +298,12 @@ class BatchNorm1d(nn.Module):
         if accumulation is None:
             return None
         params, state = self._parameters, self._state()
+        if self._frozen:  # batch statistics, no running statistics written (PyTorch's untracked call)
+            y, save_mean, save_invstd = torch.native_batch_norm(
+                view, params.get("scale"), params.get("bias"), None, None, True, 0.0, self.config.epsilon
+            )
+            accurate = torch_kernels.fused_is_accurate(view, save_mean, save_invstd, self.config.epsilon, accumulation)
+            return y if accurate else None
         running_mean, running_var, count = state["running_mean"], state["running_var"], self.num_batches_tracked
         momentum = self.config.momentum  # PyTorch's is the new batch's weight; the cumulative average's is 1 / k
         factor = 1.0 / (int(cast(torch.Tensor, count)) + 1) if momentum is None else torch_momentum(momentum)
@@ -281,7 +334,10 @@ class BatchNorm1d(nn.Module):
         return y.view(x.shape) if self._channels_last else y
 
     def _update_state(self, new_state: Mapping[str, torch.Tensor]) -> None:
-        """Copy a training call's new state into the buffers; count the call as PyTorch does."""
+        """Copy a training call's new state into the buffers; count the call as PyTorch does
+        (frozen statistics: neither, as PyTorch's untracked call)."""
+        if self._frozen:
+            return
         with torch.no_grad():
             state = self._state()
             for key, value in new_state.items():
@@ -354,10 +410,16 @@ class BatchNorm1d(nn.Module):
         """The config whose ``keys`` are this module's ``state_dict()`` keys (``config``)."""
         return self.config
 
-    def _checked_state(self, state_dict: Any) -> dict[str, np.ndarray]:
+    def _checked_state(self, state_dict: Any, names: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+        """``check_state`` for this layer (``names``: how its errors name the entries)."""
         reference = self._reference()
         dtype = np.float32 if reference is None else _PARAM_DTYPES.get(reference.dtype, np.float32)
-        return check_state(state_dict, self._checkpoint_config, dtype=dtype)
+        return check_state(state_dict, self._checkpoint_config, dtype=dtype, names=names)
+
+    def _given_names(self, local: Mapping[str, Any]) -> dict[str, str]:
+        """The keys under which a checkpoint gave this layer's entries, where not its own
+        (none here; a converted layer also takes PyTorch's ``weight`` for ``scale``)."""
+        return {}
 
     def _checkpoint_entries(self, local: dict[str, Any], local_metadata: Mapping[str, Any]) -> dict[str, Any]:
         """A checkpoint's entries for this module, named as ``state_dict()`` names them
@@ -396,22 +458,36 @@ class BatchNorm1d(nn.Module):
         ``strict``). The entries present are checked together first (``check_state``;
         an error is reported to the parent and nothing of this layer is loaded)."""
         local = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        try:
+            missing, unexpected = self._load_present(local, prefix, local_metadata)
+        except (TypeError, ValueError) as error:
+            if prefix or not getattr(self, "_loading_itself", False):
+                error_msgs.append(str(error))  # the parent raises them, as PyTorch's RuntimeError
+                return
+            raise  # this layer's own load_state_dict(strict=False): the same error as strict=True
+        missing_keys.extend(missing)
+        unexpected_keys.extend(unexpected)
+
+    def _load_present(
+        self, local: dict[str, Any], prefix: str, local_metadata: Mapping[str, Any]
+    ) -> tuple[list[str], list[str]]:
+        """Load the entries of ``local`` (this layer's, without ``prefix``) that are
+        state, checked together first (an error names each entry by its full key,
+        ``prefix`` + the key it was given under; nothing is then loaded); return the
+        missing and unexpected keys, with ``prefix``."""
+        names = {key: prefix + name for key, name in {**{k: k for k in local}, **self._given_names(local)}.items()}
         local = self._checkpoint_entries(local, local_metadata)
         keys = self._checkpoint_config.keys
-        missing_keys.extend(prefix + key for key in keys if key not in local)
-        unexpected_keys.extend(prefix + key for key in local if key not in keys)
+        missing = [prefix + key for key in keys if key not in local]
+        unexpected = [prefix + key for key in local if key not in keys]
         present = {key: local[key] for key in keys if key in local}
-        if not present:
-            return
-        # Absent entries are checked as placeholders of the right shape and never assigned.
-        placeholders = initial_state(self._checkpoint_config, Ones(1.0), Zeros(), np.float64)
-        try:
-            checked = self._checked_state({**placeholders, **present})
-        except (TypeError, ValueError) as error:
-            error_msgs.append(str(error))
-            return
-        assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        self._set_state({key: checked[key] for key in present}, present, assign)
+        if present:
+            # Absent entries are checked as placeholders of the right shape and never assigned.
+            placeholders = initial_state(self._checkpoint_config, Ones(1.0), Zeros(), np.float64)
+            checked = self._checked_state({**placeholders, **present}, names)
+            assign = bool(local_metadata.get("assign_to_params_buffers", False))
+            self._set_state({key: checked[key] for key in present}, present, assign)
+        return missing, unexpected
 
     # -- interop with torch.nn.BatchNorm1d -------------------------------------------
     @classmethod
@@ -423,8 +499,15 @@ class BatchNorm1d(nn.Module):
         carry over. ``kwargs`` go to the constructor (e.g. ``axis_name``)."""
         if not isinstance(module, nn.BatchNorm1d):
             raise argument_error("module", "a torch.nn.BatchNorm1d", type(module).__name__, TypeError)
-        momentum = None if module.momentum is None else torch_momentum(module.momentum)
-        tracked = module.track_running_stats
+        tracked = module.running_mean is not None  # PyTorch's own test: a module without buffers never tracks
+        if tracked and not module.track_running_stats:
+            raise argument_error(
+                "module",
+                "a torch.nn.BatchNorm1d whose track_running_stats is True when it has running statistics (frozen "
+                "statistics convert with ChannelFirstBatchNorm.from_torch or convert_batchnorm)",
+                "track_running_stats=False with its running statistics kept",
+            )
+        momentum = momentum_from_torch(module)
         reference = module.running_mean if tracked else module.weight
         layer = cls(
             module.num_features, axis, module.eps, momentum, module.affine,
@@ -434,6 +517,7 @@ class BatchNorm1d(nn.Module):
         layer.load_state_dict(from_torch_state_dict(module.state_dict(), cumulative=momentum is None))
         if tracked:  # PyTorch's count of training calls, also where it is not our state
             cast(torch.Tensor, layer.num_batches_tracked).copy_(cast(torch.Tensor, module.num_batches_tracked))
+        layer.__dict__["_torch_momentum"] = module.momentum  # to_torch gives it back, every float (momentum_to_torch)
         return layer
 
     def to_torch(self) -> nn.BatchNorm1d:
@@ -449,7 +533,7 @@ class BatchNorm1d(nn.Module):
                 raise argument_error(option, f"{default} to convert to torch.nn.BatchNorm1d", getattr(config, option))
         reference = self._reference()
         factory: dict[str, Any] = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-        momentum = None if config.momentum is None else torch_momentum(config.momentum)
+        momentum = momentum_to_torch(self)
         module = nn.BatchNorm1d(
             config.num_features, eps=config.epsilon, momentum=momentum, affine=config.affine,
             track_running_stats=config.track_running_stats, **factory,
@@ -457,6 +541,7 @@ class BatchNorm1d(nn.Module):
         count = 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
         state = to_torch_state_dict(self.state_dict(), count)
         module.load_state_dict({key: torch.as_tensor(value) for key, value in state.items()})
+        module.__dict__["_bn1d_momentum"] = config.momentum  # from_torch gives it back (momentum_from_torch)
         return module.train(self.training)
 
     def extra_repr(self) -> str:

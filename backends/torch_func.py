@@ -48,6 +48,8 @@ def _returning_state(model: nn.Module) -> Iterator[dict[str, dict[str, torch.Ten
 
     def recorder(name: str, layer: BatchNorm1d) -> Any:
         def record(new_state: Mapping[str, torch.Tensor]) -> None:
+            if layer._frozen:  # frozen statistics (a converted untracked module): nothing written
+                return
             # Running statistics take no gradient (R2.3): detached, or the next step's graph
             # would hold this one's.
             values = {key: value.detach() for key, value in new_state.items()}
@@ -67,10 +69,10 @@ def _returning_state(model: nn.Module) -> Iterator[dict[str, dict[str, torch.Ten
 
         return state
 
-    methods = ("_route", "_update_state", "_state")
+    shadowed = ("_route", "_update_state", "_state")
     try:
         for name, layer in layers:
-            saved.append((layer, {key: layer.__dict__.get(key) for key in methods}))
+            saved.append((layer, {key: layer.__dict__.get(key) for key in shadowed}))
             own_state = layer._state
             layer.__dict__["_route"] = lambda *args: "core"
             layer.__dict__["_update_state"] = recorder(name, layer)

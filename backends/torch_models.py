@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase, _NormBase
+from torch.nn.modules.module import _IncompatibleKeys
 
 from bn1d.config import BatchNormConfig, argument_error
-from bn1d.state import torch_momentum
 
-from .torch import BatchNorm1d
+from .torch import BatchNorm1d, check_timeout, momentum_from_torch, momentum_to_torch
 
 __all__ = ["ChannelFirstBatchNorm", "convert_batchnorm", "revert_batchnorm", "sync_running_statistics"]
 
@@ -59,6 +59,14 @@ class ChannelFirstBatchNorm(BatchNorm1d):
     C, 1)`` as the channel-last ``(N, C)`` it is). A mask has the input's shape
     without axis 1. ``torch_class`` is the class :func:`revert_batchnorm` gives back.
 
+    ``frozen_statistics=True`` (with ``momentum=1.0``, tracked): a PyTorch module whose
+    ``track_running_stats`` was set to ``False`` after construction, its buffers kept.
+    Training normalises with the batch statistics and writes neither the running
+    statistics nor ``num_batches_tracked`` (as PyTorch); evaluation uses the frozen
+    statistics. Momentum 1.0 computes the same for finite batches; the flag also keeps
+    them bit for bit where ``1.0 * running + 0.0 * nan`` would write NaN (a non-finite
+    batch) or turn ``-0.0`` into ``0.0``.
+
     Checkpoints: ``state_dict()`` has ``config.keys`` and, whenever running statistics
     are tracked, ``num_batches_tracked`` (PyTorch's count, saved as PyTorch saves it);
     loading also takes PyTorch's names (``weight`` for ``scale``), fills an absent count
@@ -81,8 +89,17 @@ class ChannelFirstBatchNorm(BatchNorm1d):
         *,
         input_ranks: tuple[int, ...] | None = (2, 3),
         torch_class: type[_BatchNorm] = nn.BatchNorm1d,
+        frozen_statistics: bool = False,
         **kwargs: Any,
     ):
+        if not isinstance(frozen_statistics, bool):
+            raise argument_error("frozen_statistics", "a bool", frozen_statistics, TypeError)
+        if frozen_statistics and kwargs.get("track_running_stats", True) is not True:
+            raise argument_error(
+                "track_running_stats", "True with frozen_statistics=True", kwargs["track_running_stats"]
+            )
+        if frozen_statistics and momentum != 1.0:
+            raise argument_error("momentum", "1.0 with frozen_statistics=True (no update)", momentum)
         if torch_class not in TORCH_INPUT_RANKS:
             names = [cls.__name__ for cls in TORCH_INPUT_RANKS]
             raise argument_error("torch_class", f"one of torch.nn.{names}", torch_class, TypeError)
@@ -97,8 +114,14 @@ class ChannelFirstBatchNorm(BatchNorm1d):
             axis_index_groups=axis_index_groups, mode=mode, name=name, **kwargs,
         )  # fmt: skip
         self.input_ranks, self.torch_class = input_ranks, torch_class
+        self._frozen = frozen_statistics
         if self.num_batches_tracked is not None:  # saved whenever tracked, as PyTorch saves it
             self._non_persistent_buffers_set.discard("num_batches_tracked")
+
+    @property
+    def frozen_statistics(self) -> bool:
+        """Whether training leaves the running statistics and the count as they are."""
+        return self._frozen
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None) -> torch.Tensor:
         """``y`` for ``(N, C, *)`` input of a rank in ``input_ranks``: ``BatchNorm1d.forward``
@@ -140,21 +163,70 @@ class ChannelFirstBatchNorm(BatchNorm1d):
                 entries["num_batches_tracked"] = count.detach().clone()
         return entries
 
+    def _given_names(self, local: Mapping[str, Any]) -> dict[str, str]:
+        return {"scale": "weight"} if "weight" in local and "scale" not in local else {}
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load this layer's keys or PyTorch's. ``strict=True``: all of them, checked
-        together before any is assigned (``ValueError``/``TypeError``, as
-        ``BatchNorm1d.load_state_dict``); ``strict=False``: ``nn.Module``'s semantics (the
-        entries present, the missing and unexpected keys returned)."""
+        """Load this layer's keys or PyTorch's. ``strict=True``: all of them;
+        ``strict=False``: ``nn.Module``'s semantics, which relax only the keys (the
+        entries present load, the missing and unexpected keys are returned). Either way
+        the entries present are checked together before any is assigned, and a bad one
+        is the same ``ValueError``/``TypeError`` naming it (R7.1, as
+        ``BatchNorm1d.load_state_dict``), not PyTorch's ``RuntimeError``."""
         if not isinstance(strict, bool):
             raise argument_error("strict", "a bool", strict, TypeError)
+        if not isinstance(assign, bool):
+            raise argument_error("assign", "a bool", assign, TypeError)
+        if not isinstance(state_dict, Mapping):
+            raise argument_error("state_dict", "a mapping", type(state_dict).__name__, TypeError)
         if not strict:
-            return nn.Module.load_state_dict(self, state_dict, strict=False, assign=assign)
-        if isinstance(state_dict, Mapping):
-            state_dict = self._checkpoint_entries(dict(state_dict), {})
-        return super().load_state_dict(state_dict, True, assign)
+            self._loading_itself = True  # _load_from_state_dict raises its error instead of reporting it
+            try:
+                return nn.Module.load_state_dict(self, state_dict, strict=False, assign=assign)
+            finally:
+                self._loading_itself = False
+        names = self._given_names(state_dict)
+        entries = self._checkpoint_entries(dict(state_dict), {})
+        self._set_state(self._checked_state(entries, names), entries, assign)
+        return _IncompatibleKeys([], [])
+
+    @classmethod
+    def from_torch(
+        cls,
+        module: nn.Module,
+        axis: int | Sequence[int] = (0, 2),
+        *,
+        axis_name: str | None = None,
+        process_group: Any = None,
+        axis_index_groups: Any = None,
+        **options: Any,
+    ) -> ChannelFirstBatchNorm:
+        """The layer :func:`convert_batchnorm` makes of ``module`` (an ``nn.BatchNorm1d``,
+        ``2d``, ``3d`` or ``nn.SyncBatchNorm``; frozen statistics included), holding
+        copies of its tensors (the module is left as it was). ``axis`` is ``(0, 2)``,
+        the layout of this class; the keywords are :func:`convert_batchnorm`'s."""
+        if not isinstance(module, tuple(TORCH_INPUT_RANKS)) or isinstance(module, BatchNorm1d):
+            expected = "a torch.nn.BatchNorm1d, BatchNorm2d, BatchNorm3d or SyncBatchNorm"
+            raise argument_error("module", expected, type(module).__name__, TypeError)
+        if not (isinstance(axis, (tuple, list)) and tuple(axis) == (0, 2)):
+            raise argument_error("axis", "(0, 2) (ChannelFirstBatchNorm's layout: features on axis 1)", axis)
+        sync = _sync_arguments(axis_name, process_group, axis_index_groups, options)
+        _convertible(module, "module")
+        return _converted(cast(_BatchNorm, module), "module", sync, options, share=False)
+
+    def to_torch(self) -> nn.BatchNorm1d:
+        """``BatchNorm1d.to_torch``; frozen statistics as PyTorch keeps them
+        (``track_running_stats = False`` on a module with its buffers)."""
+        module = super().to_torch()
+        if self._frozen:
+            module.momentum, module.track_running_stats = getattr(self, "_torch_momentum", 0.0), False
+        return module
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, input_ranks={self.input_ranks}, torch_class={self.torch_class.__name__}"
+        frozen = ", frozen_statistics=True" if self._frozen else ""
+        return (
+            f"{super().extra_repr()}, input_ranks={self.input_ranks}, torch_class={self.torch_class.__name__}{frozen}"
+        )
 
 
 # -- conversion ------------------------------------------------------------------------------
@@ -162,19 +234,35 @@ def _where(name: str) -> str:
     return "model" if not name else f"model.{name}"
 
 
-def _convertible(module: nn.Module, name: str) -> bool:
+def _convertible(module: nn.Module, where: str) -> bool:
     if isinstance(module, _LazyNormBase) and module.has_uninitialized_params():
-        raise argument_error(_where(name), "initialised batch norms (run one forward pass first)", module)
+        raise argument_error(where, "initialised batch norms (run one forward pass first)", module)
     return isinstance(module, tuple(TORCH_INPUT_RANKS)) and not isinstance(module, BatchNorm1d)
+
+
+def _sync_arguments(axis_name: Any, process_group: Any, axis_index_groups: Any, options: Mapping[str, Any]) -> dict:
+    """The conversion's sync arguments, checked with ``options`` before any layer is built."""
+    if "track_running_stats" in options:
+        raise argument_error(
+            "track_running_stats", "not given (each module's own is kept)", options["track_running_stats"], TypeError
+        )
+    if axis_name is None and axis_index_groups is not None:
+        raise argument_error("axis_index_groups", "None when axis_name is None", axis_index_groups)
+    return {"axis_name": axis_name, "process_group": process_group, "axis_index_groups": axis_index_groups}
 
 
 def _torch_class(module: _BatchNorm) -> type[_BatchNorm]:
     return next(cls for cls in TORCH_INPUT_RANKS if isinstance(module, cls))
 
 
-def _converted(module: _BatchNorm, name: str, sync: dict[str, Any], options: dict[str, Any]) -> ChannelFirstBatchNorm:
-    """The replacement of ``module``, holding its own parameter and buffer tensors."""
-    where = _where(name)
+def _converted(
+    module: _BatchNorm, where: str, sync: dict[str, Any], options: dict[str, Any], share: bool = True
+) -> ChannelFirstBatchNorm:
+    """The replacement of ``module``, holding its own parameter and buffer tensors
+    (``share=False``: copies of them). Tracked means ``running_mean is not None``, as
+    in PyTorch's forward; ``track_running_stats=False`` on a module with its buffers
+    (frozen statistics) is a tracked layer with ``frozen_statistics`` and momentum
+    1.0, PyTorch's momentum remembered for :func:`revert_batchnorm`."""
     if module.affine and module.bias is None:
         raise argument_error(where, "batch norms with a bias when affine (bn1d's affine layer has both)", module)
     reference = module.weight if module.affine else module.running_mean
@@ -187,23 +275,35 @@ def _converted(module: _BatchNorm, name: str, sync: dict[str, Any], options: dic
     process_group = sync["process_group"]
     if process_group is None and synced and axis_name is not None:
         process_group = cast(nn.SyncBatchNorm, module).process_group
-    momentum = None if module.momentum is None else torch_momentum(module.momentum)
+    tracked = module.running_mean is not None
+    frozen = tracked and not module.track_running_stats
+    momentum = 1.0 if frozen else momentum_from_torch(module)
     try:
         layer = ChannelFirstBatchNorm(
             module.num_features, module.eps, momentum, module.affine, axis_name=axis_name,
             axis_index_groups=sync["axis_index_groups"],
             mode=None if module.training else "inference", process_group=process_group,
             device=None if reference is None else reference.device, dtype=dtype,
-            track_running_stats=module.track_running_stats, input_ranks=TORCH_INPUT_RANKS[torch_class],
-            torch_class=torch_class, **options,
+            track_running_stats=tracked, input_ranks=TORCH_INPUT_RANKS[torch_class],
+            torch_class=torch_class, frozen_statistics=frozen, **options,
         )  # fmt: skip
     except (TypeError, ValueError) as error:
         raise type(error)(f"{error} (converting {where}, a torch.nn.{torch_class.__name__})") from error
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        if share:
+            return tensor
+        copy = tensor.detach().clone()
+        return nn.Parameter(copy, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copy
+
     if module.affine:  # the module's own tensors: optimizers, tied weights and requires_grad carry over
-        layer._parameters["scale"], layer._parameters["bias"] = module.weight, module.bias
+        layer._parameters["scale"] = cast(nn.Parameter, own(cast(torch.Tensor, module.weight)))
+        layer._parameters["bias"] = cast(nn.Parameter, own(cast(torch.Tensor, module.bias)))
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         if module._buffers.get(key) is not None:
-            layer._buffers[key] = module._buffers[key]
+            layer._buffers[key] = own(cast(torch.Tensor, module._buffers[key]))
+    layer.__dict__["_torch_momentum"] = module.momentum  # revert gives back PyTorch's momentum, every float
+    layer.__dict__["_torch_track_running_stats"] = module.track_running_stats  # and its flag
     if hasattr(module, "qconfig"):
         layer.qconfig = module.qconfig
     return layer
@@ -256,15 +356,12 @@ def convert_batchnorm(
     """
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
-    if "track_running_stats" in options:
-        raise argument_error(
-            "track_running_stats", "not given (each module's own is kept)", options["track_running_stats"], TypeError
-        )
-    if axis_name is None and axis_index_groups is not None:
-        raise argument_error("axis_index_groups", "None when axis_name is None", axis_index_groups)
-    sync = {"axis_name": axis_name, "process_group": process_group, "axis_index_groups": axis_index_groups}
+    sync = _sync_arguments(axis_name, process_group, axis_index_groups, options)
     return _replace_all(
-        model, lambda module, name: _converted(module, name, sync, options) if _convertible(module, name) else None
+        model,
+        lambda module, name: (
+            _converted(module, _where(name), sync, options) if _convertible(module, _where(name)) else None
+        ),
     )
 
 
@@ -284,12 +381,18 @@ def _reverted(layer: BatchNorm1d, name: str) -> _BatchNorm:
             raise argument_error(where, f"{option}={default} (PyTorch's batch norms have no other)", layer)
     reference = layer._reference()
     factory: dict[str, Any] = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-    momentum = None if config.momentum is None else torch_momentum(config.momentum)
+    frozen = isinstance(layer, ChannelFirstBatchNorm) and layer.frozen_statistics
+    momentum = getattr(layer, "_torch_momentum", 0.0) if frozen else momentum_to_torch(layer)
     args = (config.num_features, config.epsilon, momentum, config.affine, config.track_running_stats)
     if torch_class is nn.SyncBatchNorm:
         module: _BatchNorm = nn.SyncBatchNorm(*args, process_group=layer.process_group, **factory)
     else:
         module = torch_class(*args, **factory)
+    # The flag as the module had it: False with frozen statistics; True on a module without buffers.
+    module.track_running_stats = bool(getattr(layer, "_torch_track_running_stats", config.track_running_stats))
+    if frozen:
+        module.track_running_stats = False
+    module.__dict__["_bn1d_momentum"] = config.momentum  # convert gives back bn1d's momentum, every float
     if config.affine:
         module._parameters["weight"], module._parameters["bias"] = layer._parameters["scale"], layer._parameters["bias"]
     for key in ("running_mean", "running_var", "num_batches_tracked"):
@@ -338,12 +441,13 @@ def sync_running_statistics(
     rank must call it. Returns ``model``."""
     from . import torch_distributed
 
+    if process_group is not None and not (
+        torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
+    ):
+        raise argument_error("process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError)
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
-    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)):
-        raise argument_error("timeout", "None or a number of seconds", type(timeout).__name__, TypeError)
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
+    timeout = check_timeout(timeout)
     if how not in ("mean", "broadcast"):
         raise argument_error("how", "'mean' or 'broadcast'", how)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

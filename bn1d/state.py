@@ -47,11 +47,17 @@ def _real(value: np.ndarray) -> bool:
 
 
 def check_state(
-    state: Any, config: BatchNormConfig, dtype: Any = np.float32, count_dtype: Any = np.int64
+    state: Any,
+    config: BatchNormConfig,
+    dtype: Any = np.float32,
+    count_dtype: Any = np.int64,
+    names: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Validate a whole state mapping against ``config.keys``; return it as NumPy
     arrays of ``dtype`` (``num_batches_tracked``: a scalar of ``count_dtype``, the
-    layer's integer dtype).
+    layer's integer dtype). ``names``: the key by which an error names an entry
+    (``state_dict['<name>']``), where it is not the entry's own (a parent's full key
+    ``prefix + key``, or PyTorch's ``weight`` for ``scale``).
 
     Raises ``TypeError`` for a non-mapping or non-numeric entry and ``ValueError``
     for a missing, unexpected or wrongly shaped entry, a finite value that ``dtype``
@@ -72,7 +78,7 @@ def check_state(
         )
     result = {}
     for key in expected:
-        name = f"state_dict[{key!r}]"
+        name = f"state_dict[{(names or {}).get(key, key)!r}]"
         try:
             value = _to_host(state[key])
         except Exception as error:
@@ -96,17 +102,32 @@ def check_state(
             warnings.warn(f"{name} holds non-finite values (a diverged run?): {value}", RuntimeWarning, stacklevel=3)
         result[key] = converted
     if "running_var" in result and np.any(result["running_var"] < 0):
-        raise argument_error("state_dict['running_var']", "non-negative values", result["running_var"])
+        name = f"state_dict[{(names or {}).get('running_var', 'running_var')!r}]"
+        raise argument_error(name, "non-negative values", result["running_var"])
     return result
 
 
 def torch_momentum(momentum: float) -> float:
-    """PyTorch's ``momentum`` for ours (and back): the weight of the new batch, ``1 - m``.
+    """PyTorch's ``momentum`` for ours (and back): the weight of the new batch, ``1 - m``,
+    the float nearest to it, and its own inverse wherever a function can be.
 
-    Rounded to 15 significant decimals so that 0.99 maps to 0.01 (not
-    0.010000000000000009) and a round trip returns the value it started from.
+    Below 0.5, ``1 - m`` rounds (its float is coarser than ``m``'s), and returned as
+    rounded: ``fl(1 - m)``. From 0.5 up, ``1 - m`` is exact, but several floats below
+    0.5 round to this ``m``: the one returned is the shortest decimal among them (0.99
+    gives 0.01, not 0.010000000000000009; ``fl(1 - 1/3)`` gives ``1/3``), so that
+    ``torch_momentum(torch_momentum(m)) == m`` for every float ``m`` in [0.5, 1] and for
+    the short decimals below (0.1, 0.3, 1/3). No function inverts every float below
+    0.5 (there are more of them than floats near 1), so the layers also remember the
+    momentum they were converted from (``backends/torch.py``).
     """
-    return round(1.0 - momentum, 15)
+    exact = 1.0 - momentum
+    if momentum < 0.5:
+        return exact
+    for digits in range(18):  # the shortest decimal whose complement rounds to momentum
+        candidate = round(exact, digits)
+        if 1.0 - candidate == momentum:
+            return candidate
+    return exact  # the exact complement: 1 - exact == momentum (Sterbenz)
 
 
 #: Our state's keys and PyTorch's ``nn.BatchNorm*d`` keys for them.

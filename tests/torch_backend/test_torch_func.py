@@ -162,3 +162,19 @@ def test_torch_func_grad_through_a_synced_layer():
         torch.testing.assert_close(dx, want[0][1], rtol=TOL, atol=TOL)
         for key in params:  # each rank's share of the parameters' gradient is its own batch's
             torch.testing.assert_close(grads[key], want[0][0][key], rtol=TOL, atol=TOL, msg=key)
+
+
+def test_frozen_statistics_come_back_unchanged_even_after_an_inf_batch():
+    """A converted module with ``track_running_stats=False`` but its buffers (frozen
+    statistics): PyTorch writes nothing in training, nor does the functional call."""
+    native = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        native.running_mean.fill_(0.5)
+    native.track_running_stats = False
+    model = convert_batchnorm(nn.Sequential(native))
+    params, buffers = variables(model)
+    x = torch.randn(8, 3)
+    x[0, 0] = float("inf")
+    _, new_buffers = functional_call(model, {**params, **buffers}, (x,))
+    for key, value in buffers.items():
+        assert torch.equal(new_buffers[key], value), key

@@ -144,3 +144,55 @@ CONVERSION_ERRORS = [
 def test_conversion_errors(convert, exception, pattern):
     with pytest.raises(exception, match=pattern):
         convert()
+
+
+def test_from_torch_refuses_frozen_statistics_naming_the_module():
+    """``track_running_stats = False`` set on a module that keeps its running statistics
+    (batch statistics in training, the frozen ones in evaluation) has no plain-layer
+    equivalent: a ``ValueError`` naming ``module`` and pointing to the conversion, which
+    supports it (``ChannelFirstBatchNorm.from_torch``, ``convert_batchnorm``)."""
+    module = nn.BatchNorm1d(3)
+    module.track_running_stats = False
+    with pytest.raises(ValueError, match=r"^module: expected .*track_running_stats.*got .*running statistics kept"):
+        BatchNorm1d.from_torch(module)
+    from bn1d.backends.torch import ChannelFirstBatchNorm
+
+    assert ChannelFirstBatchNorm.from_torch(module).frozen_statistics
+
+
+MOMENTA = [1 / 3, 0.1, 0.01, 0.3, 0.7, 0.0, 1.0, 0.5, 0.9, 0.99, 0.123456789, 2 / 3, 1e-20, 5e-324]
+RANDOM_MOMENTA = [float(v) for v in np.random.default_rng(0).uniform(0, 1, 200)] + [
+    float(v) for v in 10.0 ** np.random.default_rng(1).uniform(-12, 0, 100)
+]
+
+
+def test_from_torch_then_to_torch_gives_back_every_momentum():
+    """PyTorch's ``p`` becomes bn1d's nearest float to ``1 - p`` and comes back as ``p``
+    itself (every float in [0, 1]); bn1d's ``m`` through ``to_torch``/``from_torch`` too."""
+    for p in MOMENTA + RANDOM_MOMENTA:
+        layer = BatchNorm1d.from_torch(nn.BatchNorm1d(3, momentum=p))
+        assert abs(layer.config.momentum - (1 - p)) <= 2**-53, p
+        assert layer.to_torch().momentum == p, p
+    for m in MOMENTA + RANDOM_MOMENTA:
+        module = BatchNorm1d(3, axis=(0, 2), momentum=m).to_torch()
+        assert abs(module.momentum - (1 - m)) <= 2**-53, m
+        assert BatchNorm1d.from_torch(module).config.momentum == m, m
+    assert BatchNorm1d.from_torch(nn.BatchNorm1d(3, momentum=1 / 3)).to_torch().momentum == 1 / 3
+
+
+def test_torch_momentum_is_its_own_inverse_where_a_function_can_be():
+    """``torch_momentum`` alone (no layer remembering the value it came from): the
+    nearest-float ``1 - m``, the shortest decimal where several floats map to one, so
+    that it is its own inverse on every float in [0.5, 1] (bn1d's usual momenta, and
+    PyTorch's above 0.5) and on the short decimals below (0.1, 1/3 as 0.3333333333333333).
+    Below 0.5 floats are denser than near 1, so no function inverts every one of them:
+    the layers remember the momentum they were converted from."""
+    from bn1d.state import torch_momentum
+
+    assert torch_momentum(0.99) == 0.01 and torch_momentum(0.01) == 0.99 and torch_momentum(0.9) == 0.1
+    assert torch_momentum(1.0) == 0.0 and torch_momentum(0.0) == 1.0 and torch_momentum(0.5) == 0.5
+    for m in [1 / 3, 0.1, 0.01, 0.3, 0.7, 0.001, 1e-5, 0.123456789, 2 / 3] + [
+        float(v) for v in np.random.default_rng(2).uniform(0.5, 1, 1000)
+    ]:
+        assert torch_momentum(torch_momentum(m)) == m, m
+        assert abs(torch_momentum(m) - (1 - m)) <= 2**-53, m

@@ -337,7 +337,9 @@ TORCH_CONSTRUCTOR_ERRORS = [
     (dict(axis_name="i", process_group=object()), TypeError, r"^process_group: expected None or a torch\.distributed"),
     (dict(timeout=0), ValueError, r"^timeout: expected None or a finite number of seconds > 0, got 0$"),
     (dict(timeout=float("inf")), ValueError, r"^timeout: expected None or a finite number of seconds > 0, got inf$"),
-    (dict(timeout="5"), ValueError, r"^timeout: expected None or a finite number of seconds > 0, got '5'$"),
+    (dict(timeout="5"), TypeError, r"^timeout: expected None or a number of seconds, got 'str'$"),
+    (dict(timeout=True), TypeError, r"^timeout: expected None or a number of seconds, got 'bool'$"),
+    (dict(timeout=float("nan")), ValueError, r"^timeout: expected None or a finite number of seconds > 0, got nan$"),
     (dict(native_kernel=1), TypeError, r"^native_kernel: expected a bool, got 1$"),
 ]
 
@@ -354,6 +356,7 @@ CALL_ERRORS = [
     ((X > 0,), {}, TypeError, r"^x: expected a real floating-point array .*got torch\.bool$"),
     ((X.to(torch.complex64),), {}, TypeError, r"^x: expected a real floating-point array .*got torch\.complex64$"),
     ((X.numpy(),), {}, TypeError, r"^x: expected a torch\.Tensor, got 'ndarray'$"),
+    ((X.numpy()[0],), {}, TypeError, r"^x: expected a torch\.Tensor, got 'ndarray'$"),  # the type before the rank
     (([1.0, 2.0, 3.0],), {}, TypeError, r"^x: expected an array, got 'list'$"),
     ((X[0],), {}, ValueError, r"^x: expected a 3-D input for reduced axes \(0, 1\), got \(5, 3\)$"),
     ((X[..., :2],), {}, ValueError, r"^x: expected num_features=3 on axis 2, got \(4, 5, 2\)$"),
@@ -525,7 +528,7 @@ def test_loading_inside_a_parent_module_uses_the_same_checks():
     model.load_state_dict(state)
     close(model[1].running_mean, [1, 2, 3], 0, "loaded through the parent")
     bad = {**state, "1.running_var": -torch.ones(3)}
-    with pytest.raises(RuntimeError, match=r"state_dict\['running_var'\]: expected non-negative values"):
+    with pytest.raises(RuntimeError, match=r"state_dict\['1\.running_var'\]: expected non-negative values"):
         model.load_state_dict(bad)
     close(model[1].running_var, [1, 1, 1], 0, "nothing of the layer landed")
 

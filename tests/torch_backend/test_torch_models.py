@@ -318,7 +318,7 @@ def test_a_parent_loads_with_pytorchs_strict_semantics():
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1\.running_var\""):
         model.load_state_dict(partial)
     bad = {**state, "2.running_var": -torch.ones(3)}
-    with pytest.raises(RuntimeError, match=r"state_dict\['running_var'\]: expected non-negative values"):
+    with pytest.raises(RuntimeError, match=r"state_dict\['2\.running_var'\]: expected non-negative values"):
         model.load_state_dict(bad, strict=False)
     # A PyTorch checkpoint of version 1 (before num_batches_tracked) loads, keeping the count.
     old = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)).state_dict()
@@ -416,3 +416,270 @@ def test_sync_running_statistics_checks_its_arguments_first():
     ):  # fmt: skip
         with pytest.raises(exception, match=pattern):
             sync_running_statistics(**{"model": model, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "timeout", [0, -1.0, float("nan"), float("inf"), "1", True, None, 1, 2.5, np.float32(1.5), np.int64(3)],
+    ids=repr,
+)  # fmt: skip
+def test_the_layer_and_sync_running_statistics_check_timeout_alike(timeout):
+    """One check (``bn1d.backends.torch.check_timeout``) for both: the same values are
+    accepted (NumPy scalars included) and the same errors raised for the others."""
+    from bn1d.backends.torch import check_timeout
+
+    model = convert_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))
+    outcomes = []
+    for attempt in (
+        lambda: BatchNorm1d(3, axis_name="i", timeout=timeout),
+        lambda: sync_running_statistics(model, timeout=timeout),
+        lambda: check_timeout(timeout),
+    ):
+        try:
+            attempt()
+            outcomes.append(None)
+        except (TypeError, ValueError) as error:
+            outcomes.append((type(error), str(error)))
+        except RuntimeError as error:  # accepted: sync_running_statistics then needs torch.distributed
+            assert "an initialised torch.distributed" in str(error)
+            outcomes.append(None)
+    assert outcomes[0] == outcomes[1] == outcomes[2], outcomes
+
+
+def test_sync_running_statistics_checks_process_group_first():
+    """R7.1: a ``process_group`` that is not a ``ProcessGroup`` is a ``TypeError`` naming
+    it, before anything else (torch.distributed need not be initialised)."""
+    model = convert_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))
+    for group in ("x", 0, object()):
+        with pytest.raises(
+            TypeError, match=r"^process_group: expected None or a torch\.distributed\.ProcessGroup, got"
+        ):
+            sync_running_statistics(model, process_group=group)
+    with pytest.raises(TypeError, match=r"^process_group: expected None or a torch\.distributed\.ProcessGroup"):
+        sync_running_statistics(model, how="median", process_group="x")  # before the other arguments
+
+
+def test_a_converted_layer_checks_the_input_type_first():
+    """R7.1: a NumPy array is a ``TypeError`` naming ``x`` and its type, whatever its rank."""
+    layer = convert_batchnorm(nn.BatchNorm2d(3))
+    for x in (np.ones((2, 3, 4, 5), np.float32), np.ones((2, 3), np.float32), np.ones((2, 3, 4, 5), np.int8)):
+        with pytest.raises(TypeError, match=r"^x: expected a torch\.Tensor, got 'ndarray'$"):
+            layer(x)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def bad_entries():
+    good = {"weight": torch.full((3,), 2.0), "bias": torch.ones(3), "running_mean": torch.ones(3),
+            "running_var": torch.ones(3), "num_batches_tracked": torch.tensor(5)}  # fmt: skip
+    renamed = {("scale" if key == "weight" else key): value for key, value in good.items()}  # bn1d's names
+    return [
+        ({**good, "running_var": -torch.ones(3)}, ValueError, r"^state_dict\['running_var'\]: expected non-negative"),
+        ({**good, "running_mean": torch.ones(4)}, ValueError, r"^state_dict\['running_mean'\]: expected shape \(3,\)"),
+        ({**good, "running_mean": "abc"}, TypeError, r"^state_dict\['running_mean'\]: expected a real array"),
+        ({**good, "num_batches_tracked": torch.tensor(-1)}, ValueError, r"^state_dict\['num_batches_tracked'\]"),
+        ({**good, "weight": torch.ones(2)}, ValueError, r"^state_dict\['weight'\]: expected shape \(3,\), got"),
+        ({**renamed, "scale": torch.ones(2)}, ValueError, r"^state_dict\['scale'\]: expected shape \(3,\)"),
+    ]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_converted_layer_rejects_a_bad_value_alike_strict_or_not(strict):
+    """PyTorch's ``strict=False`` relaxes only the missing and unexpected keys; a bad value
+    is still an error. On the layer itself it is the same ``ValueError``/``TypeError``
+    (R7.1) whether strict or not, and nothing is loaded (R6.3)."""
+    for entries, exception, pattern in bad_entries():
+        layer = convert_batchnorm(nn.BatchNorm1d(3))
+        before = {key: value.clone() for key, value in layer.state_dict().items()}
+        with pytest.raises(exception, match=pattern):
+            layer.load_state_dict(entries, strict=strict)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, before[key]), (key, strict)
+    layer = convert_batchnorm(nn.BatchNorm1d(3))
+    with pytest.raises(TypeError, match=r"^state_dict: expected a mapping, got 'list'$"):
+        layer.load_state_dict([], strict=strict)
+    if not strict:  # a partial load: the entry present is checked all the same
+        with pytest.raises(ValueError, match=r"^state_dict\['weight'\]: expected shape \(3,\)"):
+            layer.load_state_dict({"weight": torch.ones(2)}, strict=False)
+
+
+def test_a_converted_layer_loads_with_strict_false_as_a_pytorch_module():
+    """``strict=False`` on the layer: the entries present load, the others are returned."""
+    layer = convert_batchnorm(nn.BatchNorm1d(3))
+    result = layer.load_state_dict({"weight": torch.full((3,), 2.0), "oops": torch.ones(1)}, strict=False)
+    reference = nn.BatchNorm1d(3).load_state_dict(
+        {"weight": torch.full((3,), 2.0), "oops": torch.ones(1)}, strict=False
+    )
+    assert result.unexpected_keys == reference.unexpected_keys == ["oops"]
+    assert sorted(result.missing_keys) == sorted(reference.missing_keys) == ["bias", "running_mean", "running_var"]
+    close(layer.scale, torch.full((3,), 2.0), "the present entry loads", 0)
+
+
+def test_a_parents_error_names_the_full_key_of_the_entry():
+    """A parent's error message names the layer's entry by its full key, so the user can
+    tell which layer failed."""
+    model = nn.Sequential(nn.Linear(3, 3), convert_batchnorm(nn.BatchNorm1d(3)), convert_batchnorm(nn.BatchNorm1d(3)),
+                          BatchNorm1d(3, axis=0))  # fmt: skip
+    for key in ("2.running_var", "3.running_var"):
+        state = {**model.state_dict(), key: -torch.ones(3)}
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=rf"state_dict\['{key}'\]: expected non-negative values"):
+                model.load_state_dict(state, strict=strict)
+    state = {**model.state_dict(), "1.weight": torch.ones(5)}
+    state.pop("1.scale")
+    with pytest.raises(RuntimeError, match=r"state_dict\['1\.weight'\]: expected shape \(3,\)"):
+        model.load_state_dict(state)
+
+
+# -- ChannelFirstBatchNorm.from_torch ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls, shape", [(nn.BatchNorm1d, (4, 3, 5)), (nn.BatchNorm1d, (6, 3)),
+                                        (nn.BatchNorm2d, (4, 3, 2, 3)), (nn.BatchNorm3d, (2, 3, 2, 2, 3))])  # fmt: skip
+def test_channel_first_from_torch_computes_as_the_module(cls, shape):
+    """``ChannelFirstBatchNorm.from_torch`` goes through the conversion: the module's
+    configuration, ranks and state (copied: the module is left alone), PyTorch's numbers."""
+    torch.manual_seed(0)
+    theirs = cls(3, eps=1e-3, momentum=0.2)
+    theirs(torch.randn(shape) * 2 + 1)
+    ours = ChannelFirstBatchNorm.from_torch(theirs)
+    assert type(ours) is ChannelFirstBatchNorm and ours.torch_class is cls
+    assert (ours.config.epsilon, ours.config.momentum, ours.config.reduce_axes) == (1e-3, 0.8, (0, 2))
+    assert ours.scale is not theirs.weight and ours.running_mean is not theirs.running_mean
+    assert int(ours.num_batches_tracked) == 1
+    side_by_side(theirs, ours, shape, f"ChannelFirstBatchNorm.from_torch {cls.__name__}")
+    cumulative = ChannelFirstBatchNorm.from_torch(nn.BatchNorm1d(3, momentum=None).eval(), fast_variance=True)
+    assert cumulative.config.momentum is None and cumulative.config.fast_variance and not cumulative.training
+    with pytest.raises(TypeError, match=r"^module: expected a torch\.nn\.BatchNorm1d, BatchNorm2d, BatchNorm3d"):
+        ChannelFirstBatchNorm.from_torch(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"^axis: expected \(0, 2\)"):
+        ChannelFirstBatchNorm.from_torch(theirs, axis=0)
+
+
+# -- frozen statistics: track_running_stats=False set on a module that keeps its buffers ----------------
+
+
+def frozen(cls, momentum=0.1, affine=True, shape=(4, 3, 5)):
+    """A PyTorch batch norm with running statistics, then ``track_running_stats = False``
+    (a common trick: batch statistics in training, no update, the frozen statistics in
+    evaluation)."""
+    torch.manual_seed(1)
+    module = cls(3, eps=1e-3, momentum=momentum, affine=affine)
+    module(torch.randn(shape) * 2 + 5)
+    module.track_running_stats = False
+    return module
+
+
+FROZEN = [(nn.BatchNorm1d, (6, 3)), (nn.BatchNorm1d, (4, 3, 5)), (nn.BatchNorm2d, (4, 3, 2, 3)),
+          (nn.BatchNorm3d, (2, 3, 2, 2, 3)), (nn.SyncBatchNorm, (4, 3, 5))]  # fmt: skip
+
+
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
+@pytest.mark.parametrize("affine", [True, False])
+def test_frozen_statistics_convert_compute_as_pytorch_and_revert(momentum, affine):
+    """Training uses the batch statistics and changes no buffer (the count neither, as
+    PyTorch), evaluation the frozen statistics; ``state_dict()`` loads back into the layer
+    and into a parent; revert gives back the module's class, momentum, the flag and the
+    buffers."""
+    for cls, shape in FROZEN:
+        theirs = frozen(cls, momentum, affine, shape)
+        ours = convert_batchnorm(copy.deepcopy(theirs))
+        what = f"frozen {cls.__name__} {shape}"
+        assert ours.frozen_statistics and ours.config.track_running_stats and ours.config.momentum == 1.0, what
+        assert [k.replace("scale", "weight") for k in ours.state_dict()] == list(theirs.state_dict()), what
+        side_by_side(theirs, ours, shape, what)
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(ours, key), getattr(frozen(cls, momentum, affine, shape), key)), (what, key)
+        state = ours.state_dict()
+        assert ours.load_state_dict(state).missing_keys == []
+        parent = nn.Sequential(ours)
+        assert parent.load_state_dict(parent.state_dict()).missing_keys == []
+        assert convert_batchnorm(copy.deepcopy(frozen(cls, momentum, affine, shape))).load_state_dict(
+            theirs.state_dict()).missing_keys == []  # fmt: skip
+        back = revert_batchnorm(ours)
+        assert type(back) is cls and not back.track_running_stats and back.momentum == momentum, what
+        assert back.running_mean is ours.running_mean and back.num_batches_tracked is ours.num_batches_tracked
+        x = torch.randn(shape)
+        close(back.eval()(x), theirs.eval()(x), f"{what} reverted evaluation")
+        if cls is nn.BatchNorm1d:  # to_torch too (a synced layer has no to_torch)
+            module = ChannelFirstBatchNorm.from_torch(theirs).to_torch()
+            assert not module.track_running_stats and module.momentum == momentum, what
+            assert torch.equal(module.running_var, theirs.running_var), what
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN batch statistics
+@pytest.mark.parametrize("native_kernel", [True, False])
+def test_frozen_statistics_stay_bitwise_on_a_non_finite_batch(native_kernel):
+    """A batch with inf (its statistics NaN, as ``0 * inf``) normalises to NaN as in
+    PyTorch, and the frozen statistics stay bit for bit (momentum 1.0 alone would write
+    ``1.0 * running + 0.0 * nan = nan``); masked calls (the core) too; a -0.0 stays -0.0."""
+    theirs = frozen(nn.BatchNorm2d, shape=(4, 3, 2, 3))
+    with torch.no_grad():
+        theirs.running_mean[0] = -0.0
+    ours = convert_batchnorm(copy.deepcopy(theirs), native_kernel=native_kernel)
+    before = {key: value.clone() for key, value in ours.state_dict().items()}
+    x = torch.randn(4, 3, 2, 3)
+    x[0, 1, 0, 0] = float("inf")
+    y_theirs, y_ours = theirs(x), ours(x)
+    assert torch.isnan(y_ours[:, 1]).all() and torch.isnan(y_theirs[:, 1]).all()
+    close(y_ours, y_theirs, "finite features")
+    ours(x, mask=torch.ones(4, 2, 3, dtype=torch.bool))
+    ours(x.double())  # the core: another dtype
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, before[key]) and value.dtype == before[key].dtype, key
+    assert str(ours.running_mean[0].item()) == "-0.0"
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(4, 3, 2, 3)
+    close(ours(x), theirs(x), "evaluation on the frozen statistics")
+
+
+def test_frozen_statistics_option_is_checked():
+    layer = ChannelFirstBatchNorm(3, momentum=1.0, frozen_statistics=True)
+    assert layer.frozen_statistics and "frozen_statistics=True" in repr(layer)
+    assert not ChannelFirstBatchNorm(3).frozen_statistics
+    for kwargs, exception, pattern in (
+        (dict(momentum=1.0, frozen_statistics=1), TypeError, r"^frozen_statistics: expected a bool, got 1$"),
+        (dict(momentum=0.9, frozen_statistics=True), ValueError, r"^momentum: expected 1\.0 with frozen_statistics"),
+        (dict(momentum=1.0, frozen_statistics=True, track_running_stats=False), ValueError,
+         r"^track_running_stats: expected True with frozen_statistics"),
+    ):  # fmt: skip
+        with pytest.raises(exception, match=pattern):
+            ChannelFirstBatchNorm(3, **kwargs)
+
+
+def test_a_module_flagged_tracked_without_buffers_converts_as_untracked():
+    """``track_running_stats = True`` set on a module built without buffers: PyTorch uses
+    batch statistics in training and evaluation; so does the conversion (tracked means
+    ``running_mean is not None``)."""
+    theirs = nn.BatchNorm2d(3, track_running_stats=False)
+    theirs.track_running_stats = True
+    ours = convert_batchnorm(copy.deepcopy(theirs))
+    assert not ours.config.track_running_stats and ours.running_mean is None
+    side_by_side(theirs, ours, (4, 3, 2, 3), "tracked flag, no buffers")
+    back = revert_batchnorm(ours)
+    assert back.track_running_stats and back.running_mean is None
+
+
+# -- momentum: convert and revert give back every float ------------------------------------------------
+
+MOMENTA = [1 / 3, 0.1, 0.01, 0.3, 0.7, 0.0, 1.0, 0.5, 0.9, 0.99, 0.123456789, 2 / 3, 1e-20, 5e-324]
+RANDOM_MOMENTA = [float(v) for v in np.random.default_rng(0).uniform(0, 1, 200)] + [
+    float(v) for v in 10.0 ** np.random.default_rng(1).uniform(-12, 0, 100)
+]
+
+
+def test_convert_then_revert_gives_back_every_momentum():
+    """PyTorch's momentum ``p`` is bn1d's ``1 - p``; convert then revert returns ``p``
+    itself, every float in [0, 1], and revert then convert bn1d's momentum itself."""
+    for p in MOMENTA + RANDOM_MOMENTA:
+        layer = convert_batchnorm(nn.BatchNorm2d(3, momentum=p))
+        assert abs(layer.config.momentum - (1 - p)) <= 2**-53, p
+        assert revert_batchnorm(layer).momentum == p, p
+        frozen_module = nn.BatchNorm2d(3, momentum=p)
+        frozen_module.track_running_stats = False
+        assert revert_batchnorm(convert_batchnorm(frozen_module)).momentum == p, p
+    for m in MOMENTA + RANDOM_MOMENTA:
+        reverted = revert_batchnorm(BatchNorm1d(3, axis=(0, 2), momentum=m))
+        assert abs(reverted.momentum - (1 - m)) <= 2**-53, m
+        assert convert_batchnorm(reverted).config.momentum == m, m
+    assert convert_batchnorm(nn.BatchNorm1d(3, momentum=0.01)).config.momentum == 0.99
+    assert revert_batchnorm(BatchNorm1d(3, axis=0, momentum=0.99)).momentum == 0.01
