@@ -16,7 +16,6 @@ an ``axis_name``, float64 cases with ``jax_enable_x64`` on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,14 +48,7 @@ class ModuleBackend(JaxBackend):
         """``f(xs, masks) -> (ys, per-replica bn1d states)`` of ``layer`` under ``jax.vmap``."""
         raise NotImplementedError
 
-    def run_replicated(self, jobs: Sequence[ReplicaJob]) -> list[ReplicaResult]:
-        results = []
-        for job in jobs:
-            with self.precision(str(np.asarray(job.xs[0]).dtype)):
-                results.append(self._run_job(job))
-        return results
-
-    def _run_job(self, job: ReplicaJob) -> ReplicaResult:
+    def _run_job(self, job: ReplicaJob) -> ReplicaResult:  # JaxBackend.run_replicated calls it per job
         jax, jnp = self.jax, self.jnp
         kwargs = dict(job.layer)
         param_dtype = kwargs.pop("param_dtype", "float32")
