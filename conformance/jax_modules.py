@@ -16,6 +16,7 @@ an ``axis_name``, float64 cases with ``jax_enable_x64`` on.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import numpy as np
@@ -36,17 +37,18 @@ def _check_mode(mode: Any) -> bool:
     return mode
 
 
-class ModuleBackend(JaxBackend):
+class ModuleBackend(JaxBackend, abc.ABC):
     """What the three adapters share with ``JaxBackend`` (arrays, dtypes, precision),
     and the synced run: every replica's training call and the gradient of
     ``sum(y_r * dy_r)`` with respect to every replica's input, under ``jax.vmap``."""
 
+    @abc.abstractmethod
     def make_layer(self, param_dtype: str = "float32", **kwargs: Any) -> Any:
-        raise NotImplementedError
+        """The module's layer for one case, behind bn1d's uniform protocol."""
 
+    @abc.abstractmethod
     def _replicas(self, layer: Any, name: Any) -> Any:
         """``f(xs, masks) -> (ys, per-replica bn1d states)`` of ``layer`` under ``jax.vmap``."""
-        raise NotImplementedError
 
     def _run_job(self, job: ReplicaJob) -> ReplicaResult:  # JaxBackend.run_replicated calls it per job
         jax, jnp = self.jax, self.jnp

@@ -17,6 +17,7 @@ Registered under ``bn1d.conformance.peers`` (``python -m bn1d.conformance --peer
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import numbers
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ class Layout:
         return None if mask is None else xp.expand_dims(mask, self.to if self.to >= 0 else mask.ndim + 1 + self.to)
 
 
-class PeerLayer:
+class PeerLayer(abc.ABC):
     """The uniform stateful protocol (``bn1d.protocol``) over a peer's layer.
 
     Subclasses implement ``_call(x, mask, training)``, ``_state()`` (in bn1d's keys)
@@ -111,14 +112,17 @@ class PeerLayer:
     def load_state_dict(self, state: Any) -> None:
         self._load(state)
 
+    @abc.abstractmethod
     def _call(self, x: Any, mask: Any, training: bool) -> Any:
-        raise NotImplementedError
+        """``y`` of one call in the case's layout (``NotApplicable`` where the peer has no such call)."""
 
+    @abc.abstractmethod
     def _state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The peer's state in bn1d's keys and conventions."""
 
+    @abc.abstractmethod
     def _load(self, state: Any) -> None:
-        raise NotImplementedError
+        """Load a state given in bn1d's keys and conventions."""
 
 
 class _Peer:
