@@ -302,16 +302,22 @@ class _LinenLayer(PeerLayer):
 
         def apply(params: Any, x: Any, mask: Any) -> Any:
             variables = {**self.variables, "params": params} if params else self.variables
-            y, _ = self.module.apply(variables, layout.forward(x, jnp), use_running_average=not training,
-                                     mask=layout.mask(mask, jnp), mutable=["batch_stats"])  # fmt: skip
+            y, _ = self._module(x).apply(variables, layout.forward(x, jnp), use_running_average=not training,
+                                         mask=layout.mask(mask, jnp), mutable=["batch_stats"])  # fmt: skip
             return layout.back(y, jnp)
 
         return apply
 
+    def _module(self, x: Any) -> Any:
+        """The module computing in ``x``'s dtype (Flax's ``dtype``; unset, Flax promotes a
+        float16 input to its float32 parameters' dtype)."""
+        return self.module.clone(dtype=x.dtype)
+
     def _call(self, x: Any, mask: Any, training: bool) -> Any:
         jnp = self.peer.jnp
-        y, updates = self.module.apply(self.variables, self.layout.forward(x, jnp), use_running_average=not training,
-                                       mask=self.layout.mask(mask, jnp), mutable=["batch_stats"])  # fmt: skip
+        y, updates = self._module(x).apply(self.variables, self.layout.forward(x, jnp),
+                                           use_running_average=not training, mask=self.layout.mask(mask, jnp),
+                                           mutable=["batch_stats"])  # fmt: skip
         if training:
             self.variables = {**self.variables, **updates}
         return self.layout.back(y, jnp)
@@ -400,6 +406,7 @@ class _NnxLayer(PeerLayer):
 
     def run(self, module: Any, x: Any, mask: Any, training: bool) -> Any:
         jnp, layout = self.peer.jnp, self.layout
+        module.dtype = x.dtype  # computing in x's dtype, as Flax's dtype= (unset, float16 -> float32)
         y = module(layout.forward(x, jnp), use_running_average=not training, mask=layout.mask(mask, jnp))
         return layout.back(y, jnp)
 

@@ -13,6 +13,7 @@ failure of the run (the list must be kept current).
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -305,10 +306,25 @@ def peers_markdown(report: dict[str, Any], found: dict[str, str], missing: Seque
                 cells.append(f"differs ({case['error']:.3g}x bound: {', '.join(case['differs'])})")
             elif case["status"] == "cannot express":
                 cells.append(f"cannot express: {case['detail']}")
+            elif case["status"] == "agrees" and "gradients not scored" in case["detail"]:
+                cells.append("agrees (no gradients measured)")
             else:
                 cells.append(case["status"] if case["status"] != "differs" else f"differs: {case['detail']}")
         out.append(f"| {name} | " + " | ".join(cells).replace("\n", " ") + " |")
     return "\n".join(out) + "\n"
+
+
+def finite(value: Any) -> Any:
+    """``value`` (a report's nested dicts and lists) with every non-finite float written
+    as the string ``"inf"``, ``"-inf"`` or ``"nan"``: strict JSON has no infinity, and an
+    error of ``inf`` (a shape or key mismatch, a crash) is what a failure reports."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def main(argv: Sequence[str]) -> None:

@@ -79,10 +79,22 @@ def _initial_state(backend: ConformanceBackend, layer: Any, spec: Any, stats_dty
     state = layer.state_dict()
     if set(state) != set(spec.config.keys):
         raise _Failed(f"initial state keys: expected {list(spec.config.keys)}, got {list(state)}", "state keys")
+    _check_state_dtypes(state, stats_dtype, "initial")
     want = spec.state_dict()
     return [
         (worst(backend.to_numpy(v), want[k], spacing(want[k], stats_dtype)), f"initial/{k}") for k, v in state.items()
     ]
+
+
+def _check_state_dtypes(state: dict[str, Any], param_dtype: str, where: str) -> None:
+    """R2.5, R3.1: parameters and running statistics keep the parameters' dtype (the
+    count is an integer), whatever the input's."""
+    for key, value in state.items():
+        got = dtype_name(value)
+        if key == "num_batches_tracked" and not got.startswith(("int", "uint")):
+            raise _Failed(f"{where}/{key} is {got}, expected an integer", "state dtype")
+        if key != "num_batches_tracked" and got != param_dtype:
+            raise _Failed(f"{where}/{key} is {got}, expected the parameters' {param_dtype}", "state dtype")
 
 
 class _Failed(Exception):
@@ -96,6 +108,7 @@ class _Failed(Exception):
 
 def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndarray]) -> Check:
     scored: list[tuple[tuple[float, float, float], str]] = []
+    unscored = ""
     try:
         bounds, spec = _bounds(case.constructor(), case.dtype, case.param_dtype)
         layer = backend.make_layer(param_dtype=case.param_dtype, **case.constructor())
@@ -116,6 +129,7 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
             got_state = layer.state_dict()
             if set(got_state) != set(spec.config.keys):  # a missing or extra entry is never scored
                 raise _Failed(f"state{i} keys: expected {list(spec.config.keys)}, got {list(got_state)}", "state keys")
+            _check_state_dtypes(got_state, case.param_dtype, f"state{i}")
             for key, value in got_state.items():
                 want = golden[f"{case.name}/state{i}/{key}"]
                 scored.append((worst(backend.to_numpy(value), want, bound[key]), f"state{i}/{key}"))
@@ -131,12 +145,12 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
             )
             try:
                 grads = backend.gradients(layer, x, dy, mask, training)
-            except NotApplicable:
-                grads = {}  # a backend without gradients: the rest is scored
+            except NotApplicable as reason:  # a backend without gradients: the rest is scored, and says so
+                unscored, grads = f"gradients not scored ({reason})", None
             want_keys = {"x", *spec.config.param_keys}
-            if grads and set(grads) != want_keys:
+            if grads is not None and set(grads) != want_keys:
                 raise _Failed(f"gradients of {sorted(grads)}, expected {sorted(want_keys)}", "gradient keys")
-            for key, value in grads.items():
+            for key, value in (grads or {}).items():
                 scored.append((worst(value, golden[f"{case.name}/grad/{key}"], grad_bounds[key]), f"grad/{key}"))
     except NotApplicable:
         raise
@@ -144,7 +158,10 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
         return Check(case.name, backend.name, float("inf"), 1.0, False, str(failure), differs=(failure.what,))
     except Exception as error:  # a crash is a failure of the backend, reported in the table
         return _crashed(case.name, backend, error)
-    return _score(case.name, backend.name, scored)
+    check = _score(case.name, backend.name, scored)
+    if unscored:
+        check.detail = f"{check.detail}; {unscored}"
+    return check
 
 
 def _crashed(case: str, backend: ConformanceBackend, error: Exception) -> Check:
@@ -254,9 +271,17 @@ def run_sync_cases(
             Check(c.name, backend.name, float("inf"), 1.0, False, f"{type(error).__name__}: {error}")
             for c in applicable
         ]
+    if len(results) != len(jobs):  # a case without a result would vanish from the report
+        detail = f"run_replicated returned {len(results)} results for {len(jobs)} jobs"
+        return checks + [Check(c.name, backend.name, float("inf"), 1.0, False, detail) for c in applicable]
     for case, result in zip(applicable, results):
         if isinstance(result, NotApplicable):
             checks.append(_not_applicable(case.name, backend, str(result)))
+            continue
+        sizes = {len(result.ys), len(result.x_grads), len(result.states)}
+        if sizes != {case.replicas}:
+            detail = f"results for {sorted(sizes)} replicas, expected {case.replicas}"
+            checks.append(Check(case.name, backend.name, float("inf"), 1.0, False, detail))
             continue
         scored = []
         groups = case.layer.get("axis_index_groups") or [list(range(case.replicas))]
