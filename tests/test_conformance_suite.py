@@ -205,3 +205,75 @@ def test_the_readme_semantics_table_is_the_peers_report():
     block = readme.split(reports.START)[1].split(reports.END)[0].strip()
     assert block == reports.readme_table(report), "stale: python -m bn1d.conformance.reports readme ..."
     assert set(report["peers"]) == {"brainpy", "equinox", "flax_linen", "flax_nnx", "keras", "torch_nn"}
+
+
+def _numpy_variant(name, **methods):
+    from bn1d.conformance.builtin import NumpyBackend
+
+    return type(name.title(), (NumpyBackend,), {"name": name, **methods})()
+
+
+def test_gradients_that_are_missing_fail_and_gradients_not_applicable_are_said_so():
+    """A backend whose gradients come back empty fails the case; one that raises
+    NotApplicable has its forward scored and the check says the gradients were not."""
+    from bn1d.conformance import golden
+    from bn1d.conformance.registry import NotApplicable
+    from bn1d.conformance.runner import run_case
+
+    def no_autodiff(self, *args):
+        raise NotApplicable("no autodiff")
+
+    case, vectors = next(c for c in CASES if c.name == "default_blc"), golden.load_stored()
+    empty = run_case(_numpy_variant("empty", gradients=lambda self, *args: {}), case, vectors)
+    assert empty.passed is False and "gradients of []" in empty.detail, empty
+    unscored = run_case(_numpy_variant("unscored", gradients=no_autodiff), case, vectors)
+    assert unscored.passed is True and "gradients not scored (no autodiff)" in unscored.detail, unscored
+
+
+def test_statistics_in_another_dtype_than_the_parameters_fail():
+    """R2.5, R3.1: a backend that keeps float64 statistics for float32 parameters."""
+    from bn1d.conformance import golden
+    from bn1d.conformance.builtin import NumpyBackend
+    from bn1d.conformance.runner import run_case
+
+    def make_layer(self, param_dtype="float32", **kwargs):
+        return NumpyBackend.make_layer(self, "float64", **kwargs)
+
+    case = next(c for c in CASES if c.name == "default_blc")
+    check = run_case(_numpy_variant("wide", make_layer=make_layer), case, golden.load_stored())
+    assert check.passed is False and check.differs == ("state dtype",), check
+
+
+def test_a_short_replicated_result_fails_every_case_it_leaves_out():
+    from bn1d.conformance import golden
+    from bn1d.conformance.builtin import NumpyBackend
+    from bn1d.conformance.runner import run_sync_cases
+
+    def run_replicated(self, jobs):
+        return NumpyBackend.run_replicated(self, jobs)[:1]
+
+    from bn1d.conformance.cases import SYNC_CASES
+
+    stored = [c for c in SYNC_CASES if c.stored]
+    checks = run_sync_cases(_numpy_variant("short", run_replicated=run_replicated), golden.load_stored(), stored)
+    assert len(checks) == len(stored) and all(c.passed is False and "results for" in c.detail for c in checks), checks
+
+
+def test_the_cli_fails_a_backend_that_expresses_no_case_and_writes_strict_json(tmp_path, monkeypatch):
+    import json
+
+    from bn1d.conformance import __main__ as cli
+    from bn1d.conformance.registry import NotApplicable
+
+    def make_layer(self, param_dtype="float32", **kwargs):
+        raise NotApplicable("nothing")
+
+    def crash(self, param_dtype="float32", **kwargs):
+        raise RuntimeError("boom")
+
+    for name, method, why in (("nothing", make_layer, "no case applicable"), ("crashy", crash, "failed")):
+        backend = _numpy_variant(name, make_layer=method)
+        monkeypatch.setattr(cli, "load_backend", lambda n, group, b=backend: b)
+        report = tmp_path / f"{name}.json"
+        assert cli.main(["--backend", name, "--case", "default_blc", "--json", str(report)]) == 1, why
+        json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
