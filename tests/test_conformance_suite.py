@@ -277,3 +277,30 @@ def test_the_cli_fails_a_backend_that_expresses_no_case_and_writes_strict_json(t
         report = tmp_path / f"{name}.json"
         assert cli.main(["--backend", name, "--case", "default_blc", "--json", str(report)]) == 1, why
         json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+
+def test_state_transfer_blames_the_backend_that_failed_and_says_when_it_cannot_run():
+    """R6.4's check: a source that cannot express the case is not applicable, not a
+    failure of the target; a target whose load fails is the target's failure; a single
+    backend gets a not-applicable check instead of none."""
+    from bn1d.conformance import golden
+    from bn1d.conformance.builtin import NumpyBackend
+    from bn1d.conformance.registry import NotApplicable
+    from bn1d.conformance.runner import cross_backend_checks
+
+    def cannot(self, param_dtype="float32", **kwargs):
+        raise NotApplicable("no such layer")
+
+    def refusing(self, param_dtype="float32", **kwargs):
+        layer = NumpyBackend.make_layer(self, param_dtype, **kwargs)
+        layer.load_state_dict = lambda state: (_ for _ in ()).throw(RuntimeError("refused"))
+        return layer
+
+    vectors = golden.load_stored()
+    checks = cross_backend_checks([_numpy_variant("cannot", make_layer=cannot), NumpyBackend()], vectors)
+    assert [c.passed for c in checks if c.case == "state cannot -> numpy"] == [None], checks
+    checks = cross_backend_checks([NumpyBackend(), _numpy_variant("refusing", make_layer=refusing)], vectors)
+    failed = [c for c in checks if c.passed is False]
+    assert [(c.case, c.backend) for c in failed] == [("state numpy -> refusing", "refusing")], checks
+    (single,) = cross_backend_checks([NumpyBackend()], vectors)
+    assert single.passed is None and "needs two backends" in single.detail
