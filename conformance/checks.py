@@ -81,7 +81,8 @@ def _state(backend: ConformanceBackend, layer: Any) -> dict[str, np.ndarray]:
 
 
 def brainpy_reference_numbers(backend: ConformanceBackend) -> Check:
-    """R8.1: BrainPy 2.8.2's float32 numbers for its documented input. BrainPy's own
+    """R8.1: BrainPy 2.8.2's float32 numbers for its documented input, and BrainPy
+    2.7.8's biased running variance (``unbiased_running_var=False``). BrainPy's own
     float32 error here (sums of 20 values of O(1): ~1e-7 relative) is far inside the
     rule's bounds, so its numbers are scored against them like the specification's."""
     x = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32)
