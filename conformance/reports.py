@@ -52,16 +52,23 @@ def case_rules(case: Any) -> tuple[str, ...]:
     return rules + tuple(r for r in IMPLICIT if r not in rules) if isinstance(case, Case) else rules
 
 
-def coverage() -> tuple[str, list[str]]:
-    """Each rule of ``docs/spec.md`` with the cases covering it; and the uncovered rules."""
+def _covering(rules_of: Any) -> tuple[dict[str, list[str]], list[str]]:
+    """Each rule of ``docs/spec.md`` with the names of the cases ``rules_of(case)`` says
+    check it, in catalogue order; and ``"case: rule"`` for every rule cited that is unknown."""
     covering: dict[str, list[str]] = {rule: [] for rule in RULES}
     unknown = []
     for case in ALL_CASES:
-        for rule in case_rules(case):
+        for rule in rules_of(case):
             if rule in covering:
                 covering[rule].append(case.name)
             else:
                 unknown.append(f"{case.name}: {rule}")
+    return covering, unknown
+
+
+def coverage() -> tuple[str, list[str]]:
+    """Each rule of ``docs/spec.md`` with the cases covering it; and the uncovered rules."""
+    covering, unknown = _covering(case_rules)
     lines = [f"docs/spec.md {SPEC_VERSION}: {len(RULES)} rules"]
     for rule, names in covering.items():
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
@@ -80,14 +87,12 @@ COVERAGE_START, COVERAGE_END = (
 
 def coverage_markdown() -> str:
     """The coverage table of ``docs/spec.md``: each rule, its cases."""
-    covering: dict[str, list[str]] = {rule: [] for rule in RULES}
-    for case in ALL_CASES:
-        for rule in case.rules:
-            covering.setdefault(rule, []).append(f"`{case.name}`")
+    covering, _ = _covering(lambda case: case.rules)  # an unknown rule fails coverage()
+    cells = {rule: [f"`{name}`" for name in names] for rule, names in covering.items()}
     for rule in IMPLICIT:  # the runner checks these on every numeric case
-        covering[rule].append(f"every one of the {len(CASES)} numeric cases")
+        cells[rule].append(f"every one of the {len(CASES)} numeric cases")
     lines = ["| rule | checked by the cases |", "|---|---|"]
-    lines += [f"| {rule} | {', '.join(names)} |" for rule, names in covering.items()]
+    lines += [f"| {rule} | {', '.join(names)} |" for rule, names in cells.items()]
     return "\n".join(lines)
 
 
