@@ -34,8 +34,6 @@ __all__ = [
     "run_sync_cases",
 ]
 
-_score = score
-
 
 def dtype_name(array: Any) -> str:
     """``array``'s dtype as a NumPy-style name ("float32", "bfloat16") on any library."""
@@ -158,7 +156,7 @@ def _run_case(backend: ConformanceBackend, case: Case, golden: dict[str, np.ndar
         return Check(case.name, backend.name, float("inf"), 1.0, False, str(failure), differs=(failure.what,))
     except Exception as error:  # a crash is a failure of the backend, reported in the table
         return _crashed(case.name, backend, error)
-    check = _score(case.name, backend.name, scored)
+    check = score(case.name, backend.name, scored)
     if unscored:
         check.detail = f"{check.detail}; {unscored}"
     return check
@@ -308,7 +306,7 @@ def run_sync_cases(
             scored.append((worst(result.x_grads[r], golden[f"{prefix}/grad/x"], grad_bound["x"]), f"grad/x[{r}]"))
             for key, value in result.states[r].items():
                 scored.append((worst(value, golden[f"{prefix}/state/{key}"], bound[key]), f"state[{r}]/{key}"))
-        checks.append(_score(case.name, backend.name, scored))
+        checks.append(score(case.name, backend.name, scored))
     return checks
 
 
@@ -359,7 +357,7 @@ def cross_backend_checks(backends: Sequence[ConformanceBackend], golden: dict[st
         except Exception as exc:
             checks.append(Check(name, side.name, float("inf"), 1.0, False, f"{type(exc).__name__}: {exc}"))
             continue
-        checks.append(_score(name, target.name, scored))
+        checks.append(score(name, target.name, scored))
     return checks
 
 
