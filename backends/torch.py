@@ -70,26 +70,16 @@ def check_timeout(timeout: Any) -> float | None:
     return seconds
 
 
-def momentum_to_torch(layer: BatchNorm1d) -> float | None:
-    """PyTorch's momentum for ``layer``: the one it was converted from where that maps to
-    its momentum (every float comes back: ``bn1d.state.torch_momentum`` alone cannot
-    invert every float below 0.5), else ``torch_momentum`` of its momentum."""
-    momentum, given = layer.config.momentum, getattr(layer, "_torch_momentum", None)
+def converted_momentum(momentum: float | None, remembered: float | None) -> float | None:
+    """``momentum`` in the other convention (PyTorch's ``1 - m`` for bn1d's, and back):
+    ``remembered``, the momentum an object was converted from, where it maps to
+    ``momentum`` (so every float comes back: ``bn1d.state.torch_momentum`` alone cannot
+    invert every float below 0.5), else ``torch_momentum(momentum)``; ``None`` (the
+    cumulative average) stays."""
     if momentum is None:
         return None
-    if given is not None and (torch_momentum(given) == momentum or torch_momentum(momentum) == given):
-        return given
-    return torch_momentum(momentum)
-
-
-def momentum_from_torch(module: nn.Module) -> float | None:
-    """bn1d's momentum for a PyTorch batch norm: the one it was reverted from where that
-    maps to its momentum, else ``torch_momentum`` of its momentum (``None`` stays)."""
-    momentum, given = cast(Any, module).momentum, getattr(module, "_bn1d_momentum", None)
-    if momentum is None:
-        return None
-    if given is not None and (torch_momentum(given) == momentum or torch_momentum(momentum) == given):
-        return given
+    if remembered is not None and (torch_momentum(remembered) == momentum or torch_momentum(momentum) == remembered):
+        return remembered
     return torch_momentum(momentum)
 
 
@@ -507,7 +497,7 @@ class BatchNorm1d(nn.Module):
                 "statistics convert with ChannelFirstBatchNorm.from_torch or convert_batchnorm)",
                 "track_running_stats=False with its running statistics kept",
             )
-        momentum = momentum_from_torch(module)
+        momentum = converted_momentum(cast(Any, module).momentum, getattr(module, "_bn1d_momentum", None))
         reference = module.running_mean if tracked else module.weight
         layer = cls(
             module.num_features, axis, module.eps, momentum, module.affine,
@@ -517,7 +507,7 @@ class BatchNorm1d(nn.Module):
         layer.load_state_dict(from_torch_state_dict(module.state_dict(), cumulative=momentum is None))
         if tracked:  # PyTorch's count of training calls, also where it is not our state
             cast(torch.Tensor, layer.num_batches_tracked).copy_(cast(torch.Tensor, module.num_batches_tracked))
-        layer.__dict__["_torch_momentum"] = module.momentum  # to_torch gives it back, every float (momentum_to_torch)
+        layer.__dict__["_torch_momentum"] = module.momentum  # to_torch gives it back, every float (converted_momentum)
         return layer
 
     def to_torch(self) -> nn.BatchNorm1d:
@@ -533,7 +523,7 @@ class BatchNorm1d(nn.Module):
                 raise argument_error(option, f"{default} to convert to torch.nn.BatchNorm1d", getattr(config, option))
         reference = self._reference()
         factory: dict[str, Any] = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-        momentum = momentum_to_torch(self)
+        momentum = converted_momentum(config.momentum, getattr(self, "_torch_momentum", None))
         module = nn.BatchNorm1d(
             config.num_features, eps=config.epsilon, momentum=momentum, affine=config.affine,
             track_running_stats=config.track_running_stats, **factory,
@@ -541,7 +531,7 @@ class BatchNorm1d(nn.Module):
         count = 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
         state = to_torch_state_dict(self.state_dict(), count)
         module.load_state_dict({key: torch.as_tensor(value) for key, value in state.items()})
-        module.__dict__["_bn1d_momentum"] = config.momentum  # from_torch gives it back (momentum_from_torch)
+        module.__dict__["_bn1d_momentum"] = config.momentum  # from_torch gives it back (converted_momentum)
         return module.train(self.training)
 
     def extra_repr(self) -> str:

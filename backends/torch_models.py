@@ -30,7 +30,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from bn1d.config import BatchNormConfig, argument_error
 
-from .torch import BatchNorm1d, check_timeout, momentum_from_torch, momentum_to_torch
+from .torch import BatchNorm1d, check_timeout, converted_momentum
 
 __all__ = ["ChannelFirstBatchNorm", "convert_batchnorm", "revert_batchnorm", "sync_running_statistics"]
 
@@ -277,7 +277,7 @@ def _converted(
         process_group = cast(nn.SyncBatchNorm, module).process_group
     tracked = module.running_mean is not None
     frozen = tracked and not module.track_running_stats
-    momentum = 1.0 if frozen else momentum_from_torch(module)
+    momentum = 1.0 if frozen else converted_momentum(module.momentum, getattr(module, "_bn1d_momentum", None))
     try:
         layer = ChannelFirstBatchNorm(
             module.num_features, module.eps, momentum, module.affine, axis_name=axis_name,
@@ -382,7 +382,8 @@ def _reverted(layer: BatchNorm1d, name: str) -> _BatchNorm:
     reference = layer._reference()
     factory: dict[str, Any] = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
     frozen = isinstance(layer, ChannelFirstBatchNorm) and layer.frozen_statistics
-    momentum = getattr(layer, "_torch_momentum", 0.0) if frozen else momentum_to_torch(layer)
+    remembered = getattr(layer, "_torch_momentum", None)
+    momentum = getattr(layer, "_torch_momentum", 0.0) if frozen else converted_momentum(config.momentum, remembered)
     args = (config.num_features, config.epsilon, momentum, config.affine, config.track_running_stats)
     if torch_class is nn.SyncBatchNorm:
         module: _BatchNorm = nn.SyncBatchNorm(*args, process_group=layer.process_group, **factory)
