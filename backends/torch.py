@@ -70,6 +70,16 @@ def check_timeout(timeout: Any) -> float | None:
     return seconds
 
 
+def check_process_group(process_group: Any) -> Any:
+    """``process_group`` checked: ``None`` or a ``torch.distributed.ProcessGroup``, else a
+    ``TypeError`` (R7.1); the one check of the layer's and ``sync_running_statistics``'s."""
+    if process_group is not None and not (
+        torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
+    ):
+        raise argument_error("process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError)
+    return process_group
+
+
 def converted_momentum(momentum: float | None, remembered: float | None) -> float | None:
     """``momentum`` in the other convention (PyTorch's ``1 - m`` for bn1d's, and back):
     ``remembered``, the momentum an object was converted from, where it maps to
@@ -148,10 +158,7 @@ class BatchNorm1d(nn.Module):
                 raise argument_error(
                     "process_group", "None when axis_name is None (axis_name turns sync on)", process_group
                 )
-            if not (torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)):
-                raise argument_error(
-                    "process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError
-                )
+            check_process_group(process_group)
         timeout = check_timeout(timeout)
         if not isinstance(native_kernel, bool):
             raise argument_error("native_kernel", "a bool", native_kernel, TypeError)

@@ -30,7 +30,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from bn1d.config import BatchNormConfig, argument_error
 
-from .torch import BatchNorm1d, check_timeout, converted_momentum
+from .torch import BatchNorm1d, check_process_group, check_timeout, converted_momentum
 
 __all__ = ["ChannelFirstBatchNorm", "convert_batchnorm", "revert_batchnorm", "sync_running_statistics"]
 
@@ -442,10 +442,7 @@ def sync_running_statistics(
     rank must call it. Returns ``model``."""
     from . import torch_distributed
 
-    if process_group is not None and not (
-        torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
-    ):
-        raise argument_error("process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError)
+    check_process_group(process_group)
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
     timeout = check_timeout(timeout)
