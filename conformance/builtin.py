@@ -156,10 +156,23 @@ class JaxBackend:
                 results.append(self._run_job(job))
         return results
 
+    def _replicas(self, layer: Any, name: Any) -> Any:
+        """``f(xs, masks) -> (ys, per-replica states)``: ``layer``'s training call on every
+        replica under ``jax.vmap`` (the JAX module backends override it)."""
+
+        def replica(x: Any, mask: Any) -> Any:
+            return layer.apply(layer.params, layer.state, x, mask=mask, training=True)
+
+        return lambda xs, masks: self.jax.vmap(replica, in_axes=(0, None if masks is None else 0), axis_name=name)(
+            xs, masks
+        )
+
     def _run_job(self, job: ReplicaJob) -> ReplicaResult:
+        """Every replica's training call and the gradient of ``sum(y_r * dy_r)`` with
+        respect to every replica's input."""
         jax, jnp = self.jax, self.jnp
         layer = self.make_layer(**job.layer)
-        dtype = layer.dtype if job.xs[0].dtype == np.float64 else jnp.float32
+        dtype = jnp.float64 if job.xs[0].dtype == np.float64 else jnp.float32  # float64 jobs: float64 layers
         xs = jnp.stack([jnp.asarray(x, dtype) for x in job.xs])
         dys = jnp.stack([jnp.asarray(dy, dtype) for dy in job.dys])
         masks = None
@@ -167,17 +180,14 @@ class JaxBackend:
             masks = jnp.stack(
                 [jnp.ones(x.shape[:-1], bool) if m is None else jnp.asarray(m) for x, m in zip(job.xs, job.masks)]
             )
-
-        def replica(x: Any, mask: Any) -> Any:
-            return layer.apply(layer.params, layer.state, x, mask=mask, training=True)
+        replicas = self._replicas(layer, job.layer["axis_name"])
 
         def loss(xs: Any) -> Any:
-            mapped = jax.vmap(replica, in_axes=(0, None if masks is None else 0), axis_name=job.layer["axis_name"])
-            ys, states = mapped(xs, masks)
+            ys, states = replicas(xs, masks)
             return jnp.sum(ys * dys), (ys, states)
 
         x_grads, (ys, states) = jax.grad(loss, has_aux=True)(xs)
-        params = {k: self.to_numpy(v) for k, v in layer.params.items()}
+        params = {k: self.to_numpy(v) for k, v in layer.state_dict().items() if k in ("scale", "bias")}
         return ReplicaResult(
             ys=[self.to_numpy(y) for y in ys],
             states=[{**params, **{k: self.to_numpy(v[r]) for k, v in states.items()}} for r in range(len(job.xs))],

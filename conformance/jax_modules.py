@@ -25,7 +25,6 @@ from bn1d.config import argument_error
 from bn1d.protocol import resolve_training
 
 from .builtin import JaxBackend
-from .registry import ReplicaJob, ReplicaResult
 
 __all__ = ["ModuleBackend", "equinox_backend", "linen_backend", "nnx_backend"]
 
@@ -38,9 +37,9 @@ def _check_mode(mode: Any) -> bool:
 
 
 class ModuleBackend(JaxBackend, abc.ABC):
-    """What the three adapters share with ``JaxBackend`` (arrays, dtypes, precision),
-    and the synced run: every replica's training call and the gradient of
-    ``sum(y_r * dy_r)`` with respect to every replica's input, under ``jax.vmap``."""
+    """What the three adapters share with ``JaxBackend`` (arrays, dtypes, precision and
+    the synced run, ``_run_job``); each gives its layer and its replicas' training call
+    under ``jax.vmap`` (``_replicas``)."""
 
     @abc.abstractmethod
     def make_layer(self, param_dtype: str = "float32", **kwargs: Any) -> Any:
@@ -48,34 +47,8 @@ class ModuleBackend(JaxBackend, abc.ABC):
 
     @abc.abstractmethod
     def _replicas(self, layer: Any, name: Any) -> Any:
-        """``f(xs, masks) -> (ys, per-replica bn1d states)`` of ``layer`` under ``jax.vmap``."""
-
-    def _run_job(self, job: ReplicaJob) -> ReplicaResult:  # JaxBackend.run_replicated calls it per job
-        jax, jnp = self.jax, self.jnp
-        kwargs = dict(job.layer)
-        param_dtype = kwargs.pop("param_dtype", "float32")
-        layer = self.make_layer(param_dtype, **kwargs)
-        dtype = jnp.float64 if job.xs[0].dtype == np.float64 else jnp.float32
-        xs = jnp.stack([jnp.asarray(x, dtype) for x in job.xs])
-        dys = jnp.stack([jnp.asarray(dy, dtype) for dy in job.dys])
-        masks = None
-        if any(m is not None for m in job.masks):  # a replica without a mask keeps everything
-            masks = jnp.stack(
-                [jnp.ones(x.shape[:-1], bool) if m is None else jnp.asarray(m) for x, m in zip(job.xs, job.masks)]
-            )
-        replicas = self._replicas(layer, kwargs["axis_name"])
-
-        def loss(xs: Any) -> Any:
-            ys, states = replicas(xs, masks)
-            return jnp.sum(ys * dys), (ys, states)
-
-        x_grads, (ys, states) = jax.grad(loss, has_aux=True)(xs)
-        params = {k: self.to_numpy(v) for k, v in layer.state_dict().items() if k in ("scale", "bias")}
-        return ReplicaResult(
-            ys=[self.to_numpy(y) for y in ys],
-            states=[{**params, **{k: self.to_numpy(v[r]) for k, v in states.items()}} for r in range(len(job.xs))],
-            x_grads=[self.to_numpy(g) for g in x_grads],
-        )
+        """``f(xs, masks) -> (ys, per-replica bn1d states)`` of ``layer`` under ``jax.vmap``
+        (``JaxBackend._run_job`` runs it and takes the gradients)."""
 
     def _loss(self, y: Any, dy: Any) -> Any:
         wide = self._loss_dtype(y.dtype)
