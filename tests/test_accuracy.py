@@ -111,3 +111,36 @@ def test_float64_accumulation_is_what_makes_numpy_exact():
     assert exact.var.dtype == np.float64 and narrow.var.dtype == np.float32
     assert np.max(np.abs(exact.var - var64) / var64) < 1e-7
     assert np.max(np.abs(narrow.var - var64) / var64) > 1e-6
+
+
+@pytest.mark.parametrize(
+    "shape, reduce_axes",
+    [
+        ((8, 128, 64), (0, 1)),  # folds 32 rows: (32, 2048)
+        ((64, 4096, 4), (0, 1)),  # folds 512 rows
+        ((3, 5, 7), (0, 1)),  # 15 rows, odd: no fold
+        ((6, 1, 1024), (0, 1)),  # 2 rows of 1024 fold into one
+        ((0, 4, 3), (0, 1)),  # empty
+        ((16, 3, 8), (0, 2)),  # features in the middle: the plain sum
+        ((4096, 2), (0,)),
+    ],
+)
+def test_folded_float64_sums_are_the_plain_sums(shape, reduce_axes):
+    """``_feature_sums`` folds rows into the features before a casting sum (a
+    speed-up, docs/performance.md): the same float64 sum in another order, so it
+    agrees with NumPy's plain float64 sum to float64 rounding (the terms are
+    float32, the sums exact to ~n * 2**-53 of sum|terms|), per feature and in the
+    right order of features; a fold that mixed features up would be off by O(1)."""
+    import array_api_compat.numpy as xp
+
+    from bn1d.algorithm import _feature_sums
+
+    v = np.random.default_rng(7).standard_normal(shape).astype(np.float32) + np.float32(100)
+    got = _feature_sums(xp, v, reduce_axes, np.float64)
+    want = np.sum(v, axis=reduce_axes, dtype=np.float64)
+    assert got.dtype == np.float64 and got.shape == want.shape
+    n = max(1, int(np.prod([shape[a] for a in reduce_axes])))
+    bound = n * 2.0**-53 * np.sum(np.abs(v), axis=reduce_axes, dtype=np.float64)
+    assert np.all(np.abs(got - want) <= bound)
+    same_dtype = _feature_sums(xp, v, reduce_axes, np.float32)  # no cast: the plain sum
+    assert np.array_equal(same_dtype, np.sum(v, axis=reduce_axes))
