@@ -12,7 +12,7 @@ __all__ = ["RULES", "SPEC_VERSION", "SUITE_VERSION"]
 #: The version of ``docs/spec.md`` the suite checks.
 SPEC_VERSION = "1.0"
 #: The suite's own version (its cases, bounds and adapters).
-SUITE_VERSION = "1.1"
+SUITE_VERSION = "1.2"
 
 RULES: dict[str, str] = {
     "R1.1": "BrainPy's signature and defaults on every backend",

@@ -451,6 +451,18 @@ def test_compiled_synced_training_equals_eager(two_ranks, exchange, mode):
     np.testing.assert_allclose(got, reference.running_var, rtol=2e-5, atol=2e-5)
 
 
+def test_groups_that_do_not_partition_the_ranks_are_a_value_error_on_every_rank(two_ranks):
+    """R4.3: ``[[0]]`` partitions one rank, not the two of the process group; the
+    check runs before any exchange, so no rank waits for another."""
+    for result in two_ranks:
+        error = result["groups_wrong_size"]
+        assert error["type"] == "ValueError", error
+        assert error["message"].startswith(
+            "axis_index_groups: expected a partition of range(2) (the ranks of the process group)"
+        ), error["message"]
+        assert error["seconds"] < 5, error
+
+
 def test_num_features_mismatch_names_both_ranks(two_ranks):
     for result in two_ranks:
         error = result["mismatch"]

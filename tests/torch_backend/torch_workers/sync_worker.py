@@ -181,6 +181,9 @@ def timed_error(fn) -> dict:
 
 def run_faults(rank: int, workdir: str, out: dict, out_path: str) -> None:
     never_group, dead_group = dist.new_group([0, 1]), dist.new_group([0, 1])
+    # 0. groups that partition one rank, on two: a ValueError on every rank before any exchange.
+    lone = BatchNorm1d(3, axis_name="batch", axis_index_groups=[[0]], timeout=30)
+    out["groups_wrong_size"] = timed_error(lambda: lone(torch.randn(4, 5, 3)))
     # 1. num_features differs between ranks: every rank gets a ValueError naming both.
     c = 3 + rank
     mismatched = BatchNorm1d(c, axis_name="batch", timeout=30)
