@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if not backends:
         print("error: no backend is installed", file=sys.stderr)
         return 2
+    for note in reports.unmatched_xfail(xfail, [b.name for b in backends]):
+        print(f"note: {note}", file=sys.stderr)
 
     interactive = sys.stderr.isatty()
     last_backend = [""]

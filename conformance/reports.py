@@ -17,7 +17,7 @@ import math
 import platform
 import sys
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "peers_report",
     "read_xfail",
     "readme_table",
+    "unmatched_xfail",
     "update_readme",
     "version_line",
     "versions",
@@ -119,6 +120,16 @@ def read_xfail(path: str) -> dict[str, dict[str, str]]:
         if unknown:
             raise ValueError(f"[{backend}]: unknown cases {unknown} (see --list-cases)")
     return data
+
+
+def unmatched_xfail(xfail: Mapping[str, Any], backends: Collection[str]) -> list[str]:
+    """A note per table of ``xfail`` that names no backend of this run: a table for a
+    backend that is not installed here is legitimate, but a misspelt one would leave
+    its failures unexpected without a hint."""
+    return [
+        f"xfail: [{table}] names no backend of this run ({', '.join(backends)}); its entries are not used"
+        for table in sorted(set(xfail) - set(backends))
+    ]
 
 
 def _distribution(name: str) -> str | None:

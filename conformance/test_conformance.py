@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -68,7 +69,10 @@ def _sync_checks(name: str):
 def xfail(request):
     """The expected failures of ``--bn1d-xfail FILE`` (``reports.read_xfail``)."""
     path = request.config.getoption("--bn1d-xfail", default=None)
-    return reports.read_xfail(path) if path else {}
+    listed = reports.read_xfail(path) if path else {}
+    for note in reports.unmatched_xfail(listed, _backends(request.config)):
+        warnings.warn(note, stacklevel=1)
+    return listed
 
 
 def _assert(check, xfail=None):
