@@ -27,7 +27,7 @@ import numpy as np
 
 from bn1d.backends import jax as jax_backend
 from bn1d.config import OPTIONS, BatchNormConfig, argument_error
-from bn1d.state import from_flax_variables, to_flax_variables
+from bn1d.state import FLAX_NAMES, from_flax_variables, to_flax_variables
 
 __all__ = [
     "FLAX_NAMES",
@@ -39,16 +39,6 @@ __all__ = [
     "resolve_training",
     "state_from_flax",
 ]
-
-#: bn1d's state keys and the (collection, name) of the Flax variable that holds each.
-FLAX_NAMES = {
-    "scale": ("params", "scale"),
-    "bias": ("params", "bias"),
-    "running_mean": ("batch_stats", "mean"),
-    "running_var": ("batch_stats", "var"),
-    "num_batches_tracked": ("batch_stats", "num_batches_tracked"),
-}
-
 
 def new_layer(*args: Any, **kwargs: Any) -> jax_backend.BatchNorm1d:
     """The JAX backend's layer for the constructor arguments: every check and the

@@ -30,6 +30,7 @@ from .config import BatchNormConfig, argument_error
 from .initializers import _to_host
 
 __all__ = [
+    "FLAX_NAMES",
     "check_state",
     "to_torch_state_dict",
     "from_torch_state_dict",
@@ -155,13 +156,25 @@ def from_torch_state_dict(torch_state: Mapping[str, Any], cumulative: bool = Fal
     return state
 
 
+#: Our state keys and the (collection, name) of the Flax variable that holds each (Flax
+#: linen ``BatchNorm``'s; bn1d's own Flax modules keep the cumulative average's count
+#: beside them, in ``batch_stats``).
+FLAX_NAMES = {
+    "scale": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+    "num_batches_tracked": ("batch_stats", "num_batches_tracked"),
+}
+
+
 def to_flax_variables(state: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-    """Our state as Flax linen ``BatchNorm`` variables."""
-    variables: dict[str, dict[str, np.ndarray]] = {
-        "batch_stats": {"mean": _to_host(state["running_mean"]), "var": _to_host(state["running_var"])}
-    }
-    if "scale" in state:
-        variables["params"] = {"scale": _to_host(state["scale"]), "bias": _to_host(state["bias"])}
+    """Our state as Flax linen ``BatchNorm`` variables (which have no count)."""
+    variables: dict[str, dict[str, np.ndarray]] = {}
+    for key in ("running_mean", "running_var", "scale", "bias"):
+        if key in state:
+            collection, name = FLAX_NAMES[key]
+            variables.setdefault(collection, {})[name] = _to_host(state[key])
     return variables
 
 
@@ -174,12 +187,14 @@ def from_flax_variables(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if "batch_stats" not in variables:
         raise argument_error("variables", "a mapping with 'batch_stats'", sorted(variables))
     stats = variables["batch_stats"]
-    state = {"running_mean": _to_host(stats["mean"]), "running_var": _to_host(stats["var"])}
+    state = {key: _to_host(stats[FLAX_NAMES[key][1]]) for key in ("running_mean", "running_var")}
     params = variables.get("params") or {}
     if params:
         mean = state["running_mean"]
-        state["scale"] = _to_host(params["scale"]) if "scale" in params else np.ones_like(mean)
-        state["bias"] = _to_host(params["bias"]) if "bias" in params else np.zeros_like(mean)
+        neutral = {"scale": np.ones_like(mean), "bias": np.zeros_like(mean)}
+        for key, value in neutral.items():
+            name = FLAX_NAMES[key][1]
+            state[key] = _to_host(params[name]) if name in params else value
     return state
 
 
