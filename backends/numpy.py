@@ -29,6 +29,7 @@ from typing import Any
 import array_api_compat.numpy as xp
 import numpy as np
 
+from bn1d.algorithm import Hooks
 from bn1d.config import argument_error
 from bn1d.layer import Layer
 from bn1d.replicas import run_replicas
@@ -56,6 +57,11 @@ class BatchNorm1d(Layer):
 
     def _inputs(self, x: Any, mask: Any) -> tuple[Any, Any]:
         return np.asarray(x), None if mask is None else np.asarray(mask)
+
+    def _hooks(self, training: bool) -> Hooks:
+        """The layer's hooks, with NumPy's float64 sums of float32 data folded (the same
+        sums, faster: ``bn1d.algorithm._feature_sums``)."""
+        return super()._hooks(training)._replace(fold_rows=True)
 
     def _cotangent(self, dy: Any) -> Any:
         return np.asarray(dy)

@@ -125,12 +125,14 @@ class Hooks(NamedTuple):
     ``recompute_shifted`` for compilers that fuse elementwise work into reductions
     (XLA): ``x - K`` is then formed once per pass, with shifts one ulp apart
     (``nextafter``, which has no derivative: give ``stop_gradient`` with it),
-    instead of materialised once and read three times."""
+    instead of materialised once and read three times; ``fold_rows`` for libraries
+    whose casting sums run a loop per row (NumPy; see :func:`_feature_sums`)."""
 
     all_sum: AllSum | None = None
     all_gather: AllGather | None = None
     stop_gradient: Callable[[Array], Array] = _identity
     recompute_shifted: bool = False
+    fold_rows: bool = False
 
     @property
     def synced(self) -> bool:
@@ -190,23 +192,21 @@ def _is_real_float(xp: Any, dtype: Any, *, sized: bool = True) -> bool:
     return bool(xp.isdtype(dtype, "real floating") and (not sized or xp.finfo(dtype).bits in (16, 32, 64)))
 
 
-def _same_library(value: Any, x: Array) -> bool:
-    """Whether ``value`` is an array of ``x``'s library (the type alone decides when
-    both have the same type)."""
+def _require_same_library(value: Any, x: Array, name: str) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is an array of ``x``'s
+    library (the same type decides it without a namespace lookup)."""
     if type(value) is type(x):
-        return True
+        return
     try:
         array_namespace(value, x)
-    except TypeError:
-        return False
-    return True
+    except TypeError as error:
+        raise argument_error(name, "an array of the same library as x", type(value).__name__, TypeError) from error
 
 
 def check_cotangent(dy: Array, x: Array) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``dy`` is a real floating-point array of
     ``x``'s library and shape."""
-    if not _same_library(dy, x):
-        raise argument_error("dy", "an array of the same library as x", type(dy).__name__, TypeError)
+    _require_same_library(dy, x, "dy")
     if not _is_real_float(array_namespace(x), dy.dtype, sized=False):
         raise argument_error("dy", "a real floating-point array", dy.dtype, TypeError)
     if tuple(dy.shape) != tuple(x.shape):
@@ -223,10 +223,7 @@ def check_variables(params: Any, state: Any, config: BatchNormConfig, x: Array) 
             given = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
             raise argument_error(name, f"a mapping with exactly the keys {list(keys)}", given)
         for key in keys:
-            if not _same_library(tree[key], x):
-                raise argument_error(
-                    f"{name}[{key!r}]", "an array of the same library as x", type(tree[key]).__name__, TypeError
-                )
+            _require_same_library(tree[key], x, f"{name}[{key!r}]")
             want = () if key == "num_batches_tracked" else shape
             if tuple(tree[key].shape) != want:
                 raise argument_error(f"{name}[{key!r}]", f"shape {want}", tuple(tree[key].shape))
@@ -321,18 +318,21 @@ def _first_kept(xp: Any, xc: Array, mask: Array | None, reduce_axes: tuple[int, 
 FOLD_WIDTH = 2048
 
 
-def _feature_sums(xp: Any, v: Array, reduce_axes: tuple[int, ...], acc: Any) -> Array:
+def _feature_sums(xp: Any, v: Array, reduce_axes: tuple[int, ...], acc: Any, fold: bool) -> Array:
     """``sum(v)`` over ``reduce_axes`` in the accumulation dtype ``acc``, ``(C,)``.
 
-    A sum that casts (float32 values into float64) runs through the library's casting
-    loop, one short loop per row of ``C`` values: with the features last, ``k`` rows
+    With ``fold`` (``Hooks.fold_rows``): NumPy's sum that casts (float32 values into
+    float64) runs through its casting loop, one short loop per row of ``C`` values;
+    with the features last, ``k`` rows
     (``k`` a power of two dividing their number, ``k * C <= FOLD_WIDTH``) are seen as one
     row of ``k * C`` (a reshape of the leading axes), summed, then the ``k`` partial sums
     of each feature are added: the same float64 sum in another order, and the same
     error bound (``docs/numerics.md``). 1.3x faster at (8, 128, 64), 8x at (64, 4096, 4)
-    for NumPy. Other sums are the plain ``xp.sum``."""
+    for NumPy. Other sums are the plain ``xp.sum``. (A library that compiles for
+    symbolic shapes must not fold: ``k`` is a decision on the batch size, a guard under
+    ``torch.compile``, which recompiled for each power of two dividing it.)"""
     ndim = v.ndim
-    if v.dtype == acc or reduce_axes != tuple(range(ndim - 1)):
+    if not fold or v.dtype == acc or reduce_axes != tuple(range(ndim - 1)):
         return xp.sum(v, axis=reduce_axes, dtype=acc)
     c = v.shape[-1]
     rows = math.prod(v.shape[:-1])
@@ -444,7 +444,7 @@ def _moments(
         shift = xp.where(nonempty > 0, shift_sum / safe(nonempty), wide(fallback))
         local = stop_gradient(xp.astype(shift, xc.dtype))
     centered = xc - _broadcastable(xp, local, broadcast)
-    s1 = _feature_sums(xp, kept(centered), reduce_axes, acc)
+    s1 = _feature_sums(xp, kept(centered), reduce_axes, acc, hooks.fold_rows)
     if hooks.recompute_shifted:  # S2 around K2, y around K3: K's neighbours one ulp away, distinct
         # expressions that a compiler cannot merge into one materialised x - K (K - K2 and
         # K - K3 are exact in the accumulation dtype)
@@ -453,7 +453,7 @@ def _moments(
         step2, step3 = wide(local) - wide(k2), wide(local) - wide(k3)
     else:
         k3, squared, step2, step3 = local, kept(centered), None, None
-    s2 = _feature_sums(xp, squared * squared, reduce_axes, acc)
+    s2 = _feature_sums(xp, squared * squared, reduce_axes, acc, hooks.fold_rows)
 
     def around_k2(offset: Array) -> Array:  # the offset from K2, whose squares S2 summed
         return offset if step2 is None else offset + step2
@@ -578,7 +578,7 @@ def forward(
     xc = cast(x)
     where = device(xc)
     mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)
-    hooks = hooks if training else Hooks(stop_gradient=hooks.stop_gradient, recompute_shifted=hooks.recompute_shifted)
+    hooks = hooks if training else hooks._replace(all_sum=None, all_gather=None)
     n: Any = static_count(x.shape, reduce_axes)
     batch = training or not tracked  # whether the batch's statistics normalise
     if not batch or (mask is None and not hooks.synced and n == 0):
@@ -719,7 +719,7 @@ def batch_norm_vjp(
     if batch and mask is None and not hooks.synced and n_static == 1:
         _refuse_one_value(x, training)
     if not training:
-        hooks = Hooks(stop_gradient=hooks.stop_gradient)
+        hooks = Hooks(stop_gradient=hooks.stop_gradient, fold_rows=hooks.fold_rows)
     mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)
     weight: Any = 0.0
     if batch and (n_static > 0 or mask is not None or hooks.synced):
@@ -740,8 +740,8 @@ def batch_norm_vjp(
     inv = 1.0 / xp.sqrt(_cast(xp, var, acc) + config.epsilon)  # per-feature factors in acc
     s = xp.ones((), dtype=acc, device=where) if scale is None else _cast(xp, scale, acc)
     xhat *= _broadcastable(xp, _cast(xp, inv, dtype), shape)
-    dbias = _feature_sums(xp, dyc, axes, acc)
-    dscale = _feature_sums(xp, dyc * xhat, axes, acc)
+    dbias = _feature_sums(xp, dyc, axes, acc, hooks.fold_rows)
+    dscale = _feature_sums(xp, dyc * xhat, axes, acc, hooks.fold_rows)
     dx = dyc * _broadcastable(xp, _cast(xp, s * inv, dtype), shape)
     if batch:
         # G = sum(g) and H = sum(g * xhat) with g = dy * scale: scale is per feature, so

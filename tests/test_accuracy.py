@@ -114,33 +114,66 @@ def test_float64_accumulation_is_what_makes_numpy_exact():
 
 
 @pytest.mark.parametrize(
-    "shape, reduce_axes",
+    "shape, reduce_axes, folded",
     [
-        ((8, 128, 64), (0, 1)),  # folds 32 rows: (32, 2048)
-        ((64, 4096, 4), (0, 1)),  # folds 512 rows
-        ((3, 5, 7), (0, 1)),  # 15 rows, odd: no fold
-        ((6, 1, 1024), (0, 1)),  # 2 rows of 1024 fold into one
-        ((0, 4, 3), (0, 1)),  # empty
-        ((16, 3, 8), (0, 2)),  # features in the middle: the plain sum
-        ((4096, 2), (0,)),
+        ((8, 128, 64), (0, 1), (32, 2048)),  # 32 rows per folded row
+        ((64, 4096, 4), (0, 1), (512, 2048)),
+        ((3, 5, 7), (0, 1), None),  # 15 rows, odd: no fold
+        ((6, 1, 1024), (0, 1), (3, 2048)),  # 2 rows of 1024 fold into one
+        ((0, 4, 3), (0, 1), None),  # empty
+        ((16, 3, 8), (0, 2), None),  # features in the middle: the plain sum
+        ((4096, 2), (0,), (4, 2048)),
     ],
 )
-def test_folded_float64_sums_are_the_plain_sums(shape, reduce_axes):
-    """``_feature_sums`` folds rows into the features before a casting sum (a
-    speed-up, docs/performance.md): the same float64 sum in another order, so it
-    agrees with NumPy's plain float64 sum to float64 rounding (the terms are
-    float32, the sums exact to ~n * 2**-53 of sum|terms|), per feature and in the
-    right order of features; a fold that mixed features up would be off by O(1)."""
-    import array_api_compat.numpy as xp
+def test_folded_float64_sums_are_the_plain_sums(shape, reduce_axes, folded):
+    """``_feature_sums`` folds rows into the features before a casting sum (NumPy's
+    ``Hooks.fold_rows``, a speed-up, docs/performance.md): the same float64 sum in
+    another order. Each of the two float64 sums of float32 terms is within
+    ``(n - 1) 2**-53 sum|terms|`` of the exact one, so they differ by at most twice
+    that, per feature; a fold that mixed features up would be off by O(sqrt(n) * 100).
+    The sum is taken of the folded shape when one is expected, and not folded without
+    the hook (the default: JAX, PyTorch, array_api_strict)."""
+    import array_api_compat.numpy as compat
 
     from bn1d.algorithm import _feature_sums
 
+    shapes_summed = []
+
+    class Spy:  # compat's namespace, recording what each sum reduces
+        def __getattr__(self, name):
+            return getattr(compat, name)
+
+        def sum(self, v, **kwargs):
+            shapes_summed.append(tuple(v.shape))
+            return compat.sum(v, **kwargs)
+
     v = np.random.default_rng(7).standard_normal(shape).astype(np.float32) + np.float32(100)
-    got = _feature_sums(xp, v, reduce_axes, np.float64)
+    got = _feature_sums(Spy(), v, reduce_axes, np.float64, fold=True)
     want = np.sum(v, axis=reduce_axes, dtype=np.float64)
     assert got.dtype == np.float64 and got.shape == want.shape
-    n = max(1, int(np.prod([shape[a] for a in reduce_axes])))
-    bound = n * 2.0**-53 * np.sum(np.abs(v), axis=reduce_axes, dtype=np.float64)
+    n = int(np.prod([shape[a] for a in reduce_axes]))
+    bound = 2 * max(n - 1, 0) * 2.0**-53 * np.sum(np.abs(v), axis=reduce_axes, dtype=np.float64)
     assert np.all(np.abs(got - want) <= bound)
-    same_dtype = _feature_sums(xp, v, reduce_axes, np.float32)  # no cast: the plain sum
+    assert shapes_summed[0] == (folded or shape)
+    shapes_summed.clear()
+    assert np.array_equal(_feature_sums(Spy(), v, reduce_axes, np.float64, fold=False), want)
+    assert shapes_summed == [shape]
+    same_dtype = _feature_sums(compat, v, reduce_axes, np.float32, fold=True)  # no cast: the plain sum
     assert np.array_equal(same_dtype, np.sum(v, axis=reduce_axes))
+
+
+def test_the_numpy_layer_folds_its_sums_and_the_jax_one_does_not():
+    """NumPy's layer lends the core ``fold_rows`` in training, inference and sync (its
+    speed at small shapes depends on it, docs/performance.md); the plain ``Layer`` and
+    JAX's (XLA reduces without casting loops) do not."""
+    import array_api_strict
+
+    from bn1d import Layer
+
+    layer, synced = BatchNorm1d(3), BatchNorm1d(3, axis_name="i")
+    assert layer._hooks(True).fold_rows and layer._hooks(False).fold_rows
+    hooks = run_replicas(lambda i: synced._hooks(True), 2)
+    assert all(h.fold_rows and h.synced for h in hooks)
+    assert not Layer(3, xp=array_api_strict)._hooks(True).fold_rows
+    jax_backend = pytest.importorskip("bn1d.backends.jax")
+    assert not jax_backend.BatchNorm1d(3)._hooks(True).fold_rows

@@ -127,3 +127,22 @@ def test_compiled_half_input_keeps_float32_statistics_and_the_rule():
                 assert max(errors.values()) <= RULE, (dtype, axis, compiled, errors)
                 dx_tol = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # one ulp of |dx| <= 1 (layer tests)
                 np.testing.assert_allclose(xt.grad.double().numpy(), want["x"], rtol=dx_tol, atol=dx_tol)
+
+
+def test_a_compiled_layer_takes_batches_of_every_size_without_recompiling_per_size():
+    """Batch sizes 3 * 2**j, j = 0..9: with automatic dynamic shapes PyTorch compiles
+    twice (the first size, then a dynamic one). A Python decision on the symbolic batch
+    size (the core once chose how many rows to fold into its float64 sums from it) is a
+    guard that fails for each new power of two dividing it: a recompilation per size,
+    and with ``fullgraph=True`` a hard error at the recompile limit (8)."""
+    torch._dynamo.reset()
+    layer = BatchNorm1d(4)
+    compiled = torch.compile(layer, fullgraph=True)
+    eager = copy.deepcopy(layer)
+    for j in range(10):
+        x = torch.randn(3 * 2**j, 5, 4)
+        xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yc, ye = compiled(xc), eager(xe)
+        yc.sum().backward(), ye.sum().backward()
+        assert torch.allclose(yc, ye, rtol=TOL, atol=TOL)
+        assert torch.allclose(xc.grad, xe.grad, rtol=TOL, atol=TOL)
