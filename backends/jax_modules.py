@@ -40,6 +40,7 @@ __all__ = [
     "state_from_flax",
 ]
 
+
 def new_layer(*args: Any, **kwargs: Any) -> jax_backend.BatchNorm1d:
     """The JAX backend's layer for the constructor arguments: every check and the
     initial values (``layer.config``, ``layer.dtype``, ``layer.params``, ``layer.state``)."""
