@@ -36,6 +36,8 @@ from bn1d.replicas import run_replicas
 
 __all__ = ["BatchNorm1d", "run_replicas"]
 
+_FOLDED = Hooks(fold_rows=True)  # an unsynced call's hooks
+
 
 class BatchNorm1d(Layer):
     """1-D batch normalization with BrainPy's signature, on NumPy arrays.
@@ -61,7 +63,9 @@ class BatchNorm1d(Layer):
     def _hooks(self, training: bool) -> Hooks:
         """The layer's hooks, with NumPy's float64 sums of float32 data folded (the same
         sums, faster: ``bn1d.algorithm._feature_sums``)."""
-        return super()._hooks(training)._replace(fold_rows=True)
+        if training and self.config.synced:
+            return super()._hooks(training)._replace(fold_rows=True)
+        return _FOLDED
 
     def _cotangent(self, dy: Any) -> Any:
         return np.asarray(dy)

@@ -578,7 +578,8 @@ def forward(
     xc = cast(x)
     where = device(xc)
     mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)
-    hooks = hooks if training else hooks._replace(all_sum=None, all_gather=None)
+    if not training and hooks.synced:  # inference never communicates
+        hooks = hooks._replace(all_sum=None, all_gather=None)
     n: Any = static_count(x.shape, reduce_axes)
     batch = training or not tracked  # whether the batch's statistics normalise
     if not batch or (mask is None and not hooks.synced and n == 0):
