@@ -106,9 +106,17 @@ def _device(a: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> tor
 def fused_accumulation(x: torch.Tensor) -> tuple[int, int] | None:
     """The fused training kernel's ``(rows, chains)`` on ``x`` (see
     :func:`predicted_error`), or ``None`` where its accumulation alone, at
-    ``|mean| / std = 0``, already misses the rule: a cheap test before running it."""
-    rows, chains = _accumulation(x, split=1)
-    return (rows, chains) if predicted_error(_unit(x.dtype), rows, chains, 0.0) <= _tolerance(x.dtype) else None
+    ``|mean| / std = 0``, already misses the rule: a cheap test before running it
+    (of the shape, dtype, device and threads alone: computed once for each)."""
+    return _fused_accumulation(tuple(x.shape), x.dtype, x.device.type, _threads(x))
+
+
+@functools.lru_cache(maxsize=256)
+def _fused_accumulation(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str, threads: int
+) -> tuple[int, int] | None:
+    rows, chains = _accumulation_of(shape, dtype, device, threads, split=1)
+    return (rows, chains) if predicted_error(_unit(dtype), rows, chains, 0.0) <= _tolerance(dtype) else None
 
 
 def fused_is_accurate(
@@ -148,16 +156,24 @@ def _accumulation(x: torch.Tensor, split: int) -> tuple[int, int]:
     channel-first input on the CPU). Half inputs sum in float32: channel-first in
     one sequential sum per feature, channel-last like float32. CUDA kernels
     reduce in trees: counted as chains of 64 rows."""
-    positions = x.numel() // x.shape[1] if x.numel() else 0
-    channel_first = x.dim() > 2 and math.prod(x.shape[2:]) > 1
-    if x.device.type != "cpu":
+    return _accumulation_of(tuple(x.shape), x.dtype, x.device.type, _threads(x), split)
+
+
+def _accumulation_of(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str, threads: int, split: int
+) -> tuple[int, int]:
+    """:func:`_accumulation` from what it depends on."""
+    numel = math.prod(shape)
+    positions = numel // shape[1] if numel else 0
+    channel_first = len(shape) > 2 and math.prod(shape[2:]) > 1
+    if device != "cpu":
         return min(positions, 64), max(1, positions // 64)
-    if x.dtype == torch.float64 or (channel_first and x.dtype == torch.float32):
+    if dtype == torch.float64 or (channel_first and dtype == torch.float32):
         return 0, 1
     if channel_first:
         return positions, 1
-    rows = x.shape[0] // split
-    threads = max(1, min(_threads(x), rows))
+    rows = shape[0] // split
+    threads = max(1, min(threads, rows))
     return -(-rows // threads), threads * split
 
 

@@ -170,3 +170,18 @@ def test_split_statistics_fold_rows_into_features():
     np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-7)
     np.testing.assert_allclose(var, x64.var(0), rtol=1e-6)
     assert error <= RULE
+
+
+def test_the_fused_kernels_accumulation_follows_the_thread_count():
+    """``fused_accumulation`` is computed once per (shape, dtype, device, threads): the
+    same shape under another ``torch.set_num_threads`` has other chains (N / threads rows
+    each), so an answer cached for one thread count must not serve another."""
+    x = torch.zeros(256, 16)
+    before = torch.get_num_threads()
+    try:
+        for threads, want in ((1, (256, 1)), (2, (128, 2)), (1, (256, 1))):
+            torch.set_num_threads(threads)
+            assert torch_kernels.fused_accumulation(x) == want
+            assert torch_kernels.fused_accumulation(x.double()) == (0, 1)  # float64 sums: no chains
+    finally:
+        torch.set_num_threads(before)
