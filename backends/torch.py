@@ -17,6 +17,7 @@ whichever path runs; :meth:`BatchNorm1d._route` chooses the path.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -78,6 +79,13 @@ def check_process_group(process_group: Any) -> Any:
     ):
         raise argument_error("process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError)
     return process_group
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_momentum(momentum: float) -> float:
+    """``torch_momentum`` of a config's momentum (a Python float, ``BatchNormConfig``
+    makes it one), computed once per value: the fused kernel's call is ~60 µs."""
+    return torch_momentum(momentum)
 
 
 def converted_momentum(momentum: float | None, remembered: float | None) -> float | None:
@@ -303,7 +311,7 @@ class BatchNorm1d(nn.Module):
             return y if accurate else None
         running_mean, running_var, count = state["running_mean"], state["running_var"], self.num_batches_tracked
         momentum = self.config.momentum  # PyTorch's is the new batch's weight; the cumulative average's is 1 / k
-        factor = 1.0 / (int(cast(torch.Tensor, count)) + 1) if momentum is None else torch_momentum(momentum)
+        factor = 1.0 / (int(cast(torch.Tensor, count)) + 1) if momentum is None else _fused_momentum(momentum)
         saved = running_mean.clone(), running_var.clone()
         y, save_mean, save_invstd = torch.native_batch_norm(
             view, params.get("scale"), params.get("bias"), running_mean, running_var, True, factor, self.config.epsilon

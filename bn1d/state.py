@@ -20,7 +20,6 @@ The converters work on plain mappings of arrays and import no framework:
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -109,7 +108,6 @@ def check_state(
     return result
 
 
-@functools.lru_cache(maxsize=256)  # a pure function, on every call of a PyTorch layer
 def torch_momentum(momentum: float) -> float:
     """PyTorch's ``momentum`` for ours (and back): the weight of the new batch, ``1 - m``,
     the float nearest to it, and its own inverse wherever a function can be.
