@@ -234,6 +234,17 @@ def test_torch_momentum_round_trips_exactly():
         assert torch_momentum(torch_momentum(m)) == m
 
 
+def test_torch_momentum_of_a_float_does_not_depend_on_earlier_calls_with_other_types():
+    """A cache keyed by value would take ``np.float32(m)`` and ``m`` as one key (they
+    compare equal) and then answer the float with float32 arithmetic's result."""
+    from bn1d.state import torch_momentum
+
+    m = 1 - 2**-19  # exact in float32 too
+    torch_momentum(np.float32(m))
+    got = torch_momentum(m)
+    assert type(got) is float and 1.0 - got == m
+
+
 def test_static_count_is_a_plain_int_from_a_list():
     from bn1d.algorithm import static_count
 
