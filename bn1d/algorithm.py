@@ -164,7 +164,7 @@ def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes
     shape = tuple(x.shape)
     if len(shape) != ndim:
         raise argument_error("x", f"a {ndim}-D input for reduced axes {tuple(reduce_axes)}", shape)
-    feature_axis = next(a for a in range(ndim) if a not in reduce_axes)
+    feature_axis = _layout(tuple(reduce_axes))[0]
     if shape[feature_axis] != num_features:
         raise argument_error("x", f"num_features={num_features} on axis {feature_axis}", shape)
     if mask is None:
@@ -250,8 +250,7 @@ class Moments(NamedTuple):
         """``shift + offset`` in the accumulation dtype (not rounded to the input's
         precision); ``xp``: the arrays' namespace, if the caller has it."""
         xp = array_namespace(self.offset) if xp is None else xp
-        shift = self.shift if self.shift.dtype == self.offset.dtype else xp.astype(self.shift, self.offset.dtype)
-        return shift + self.offset
+        return _cast(xp, self.shift, self.offset.dtype) + self.offset
 
 
 def compute_dtype(xp: Any, *dtypes: Any) -> Any:
@@ -381,14 +380,12 @@ def batch_moments(
     """
     xp = array_namespace(x)
     dtype = compute_dtype(xp, x.dtype)
-    xc = x if x.dtype == dtype else xp.astype(x, dtype)
+    xc = _cast(xp, x, dtype)
     acc = accumulation_dtype(xp, dtype, device(xc)) if accumulate is None else accumulate
-    feature_axis = next(a for a in range(xc.ndim) if a not in reduce_axes)
+    reduce_axes = tuple(reduce_axes)
     if fallback is None:
-        fallback = xp.zeros((xc.shape[feature_axis],), dtype=dtype, device=device(xc))
-    elif fallback.dtype != dtype:
-        fallback = xp.astype(fallback, dtype)
-    return _moments(xp, xc, mask, tuple(reduce_axes), fast_variance, hooks, fallback, acc)
+        fallback = xp.zeros((xc.shape[_layout(reduce_axes)[0]],), dtype=dtype, device=device(xc))
+    return _moments(xp, xc, mask, reduce_axes, fast_variance, hooks, _cast(xp, fallback, dtype), acc)
 
 
 def _moments(
@@ -419,7 +416,7 @@ def _moments(
         return max(count, 1) if isinstance(count, int) else xp.where(count > 0, count, xp.ones_like(count))
 
     def wide(v: Array) -> Array:
-        return v if v.dtype == acc else xp.astype(v, acc)
+        return _cast(xp, v, acc)
 
     if fast:  # BrainPy's formula, in the compute dtype
         x_kept = kept(xc)
@@ -549,33 +546,30 @@ def forward(
     hooks: Hooks = Hooks(),
 ) -> BatchNormResult:
     """:func:`batch_norm` on arguments already checked, ``xp`` being ``x``'s namespace."""
-    reduce_axes, feature_axis = config.reduce_axes, config.feature_axis
+    reduce_axes = config.reduce_axes
     scale, bias = params.get("scale"), params.get("bias")
     tracked = config.track_running_stats
     dtype = call_dtype(xp, x.dtype, params, state)
     broadcast_shape = _layout(reduce_axes)[1]
 
-    def cast(v: Array, to: Any = dtype) -> Array:  # astype(copy=False) without its call overhead
-        return v if v.dtype == to else xp.astype(v, to)
-
     def per_feature(v: Array) -> Array:  # (C,) in the compute dtype, broadcastable against x
-        return cast(v) if feature_axis == x.ndim - 1 else xp.reshape(cast(v), broadcast_shape)
+        return _broadcastable(xp, _cast(xp, v, dtype), broadcast_shape)
 
     def normalize(centered: Array, offset: Array | None, var: Array) -> Array:
         """``centered * f + (bias - offset * f)``, ``f = scale / sqrt(var + eps)``:
         per-feature terms in ``var``'s dtype, the input-sized ones in the compute dtype."""
         factor = 1.0 / xp.sqrt(var + config.epsilon)
         if scale is not None:
-            factor = cast(scale, var.dtype) * factor
+            factor = _cast(xp, scale, var.dtype) * factor
         y = centered * per_feature(factor)
-        constant = None if bias is None else cast(bias, var.dtype)
+        constant = None if bias is None else _cast(xp, bias, var.dtype)
         if offset is not None:
             constant = -offset * factor if constant is None else constant - offset * factor
         if constant is not None:  # in place where the library allows it: no second input-sized array
             y += per_feature(constant)  # (immutable JAX arrays rebind; XLA fuses either form)
-        return cast(y, x.dtype)
+        return _cast(xp, y, x.dtype)
 
-    xc = cast(x)
+    xc = _cast(xp, x, dtype)
     where = device(xc)
     mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)
     if not training and hooks.synced:  # inference never communicates
@@ -601,7 +595,7 @@ def forward(
     if may_be_empty:  # n == 0 at run time: the shift is the running mean; normalise as inference does
         has_data = count > 0
         offset = xp.where(has_data, offset, xp.zeros_like(offset))
-        var = xp.where(has_data, var, cast(var0, var.dtype))
+        var = xp.where(has_data, var, _cast(xp, var0, var.dtype))
     return BatchNormResult(normalize(moments.centered, offset, var), new_state)
 
 
@@ -617,7 +611,7 @@ def _fallback_statistics(xp: Any, state: Mapping[str, Array], config: BatchNormC
     running statistics in ``dtype``, or mean 0 and variance 1 without them."""
     if config.track_running_stats:
         stats = state["running_mean"], state["running_var"]
-        return tuple(v if v.dtype == dtype else xp.astype(v, dtype) for v in stats)
+        return tuple(_cast(xp, v, dtype) for v in stats)
     c = config.num_features
     return xp.zeros((c,), dtype=dtype, device=where), xp.ones((c,), dtype=dtype, device=where)
 
@@ -710,7 +704,7 @@ def batch_norm_vjp(
     scale = params.get("scale")
     tracked = config.track_running_stats
     dtype = call_dtype(xp, x.dtype, params, state)
-    xc, dyc = (v if v.dtype == dtype else xp.astype(v, dtype) for v in (x, dy))
+    xc, dyc = _cast(xp, x, dtype), _cast(xp, dy, dtype)
     axes, feature_axis = config.reduce_axes, config.feature_axis
     shape = _layout(axes)[1]
     where = device(xc)
@@ -762,7 +756,7 @@ def batch_norm_vjp(
         if mask is not None:
             correction = xp.where(xp.expand_dims(mask, axis=feature_axis), correction, xp.zeros_like(correction))
         dx -= correction
-    grads: dict[str, Array] = {"x": dx if dx.dtype == x.dtype else xp.astype(dx, x.dtype)}
+    grads: dict[str, Array] = {"x": _cast(xp, dx, x.dtype)}
     if scale is not None:
         grads["scale"], grads["bias"] = _cast(xp, dscale, scale.dtype), _cast(xp, dbias, scale.dtype)
     return grads
