@@ -24,6 +24,7 @@ Worked example (the contract's reference numbers, BrainPy 2.8.2's)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import array_api_compat.numpy as xp
@@ -37,6 +38,7 @@ from bn1d.replicas import run_replicas
 __all__ = ["BatchNorm1d", "run_replicas"]
 
 _FOLDED = Hooks(fold_rows=True)  # an unsynced call's hooks
+_QUIET = functools.partial(np.errstate, invalid="ignore", over="ignore", divide="ignore")
 
 
 class BatchNorm1d(Layer):
@@ -66,6 +68,14 @@ class BatchNorm1d(Layer):
         if training and self.config.synced:
             return super()._hooks(training)._replace(fold_rows=True)
         return _FOLDED
+
+    def _forward(self, params: Any, state: Any, x: Any, mask: Any, training: bool) -> Any:
+        with _QUIET():  # non-finite input gives non-finite results, as on every backend, without NumPy's warnings
+            return super()._forward(params, state, x, mask, training)
+
+    def vjp(self, x: Any, dy: Any, mask: Any = None, training: bool | None = None) -> dict[str, Any]:
+        with _QUIET():
+            return super().vjp(x, dy, mask, training)
 
     def _cotangent(self, dy: Any) -> Any:
         return np.asarray(dy)

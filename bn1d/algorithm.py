@@ -91,6 +91,7 @@ __all__ = [
     "combine_shifted",
     "compute_dtype",
     "forward",
+    "refuse_one_value",
     "running_statistics",
     "static_count",
 ]
@@ -431,10 +432,11 @@ def _moments(
             mean = xp.where(n > 0, mean, fallback)
         return Moments(n, mean, xp.zeros_like(wide(mean)), wide(var), xc - _broadcastable(xp, mean, broadcast))
 
-    # The local shift: one kept sample per feature (the fallback when nothing is kept).
+    # The local shift: one kept sample per feature; the fallback when nothing is kept or the
+    # sample is not finite (an inf shift would make every x - K NaN, where the mean is inf).
     local = fallback if static_n == 0 else stop_gradient(_first_kept(xp, xc, mask, reduce_axes))
-    if mask is not None:
-        local = xp.where(n > 0, local, fallback)
+    usable = xp.isfinite(local) if mask is None else (n > 0) & xp.isfinite(local)
+    local = xp.where(usable, local, fallback)
     if all_sum is not None:  # round 1: every replica of the group shifts by the same K
         has = xp.astype(n > 0, acc)
         shift_sum, nonempty = all_sum((has * wide(local), has))
@@ -579,7 +581,7 @@ def forward(
     if not batch or (mask is None and not hooks.synced and n == 0):
         return BatchNormResult(normalize(xc - per_feature(mean0), None, var0), state)
     if mask is None and not hooks.synced and n == 1:
-        _refuse_one_value(x, training)
+        refuse_one_value(x, training)
 
     acc = accumulation_dtype(xp, dtype, where)
     moments = _moments(xp, xc, mask, reduce_axes, config.fast_variance, hooks, mean0, acc)
@@ -599,7 +601,7 @@ def forward(
     return BatchNormResult(normalize(moments.centered, offset, var), new_state)
 
 
-def _refuse_one_value(x: Array, training: bool) -> None:
+def refuse_one_value(x: Array, training: bool) -> None:
     """The batch's statistics of one value per feature, known from the shape: a
     variance of 0, which normalises everything to ``bias`` (PyTorch raises too)."""
     when = "when training" if training else "without running statistics (the batch's normalise)"
@@ -712,7 +714,7 @@ def batch_norm_vjp(
     n_static = static_count(x.shape, axes)
     batch = training or not tracked
     if batch and mask is None and not hooks.synced and n_static == 1:
-        _refuse_one_value(x, training)
+        refuse_one_value(x, training)
     if not training:
         hooks = Hooks(stop_gradient=hooks.stop_gradient, fold_rows=hooks.fold_rows)
     mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)

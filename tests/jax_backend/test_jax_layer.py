@@ -374,3 +374,22 @@ def test_protocol_modes_and_state_dict():
         with pytest.raises(ValueError, match=message):
             fresh.load_state_dict(bad)
         assert all(np.array_equal(fresh.state_dict()[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("position", [(0, 0, 0), (1, 2, 0)], ids=["first sample", "later sample"])
+def test_a_non_finite_input_gives_the_specifications_non_finite_results(value, position):
+    """Every result is non-finite exactly where the NumPy specification's is (a first
+    sample that is not finite is no shift: the mean of data holding inf is inf)."""
+    x = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32)
+    x[position] = value
+    reference = spec.BatchNorm1d(3)
+    want_y = reference(x)
+    layer = BatchNorm1d(3)
+    y = np.asarray(layer(jnp.asarray(x)))
+    for name, got, expected in (("y", y, want_y), ("running_mean", layer.running_mean, reference.running_mean),
+                                ("running_var", layer.running_var, reference.running_var)):  # fmt: skip
+        got = np.asarray(got)
+        assert np.array_equal(np.isnan(got), np.isnan(expected)), name
+        assert np.array_equal(np.isposinf(got), np.isposinf(expected)), name
+        assert np.array_equal(np.isneginf(got), np.isneginf(expected)), name
