@@ -1,8 +1,10 @@
-"""The PyTorch backend: ``BatchNorm1d`` as a ``torch.nn.Module``.
+"""The PyTorch backend: ``BatchNorm1d`` with BrainPy's signature, as a ``torch.nn.Module``.
 
 It computes what ``bn1d.algorithm`` states (the maths) and the NumPy backend
 specifies, under the contract ``docs/spec.md``; where it departs from PyTorch's ``nn.BatchNorm1d``, BrainPy and Flax is
-the table in the README.
+the table in the README. PyTorch's own classes, computing the same, are the drop-ins of
+``bn1d.backends.torch_nn``; both reach :func:`bn1d.backends.torch_functional.batch_norm`,
+the one dispatch point of the PyTorch backend.
 
 PyTorch idioms: ``scale``/``bias`` are ``nn.Parameter`` (absent, not ``None``,
 when not affine), ``running_mean``/``running_var`` buffers (``None`` without
@@ -11,37 +13,32 @@ a float momentum it counts training calls as PyTorch does and is not part of
 ``state_dict()``; with ``momentum=None`` it is state, the count of training calls
 that saw data (the cumulative average's ``k``). So ``state_dict()`` has exactly the
 contract's keys (``config.keys``). ``.train()``/``.eval()`` set the mode and each call's
-``training=`` overrides it. Inputs are checked once, in :meth:`BatchNorm1d.forward`,
-whichever path runs; :meth:`BatchNorm1d._route` chooses the path.
+``training=`` overrides it.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-import array_api_compat.torch as xp
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from bn1d import algorithm
-from bn1d.algorithm import Hooks, call_dtype, compute_dtype
 from bn1d.config import OPTIONS, BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros
 from bn1d.layer import initial_state
 from bn1d.protocol import resolve_training
 from bn1d.state import check_state, from_torch_state_dict, to_torch_state_dict, torch_momentum
 
-from . import torch_kernels
+from .torch_functional import Sync, batch_norm, check_process_group, check_timeout
+from .torch_nn import convert_batchnorm, revert_batchnorm, sync_running_statistics
 
 __all__ = [
     "BatchNorm1d",
-    "ChannelFirstBatchNorm",
     "check_timeout",
     "convert_batchnorm",
     "revert_batchnorm",
@@ -49,42 +46,13 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-_HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
 _PARAM_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-#: Below this many elements a hook making the gradient contiguous costs more than it
-#: saves (``docs/performance.md``).
-_CONTIGUOUS_GRAD_MIN_NUMEL = 1 << 17
-
-
-def check_timeout(timeout: Any) -> float | None:
-    """``timeout`` (seconds each collective may wait) checked, as a float, or ``None``:
-    the one check of the layer's and ``sync_running_statistics``'s. Any real number
-    but a bool (NumPy's scalars included) is a number; a non-number is a
-    ``TypeError``, a number that is not finite and > 0 a ``ValueError`` (R7.1)."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise argument_error("timeout", "None or a number of seconds", type(timeout).__name__, TypeError)
-    seconds = float(timeout)
-    if not (0 < seconds < math.inf):
-        raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
-    return seconds
-
-
-def check_process_group(process_group: Any) -> Any:
-    """``process_group`` checked: ``None`` or a ``torch.distributed.ProcessGroup``, else a
-    ``TypeError`` (R7.1); the one check of the layer's and ``sync_running_statistics``'s."""
-    if process_group is not None and not (
-        torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
-    ):
-        raise argument_error("process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError)
-    return process_group
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_momentum(momentum: float) -> float:
-    """``torch_momentum`` of a config's momentum (a Python float, ``BatchNormConfig``
-    makes it one), computed once per value: the fused kernel's call is ~60 µs."""
+def _torch_factor(momentum: float) -> float:
+    """PyTorch's momentum (the new batch's weight) for a config's (a Python float,
+    ``BatchNormConfig`` makes it one), computed once per value."""
     return torch_momentum(momentum)
 
 
@@ -99,12 +67,6 @@ def converted_momentum(momentum: float | None, remembered: float | None) -> floa
     if remembered is not None and (torch_momentum(remembered) == momentum or torch_momentum(momentum) == remembered):
         return remembered
     return torch_momentum(momentum)
-
-
-def _contiguous_gradient(grad: torch.Tensor) -> torch.Tensor:
-    """PyTorch's CPU batch-norm backward is several times slower on a non-contiguous
-    gradient (e.g. from ``y.sum()``)."""
-    return grad.contiguous()
 
 
 class BatchNorm1d(nn.Module):
@@ -130,9 +92,6 @@ class BatchNorm1d(nn.Module):
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: torch.Tensor | None
-    #: Training never writes the running statistics nor the count (a converted PyTorch
-    #: module with ``track_running_stats = False`` and its buffers kept: ``ChannelFirstBatchNorm``).
-    _frozen = False
 
     def __init__(
         self,
@@ -183,209 +142,49 @@ class BatchNorm1d(nn.Module):
         count = torch.tensor(0, dtype=torch.long, device=device) if tracked else None
         self.register_buffer("num_batches_tracked", count, persistent="num_batches_tracked" in config.state_keys)
         self.train(config.training)
-        # Precomputed for the per-call hot path.
-        self._ndim, self._feature_axis = config.ndim, config.feature_axis
-        self._channels_last = config.feature_axis == config.ndim - 1  # runs as (-1, C)
-        self._native = (  # PyTorch's kernels implement every option's default and nothing else
-            native_kernel
-            and all(getattr(config, option) == default for option, default in OPTIONS.items())
-            and config.feature_axis in (1, config.ndim - 1)
-        )
-        self._peers_checked = False  # synced: whether all ranks agreed on num_features etc. (first call)
-        self._agreed_shift: torch.Tensor | None = None  # synced over a large group: torch_distributed.Reduce
-        self._digest: int | None = None  # synced: torch_distributed.fingerprint(config), computed once
-        if config.synced:
-            from . import torch_distributed
-
-            self._digest = torch_distributed.fingerprint(config)
-        self._inference_check: tuple[Any, bool] = (None, False)  # (running statistics' versions, accurate)
+        self._sync = Sync(process_group, config.axis_index_groups, timeout) if config.synced else None
+        self._native_kernel = native_kernel
+        self._factor = None if config.momentum is None else _torch_factor(config.momentum)
+        self._layout = (config.num_features, config.feature_axis, config.ndim)  # read on every call
 
     # -- the uniform layer protocol -------------------------------------------------
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None) -> torch.Tensor:
-        """``y`` for ``x``; in training also updates the running statistics. The one
-        place where inputs are checked, for every path."""
+        """``y`` for ``x``; in training also updates the running statistics. The input is
+        seen in PyTorch's layout, features on axis 1, and normalised by
+        :func:`~bn1d.backends.torch_functional.batch_norm`."""
         training = resolve_training(training, self.training)
-        c, fa = self.config.num_features, self._feature_axis
+        config, (c, fa, ndim) = self.config, self._layout
         if mask is not None or not (
-            isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES and x.dim() == self._ndim and x.shape[fa] == c
+            isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES and x.dim() == ndim and x.shape[fa] == c
         ):
             if not isinstance(x, torch.Tensor) and hasattr(x, "shape"):  # the type first: an array of another library
                 raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
-            algorithm.check_inputs(x, mask, num_features=c, reduce_axes=self.config.reduce_axes)
+            algorithm.check_inputs(x, mask, num_features=c, reduce_axes=config.reduce_axes)
             if not isinstance(x, torch.Tensor):
                 raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
-        group = self._sync_group() if training and self.config.synced else None
-        exchange = None if group is None else self._exchange(x, group)
-        route = self._route(x, mask, training, group)
-        if route == "native":
-            return self._native_forward(x, training)
-        y = self._core_forward(x, mask, training, exchange) if route == "core" else self._kernel_forward(x, exchange)
-        if exchange is not None:  # the next call's agreed shift (torch_distributed.Reduce; None for Gather)
-            self._agreed_shift = exchange.next_shift
-        return y
-
-    def _route(self, x: torch.Tensor, mask: torch.Tensor | None, training: bool, group: Any) -> str:
-        """The path of one call, one of:
-
-        * ``"core"``: :func:`bn1d.algorithm.forward` under autograd, for an option
-          at a value other than its default (``bn1d.config.OPTIONS``), features on
-          an axis other than 1 or the last, ``native_kernel=False``, masks in
-          training, under ``torch.compile`` (Inductor fuses the core's
-          operations), and, unsynced, for dtype pairs other than (x, statistics)
-          equal or (half, float32) and training on one value per feature;
-        * ``"synced native"``: synced training otherwise (any dtype pair, in the
-          compute dtype): :class:`torch_kernels.NativeBatchNorm` with the exchange;
-        * ``"native"``: PyTorch's kernels otherwise, each where the accuracy rule
-          holds for it (:meth:`_native_forward`).
-
-        Synced ranks may take different paths: both synced paths make the same
-        exchanges (``torch_distributed.make_exchange`` chooses them by the group alone).
-        """
-        if not self._native or (training and mask is not None) or torch.compiler.is_compiling():
-            return "core"
-        if group is not None:
-            return "synced native"
-        stats = self.running_mean.dtype  # type: ignore[union-attr]  # tracked: every option is at its default
-        if x.dtype != stats and not (stats == torch.float32 and x.dtype in _HALF_DTYPES):
-            return "core"
-        return "native" if not training or x.numel() > self.config.num_features else "core"
-
-    def _state(self) -> dict[str, torch.Tensor]:
-        """The running statistics (``config.state_keys``) as the core's state mapping."""
-        return {key: cast(torch.Tensor, self._buffers[key]) for key in self.config.state_keys}
-
-    # -- the paths ------------------------------------------------------------------------
-    def _core_forward(self, x: torch.Tensor, mask: torch.Tensor | None, training: bool, exchange: Any) -> torch.Tensor:
-        """:func:`bn1d.algorithm.forward` under autograd (``exchange``: the synced one)."""
-        from . import torch_distributed
-
-        state = self._state()
-        if training:  # copies: under torch.compile with graph breaks, a graph may save them for backward
-            state = {key: value.clone() for key, value in state.items()}  # before copy_ below
-        hooks = Hooks(
-            all_gather=None if exchange is None else torch_distributed.make_all_gather(exchange),
-            stop_gradient=torch.Tensor.detach,
-        )
-        params = {key: self._parameters[key] for key in self.config.param_keys}
-        y, new_state = algorithm.forward(xp, x, params, state, self.config, training=training, mask=mask, hooks=hooks)
-        if training:
-            self._update_state(new_state)
-        return y
-
-    def _native_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """PyTorch's kernels on ``x`` seen as ``(N, C, ...)`` (features on axis 1 or
-        last): the fused training kernel where its result meets the rule, else
-        :class:`torch_kernels.NativeBatchNorm`; in inference the inference kernel
-        unless ``|running_mean| / std`` is too large for its ``x * a + b``."""
-        params, buffers = self._parameters, self._buffers
-        # Contiguous input: PyTorch's generic strided kernel rounds half-input parameter gradients to
-        # half; a channel-last view can be strided too (a transposed (N, C), a slice of the features).
-        view = (x.reshape(-1, self.config.num_features) if self._channels_last else x).contiguous()
-        if training:
-            y = self._fused_forward(view)
-            if y is None:
-                return self._kernel_forward(x, None)
-        elif self._inference_is_accurate():
-            y = torch.batch_norm(
-                view, params.get("scale"), params.get("bias"), buffers["running_mean"], buffers["running_var"],
-                False, 0.0, self.config.epsilon, torch.backends.cudnn.enabled,
-            )  # fmt: skip
+        tracked, sync, buffers, parameters = config.track_running_stats, self._sync, self._buffers, self._parameters
+        if (training or not tracked) and mask is None and sync is None and x.numel() == c:
+            algorithm.refuse_one_value(x, training)  # R3.5, naming x's own shape (the view's differs)
+        if training and sync is not None:
+            sync.described = (x, config)  # a mismatch between ranks names x's own shapes
+        if fa == 1:  # PyTorch's layout already
+            view, view_mask = x, mask
+        elif fa == ndim - 1:  # features last: the (rows, C) matrix it is
+            view, view_mask = x.reshape(-1, c), None if mask is None else mask.reshape(-1)
         else:
-            return self._core_forward(x, None, False, None)
-        if y.requires_grad and y.numel() >= _CONTIGUOUS_GRAD_MIN_NUMEL:
-            y.register_hook(_contiguous_gradient)
-        return y.view(x.shape) if self._channels_last else y
-
-    def _fused_forward(self, view: torch.Tensor) -> torch.Tensor | None:
-        """PyTorch's fused training kernel, or ``None`` (state untouched) where its
-        statistics say that its result misses the rule."""
-        accumulation = torch_kernels.fused_accumulation(view)
-        if accumulation is None:
-            return None
-        params, state = self._parameters, self._state()
-        if self._frozen:  # batch statistics, no running statistics written (PyTorch's untracked call)
-            y, save_mean, save_invstd = torch.native_batch_norm(
-                view, params.get("scale"), params.get("bias"), None, None, True, 0.0, self.config.epsilon
-            )
-            accurate = torch_kernels.fused_is_accurate(view, save_mean, save_invstd, self.config.epsilon, accumulation)
-            return y if accurate else None
-        running_mean, running_var, count = state["running_mean"], state["running_var"], self.num_batches_tracked
-        momentum = self.config.momentum  # PyTorch's is the new batch's weight; the cumulative average's is 1 / k
-        factor = 1.0 / (int(cast(torch.Tensor, count)) + 1) if momentum is None else _fused_momentum(momentum)
-        saved = running_mean.clone(), running_var.clone()
-        y, save_mean, save_invstd = torch.native_batch_norm(
-            view, params.get("scale"), params.get("bias"), running_mean, running_var, True, factor, self.config.epsilon
-        )
-        if not torch_kernels.fused_is_accurate(view, save_mean, save_invstd, self.config.epsilon, accumulation):
-            with torch.no_grad():
-                running_mean.copy_(saved[0])
-                running_var.copy_(saved[1])
-            return None
-        cast(torch.Tensor, count).add_(1)
-        return y
-
-    def _kernel_forward(self, x: torch.Tensor, exchange: Any) -> torch.Tensor:
-        """Training on :class:`torch_kernels.NativeBatchNorm`, in the compute dtype, contiguous
-        (a cast keeps a strided input's strides)."""
-        c, params = self.config.num_features, self._parameters
-        view = x.reshape(-1, c) if self._channels_last else x
-        state = self._state()
-        dtype = compute_dtype(torch, x.dtype, state["running_mean"].dtype)
-        y, *new_values = torch_kernels.NativeBatchNorm.apply(
-            view.to(dtype).contiguous(), params.get("scale"), params.get("bias"), state, exchange, self.config
-        )
-        self._update_state(dict(zip(self.config.state_keys, new_values)))
-        y = y.to(x.dtype)
-        return y.view(x.shape) if self._channels_last else y
-
-    def _update_state(self, new_state: Mapping[str, torch.Tensor]) -> None:
-        """Copy a training call's new state into the buffers; count the call as PyTorch does
-        (frozen statistics: neither, as PyTorch's untracked call)."""
-        if self._frozen:
-            return
-        with torch.no_grad():
-            state = self._state()
-            for key, value in new_state.items():
-                state[key].copy_(value)
-            if "num_batches_tracked" not in new_state and self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-
-    def _inference_is_accurate(self) -> bool:
-        """Whether the inference kernel's ``x * a + b`` meets the rule for the running
-        statistics (cached until they change)."""
-        state = self._state()
-        mean, var = state["running_mean"], state["running_var"]
-        key = (mean._version, var._version, mean.data_ptr(), var.data_ptr())
-        if self._inference_check[0] != key:
-            accurate = torch_kernels.inference_is_accurate(mean, var, self.config.epsilon)
-            self._inference_check = (key, accurate)
-        return self._inference_check[1]
-
-    # -- synced statistics ----------------------------------------------------------------
-    def _sync_group(self) -> Any:
-        """The group to sum statistics over, or ``None`` without ``torch.distributed``."""
-        if self.process_group is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None
-        from . import torch_distributed
-
-        return torch_distributed.sync_group(self.process_group, self.config.axis_index_groups, self.timeout)
-
-    def _exchange(self, x: torch.Tensor, group: Any) -> Any:
-        """The exchange of one synced training call (``torch_distributed.make_exchange``:
-        by the group's size); the first call checks that every rank agrees on what
-        sizes the exchange (``torch_distributed.check_peers``)."""
-        from . import torch_distributed
-
-        float64 = call_dtype(torch, x.dtype, self._parameters, self._buffers) == torch.float64
-        header = torch_distributed.make_header(x, self.config, float64=float64, digest=self._digest)
-        if not self._peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
-            parent = torch.distributed.group.WORLD if self.process_group is None else self.process_group
-            torch_distributed.check_peers(header, device=x.device, group=parent, timeout=self.timeout)
-            self._peers_checked = True
-        return torch_distributed.make_exchange(
-            group, header, self.timeout, fast_variance=self.config.fast_variance, shift=self._agreed_shift,
-            device=x.device,
+            view, view_mask = x.movedim(fa, 1), mask
+        y = batch_norm(
+            view, buffers["running_mean"], buffers["running_var"], parameters.get("scale"), parameters.get("bias"),
+            training or not tracked, self._factor, config.epsilon,
+            num_batches_tracked=buffers["num_batches_tracked"] if training and tracked else None, mask=view_mask,
+            sync=sync if training else None, fast_variance=config.fast_variance,
+            unbiased_running_var=config.unbiased_running_var, native_kernel=self._native_kernel,
         )  # fmt: skip
+        if fa == 1:
+            return y
+        if fa == ndim - 1:
+            return y.view(x.shape) if y.is_contiguous() else y.reshape(x.shape)
+        return y.movedim(1, fa)
 
     # -- state ----------------------------------------------------------------------------
     def train(self, mode: bool = True) -> BatchNorm1d:
@@ -410,26 +209,11 @@ class BatchNorm1d(nn.Module):
         the parameters' and statistics' dtype and device."""
         return next((getattr(self, key) for key in self.config.keys if key in ("scale", "running_mean")), None)
 
-    @property
-    def _checkpoint_config(self) -> BatchNormConfig:
-        """The config whose ``keys`` are this module's ``state_dict()`` keys (``config``)."""
-        return self.config
-
     def _checked_state(self, state_dict: Any, names: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """``check_state`` for this layer (``names``: how its errors name the entries)."""
         reference = self._reference()
         dtype = np.float32 if reference is None else _PARAM_DTYPES.get(reference.dtype, np.float32)
-        return check_state(state_dict, self._checkpoint_config, dtype=dtype, names=names)
-
-    def _given_names(self, local: Mapping[str, Any]) -> dict[str, str]:
-        """The keys under which a checkpoint gave this layer's entries, where not its own
-        (none here; a converted layer also takes PyTorch's ``weight`` for ``scale``)."""
-        return {}
-
-    def _checkpoint_entries(self, local: dict[str, Any], local_metadata: Mapping[str, Any]) -> dict[str, Any]:
-        """A checkpoint's entries for this module, named as ``state_dict()`` names them
-        (unchanged here; a converted layer also takes PyTorch's names)."""
-        return local
+        return check_state(state_dict, self.config, dtype=dtype, names=names)
 
     def _set_state(self, checked: Mapping[str, np.ndarray], given: Mapping[str, Any], assign: bool) -> None:
         with torch.no_grad():
@@ -466,10 +250,8 @@ class BatchNorm1d(nn.Module):
         try:
             missing, unexpected = self._load_present(local, prefix, local_metadata)
         except (TypeError, ValueError) as error:
-            if prefix or not getattr(self, "_loading_itself", False):
-                error_msgs.append(str(error))  # the parent raises them, as PyTorch's RuntimeError
-                return
-            raise  # this layer's own load_state_dict(strict=False): the same error as strict=True
+            error_msgs.append(str(error))  # the parent raises them, as PyTorch's RuntimeError
+            return
         missing_keys.extend(missing)
         unexpected_keys.extend(unexpected)
 
@@ -480,15 +262,14 @@ class BatchNorm1d(nn.Module):
         state, checked together first (an error names each entry by its full key,
         ``prefix`` + the key it was given under; nothing is then loaded); return the
         missing and unexpected keys, with ``prefix``."""
-        names = {key: prefix + name for key, name in {**{k: k for k in local}, **self._given_names(local)}.items()}
-        local = self._checkpoint_entries(local, local_metadata)
-        keys = self._checkpoint_config.keys
+        names = {key: prefix + key for key in local}
+        keys = self.config.keys
         missing = [prefix + key for key in keys if key not in local]
         unexpected = [prefix + key for key in local if key not in keys]
         present = {key: local[key] for key in keys if key in local}
         if present:
             # Absent entries are checked as placeholders of the right shape and never assigned.
-            placeholders = initial_state(self._checkpoint_config, Ones(1.0), Zeros(), np.float64)
+            placeholders = initial_state(self.config, Ones(1.0), Zeros(), np.float64)
             checked = self._checked_state({**placeholders, **present}, names)
             assign = bool(local_metadata.get("assign_to_params_buffers", False))
             self._set_state({key: checked[key] for key in present}, present, assign)
@@ -509,7 +290,7 @@ class BatchNorm1d(nn.Module):
             raise argument_error(
                 "module",
                 "a torch.nn.BatchNorm1d whose track_running_stats is True when it has running statistics (frozen "
-                "statistics convert with ChannelFirstBatchNorm.from_torch or convert_batchnorm)",
+                "statistics stay frozen under convert_batchnorm, which keeps PyTorch's class)",
                 "track_running_stats=False with its running statistics kept",
             )
         momentum = converted_momentum(cast(Any, module).momentum, getattr(module, "_bn1d_momentum", None))
@@ -556,20 +337,3 @@ class BatchNorm1d(nn.Module):
             f"{c.num_features}, axis={c.reduce_axes}, epsilon={c.epsilon}, momentum={c.momentum}, "
             f"affine={c.affine}, axis_name={c.axis_name!r}{options}"
         )
-
-
-if TYPE_CHECKING:  # imported lazily at run time (``__getattr__`` below)
-    from .torch_models import ChannelFirstBatchNorm, convert_batchnorm, revert_batchnorm, sync_running_statistics
-
-_MODEL_NAMES = frozenset({"ChannelFirstBatchNorm", "convert_batchnorm", "revert_batchnorm", "sync_running_statistics"})
-
-
-def __getattr__(name: str) -> Any:
-    """Whole models (conversion, checkpoints, running statistics across ranks) live in
-    ``bn1d.backends.torch_models``, which builds on ``BatchNorm1d``: imported on first
-    use, so either module may be imported first without a circular import."""
-    if name in _MODEL_NAMES:
-        from . import torch_models
-
-        return getattr(torch_models, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -170,11 +170,11 @@ def sync_group(process_group: Any, axis_index_groups: tuple[tuple[int, ...], ...
     return next(sub for g, sub in zip(axis_index_groups, cached[axis_index_groups]) if me in g)
 
 
-def fingerprint(config: BatchNormConfig) -> int:
-    """One number for what else the ranks must share: ``axis_index_groups`` and every
-    option of ``bn1d.config.OPTIONS`` (an option may change what is exchanged)."""
-    options = tuple(getattr(config, option) for option in OPTIONS)
-    return zlib.crc32(repr((config.axis_index_groups, options)).encode())
+def fingerprint(axis_index_groups: Any, options: tuple[bool, ...]) -> int:
+    """One number for what else the ranks must share: ``axis_index_groups`` and the values
+    of every option of ``bn1d.config.OPTIONS``, in its order (an option may change what is
+    exchanged)."""
+    return zlib.crc32(repr((axis_index_groups, options)).encode())
 
 
 def _describe(ranks: list[int], header: Sequence[int]) -> str:
@@ -193,7 +193,9 @@ def make_header(x: torch.Tensor, config: BatchNormConfig, *, float64: bool, dige
     ``torch.compile`` cannot trace ``zlib``)."""
     dims = list(x.shape[:_MAX_HEADER_DIMS]) + [-1] * (_MAX_HEADER_DIMS - min(x.dim(), _MAX_HEADER_DIMS))
     agreed = [config.num_features, x.dim(), config.feature_axis, int(float64), int(config.fast_variance)]
-    return [*agreed, fingerprint(config) if digest is None else digest, *dims]
+    if digest is None:
+        digest = fingerprint(config.axis_index_groups, tuple(getattr(config, option) for option in OPTIONS))
+    return [*agreed, digest, *dims]
 
 
 def _raise_on_mismatch(headers: list[list[int]]) -> None:

@@ -31,60 +31,40 @@ from torch import nn
 
 from bn1d.config import argument_error
 
-from .torch import BatchNorm1d
+from . import torch_functional
 
 __all__ = ["functional_call"]
 
 
+class _Recorder:
+    """New running statistics by the identity of the tensor they would be written into;
+    a later call in the same ``functional_call`` reads the newer value (a layer called
+    twice chains its updates, as its stateful calls do)."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        # Running statistics take no gradient (R2.3): detached, or the next step's graph
+        # would hold this one's.
+        self.values[id(target)] = (target, value.detach())
+
+    def current(self, target: torch.Tensor) -> torch.Tensor:
+        entry = self.values.get(id(target))
+        return target if entry is None else entry[1]
+
+
 @contextlib.contextmanager
-def _returning_state(model: nn.Module) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
-    """Within it, each bn1d layer of ``model`` takes the core path and, instead of
-    copying a training call's new state into its buffers, records it (by the layer's
-    name) in the yielded mapping. The layers' methods are shadowed on the instances, so
-    the stateful call outside costs nothing."""
-    updates: dict[str, dict[str, torch.Tensor]] = {}
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BatchNorm1d)]
-    saved = []
-
-    def recorder(name: str, layer: BatchNorm1d) -> Any:
-        def record(new_state: Mapping[str, torch.Tensor]) -> None:
-            if layer._frozen:  # frozen statistics (a converted untracked module): nothing written
-                return
-            # Running statistics take no gradient (R2.3): detached, or the next step's graph
-            # would hold this one's.
-            values = {key: value.detach() for key, value in new_state.items()}
-            count = updates.get(name, {}).get("num_batches_tracked", layer.num_batches_tracked)
-            if "num_batches_tracked" not in values and count is not None:  # PyTorch's count of training calls
-                values["num_batches_tracked"] = count + 1
-            updates[name] = values
-
-        return record
-
-    def current(name: str, layer: BatchNorm1d, own: Any) -> Any:
-        # A layer called twice in one functional_call (shared, or in a loop) chains its
-        # updates, as its stateful calls do.
-        def state() -> dict[str, torch.Tensor]:
-            recorded = updates.get(name)
-            return own() if recorded is None else {key: recorded[key] for key in layer.config.state_keys}
-
-        return state
-
-    shadowed = ("_route", "_update_state", "_state")
+def _recording() -> Iterator[_Recorder]:
+    """Within it, every bn1d layer of this thread runs the core and records its new
+    running statistics instead of writing them (``torch_functional.recording``)."""
+    if getattr(torch_functional.recording, "recorder", None) is not None:
+        raise RuntimeError("bn1d.backends.torch_func.functional_call: calls do not nest")
+    recorder = torch_functional.recording.recorder = _Recorder()
     try:
-        for name, layer in layers:
-            saved.append((layer, {key: layer.__dict__.get(key) for key in shadowed}))
-            own_state = layer._state
-            layer.__dict__["_route"] = lambda *args: "core"
-            layer.__dict__["_update_state"] = recorder(name, layer)
-            layer.__dict__["_state"] = current(name, layer, own_state)
-        yield updates
+        yield recorder
     finally:
-        for layer, methods in saved:
-            for key, method in methods.items():
-                if method is None:
-                    layer.__dict__.pop(key, None)
-                else:
-                    layer.__dict__[key] = method
+        torch_functional.recording.recorder = None
 
 
 def functional_call(
@@ -106,17 +86,13 @@ def functional_call(
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
     if not isinstance(parameters_and_buffers, Mapping):
         raise argument_error("parameters_and_buffers", "a mapping", type(parameters_and_buffers).__name__, TypeError)
-    with _returning_state(model) as updates:
+    given = dict(parameters_and_buffers)
+    with _recording() as recorder:
         output = torch.func.functional_call(
-            model,
-            dict(parameters_and_buffers),
-            args,
-            None if kwargs is None else dict(kwargs),
-            strict=strict,
-            tie_weights=tie_weights,
+            model, given, args, None if kwargs is None else dict(kwargs), strict=strict, tie_weights=tie_weights
         )
-    new_buffers = {name: parameters_and_buffers.get(name, buffer) for name, buffer in model.named_buffers()}
-    for layer_name, values in updates.items():
-        for key, value in values.items():
-            new_buffers[f"{layer_name}.{key}" if layer_name else key] = value
+    new_buffers = {}
+    for name, buffer in model.named_buffers():
+        value = given.get(name, buffer)
+        new_buffers[name] = value if value is None else recorder.current(value)
     return output, new_buffers

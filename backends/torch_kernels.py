@@ -47,6 +47,7 @@ __all__ = [
     "fused_accumulation",
     "fused_is_accurate",
     "inference_is_accurate",
+    "largest_ratio",
     "local_moments",
     "local_sums",
     "predicted_error",
@@ -59,10 +60,11 @@ LAMBDA = 5.0  # standard deviations of the rounding-error model
 MAX_XHAT = 6.0  # the largest |x - mean| / std the model assumes for y
 CHAIN_ROWS = 256  # rows per float32 partial sum in the split statistics
 _UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+_QUIET = functools.partial(np.errstate, invalid="ignore", over="ignore", divide="ignore")
 
 
 def _threads(x: torch.Tensor) -> int:
-    return 1 if x.device.type != "cpu" else max(1, torch.get_num_threads())
+    return max(1, torch.get_num_threads()) if x.is_cpu else 1
 
 
 def predicted_error(unit: float, rows: int, chains: int, ratio: float) -> float:
@@ -108,7 +110,7 @@ def fused_accumulation(x: torch.Tensor) -> tuple[int, int] | None:
     :func:`predicted_error`), or ``None`` where its accumulation alone, at
     ``|mean| / std = 0``, already misses the rule: a cheap test before running it
     (of the shape, dtype, device and threads alone: computed once for each)."""
-    return _fused_accumulation(tuple(x.shape), x.dtype, x.device.type, _threads(x))
+    return _fused_accumulation(x.shape, x.dtype, "cpu" if x.is_cpu else x.device.type, _threads(x))
 
 
 @functools.lru_cache(maxsize=256)
@@ -127,10 +129,30 @@ def fused_is_accurate(
     rule, judged from its own statistics: ``|mean| * invstd`` is ``|mean| /
     sqrt(var + eps)``, and ``/ sqrt(1 - eps * invstd**2)`` (at the largest
     ``invstd``) bounds ``|mean| / std``."""
-    scaled, invstd = torch.stack([save_mean.detach().abs() * save_invstd, save_invstd]).amax(dim=1).tolist()
-    closeness = 1.0 - epsilon * invstd * invstd
-    ratio = scaled / math.sqrt(closeness) if closeness > 0 else math.inf
-    return predicted_error(_unit(x.dtype), *accumulation, ratio) <= _tolerance(x.dtype)
+    # On the host: the callers run it on the CPU only (no device to synchronise), where NumPy's
+    # views of the two vectors cost less than any torch reduction.
+    invstd_values = save_invstd.detach().numpy()
+    scaled_values = np.abs(save_mean.detach().numpy())
+    scaled_values *= invstd_values
+    scaled, invstd = scaled_values.max(initial=0.0), invstd_values.max(initial=0.0)
+    closeness = 1.0 - epsilon * invstd * invstd  # NaN statistics fail every comparison: not accurate
+    return bool(closeness > 0 and scaled <= largest_ratio(x.dtype, *accumulation) * math.sqrt(closeness))
+
+
+@functools.lru_cache(maxsize=256)
+def largest_ratio(dtype: torch.dtype, rows: int, chains: int) -> float:
+    """The largest ``|mean| / std`` at which :func:`predicted_error` of this accumulation
+    meets the rule (it grows with the ratio), to within a relative 1e-12; 0 where none does."""
+    unit, tolerance = _unit(dtype), _tolerance(dtype)
+    if predicted_error(unit, rows, chains, 0.0) > tolerance:
+        return 0.0
+    low, high = 0.0, 1.0
+    while predicted_error(unit, rows, chains, high) <= tolerance:
+        low, high = high, 2 * high
+    while high - low > 1e-12 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if predicted_error(unit, rows, chains, middle) <= tolerance else (low, middle)
+    return low
 
 
 def inference_is_accurate(running_mean: torch.Tensor, running_var: torch.Tensor, epsilon: float) -> bool:
@@ -268,11 +290,20 @@ class NativeBatchNorm(torch.autograd.Function):
         exchange: Any,
         config: Any,
     ) -> tuple[torch.Tensor, ...]:
+        with _QUIET():  # non-finite input gives non-finite results, as in the core, without NumPy's warnings
+            return NativeBatchNorm._forward(ctx, x, scale, bias, state, exchange, config)
+
+    @staticmethod
+    def _forward(
+        ctx: Any, x: torch.Tensor, scale: Any, bias: Any, state: dict[str, torch.Tensor], exchange: Any, config: Any
+    ) -> tuple[torch.Tensor, ...]:
         # The per-feature arithmetic is float64 NumPy; the kernels run on x's device.
         per_feature = (-1,) + (1,) * (x.dim() - 2)
         n_local = x.numel() // x.shape[1]
         mean, var, error = local_moments(x)
-        shift = _device(mean, x)  # K: the mean in the input's precision
+        # K: the mean in the input's precision, where finite (a non-finite mean is the
+        # core's too: inf stays inf, as K + d there, and is never a shift)
+        shift = _device(np.where(np.isfinite(mean), mean, 0.0), x)
         shift64 = _host(shift)
         shifted = error > _tolerance(x.dtype)
         if shifted:  # statistics of x - K (exact there): |d| << std, nothing cancels
@@ -313,6 +344,11 @@ class NativeBatchNorm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        with _QUIET():
+            return NativeBatchNorm._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         xu, scale = ctx.saved_tensors
         centre, local_centre, invstd, counts, deviations = ctx.numbers
         dyc = dy.to(xu.dtype).contiguous()

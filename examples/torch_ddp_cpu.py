@@ -4,9 +4,10 @@
 
 A small classifier with PyTorch's batch norms (a Conv2d block with BatchNorm2d, a
 Conv1d block with BatchNorm1d, a BatchNorm1d on the (N, C) features of its head) is
-converted by ``convert_batchnorm(model, axis_name="batch")``: every batch norm then
-syncs its statistics over the ranks with gloo, which ``nn.SyncBatchNorm`` refuses on
-CPU. The ranks hold different numbers of images (3 and 5 per step). After three SGD
+converted by ``convert_batchnorm(model, sync=True)``: every batch norm stays PyTorch's class
+and syncs its statistics over the ranks with gloo, which ``nn.SyncBatchNorm`` refuses on
+CPU (and DDP refuses any ``SyncBatchNorm`` in a CPU module). The ranks hold different
+numbers of images (3 and 5 per step). After three SGD
 steps each rank checks that its parameters and running statistics equal those of the
 unconverted model trained in one process on all 8 images, then evaluates, and rank 0
 reverts the model to PyTorch's classes for export.
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bn1d.backends.torch import convert_batchnorm, revert_batchnorm
+from bn1d.backends.torch_nn import convert_batchnorm, revert_batchnorm
 
 STEPS, SIZES = 3, (3, 5)  # images per step on rank 0 and rank 1
 
@@ -61,7 +62,7 @@ def run(rank: int, world: int, init_file: str) -> None:
     try:
         torch.manual_seed(0)  # the same initial model on every rank
         original = Classifier()
-        model = convert_batchnorm(copy.deepcopy(original), axis_name="batch", timeout=60)
+        model = convert_batchnorm(copy.deepcopy(original), sync=True, timeout=60)
         # The synced statistics are the same on every rank: no need to broadcast rank 0's buffers
         # before each forward (PyTorch 2.13 renamed broadcast_buffers=False, now deprecated).
         renamed = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
@@ -73,7 +74,7 @@ def run(rank: int, world: int, init_file: str) -> None:
         whole = [tuple(torch.cat(parts) for parts in zip(*(data(step, r) for r in range(world)))) for step in
                  range(STEPS)]  # fmt: skip
         train(reference, whole, 1)
-        ours = {key.replace(".scale", ".weight"): value for key, value in model.state_dict().items()}
+        ours = model.state_dict()  # PyTorch's keys
         for key, value in reference.state_dict().items():
             torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-5, msg=key)
         print(f"rank {rank}: {SIZES[rank]} images per step, parameters and running statistics of all "

@@ -95,7 +95,7 @@ def test_synced_over_nccl_equals_unsynced_on_one_rank(monkeypatch, exchange, com
                 torch.testing.assert_close(xs.grad, xp.grad, **TOL)
                 torch.testing.assert_close(synced.running_var, plain.running_var, **TOL)
             if exchange == "all_reduce":
-                assert synced._agreed_shift is not None and synced._agreed_shift.device.type == "cuda"
+                assert synced._sync.agreed_shift is not None and synced._sync.agreed_shift.device.type == "cuda"
             before = synced.running_mean.clone()
             sync_running_statistics(synced)
             torch.testing.assert_close(synced.running_mean, before, rtol=0, atol=0)
@@ -104,13 +104,14 @@ def test_synced_over_nccl_equals_unsynced_on_one_rank(monkeypatch, exchange, com
 
 
 def test_a_converted_cuda_model_stays_on_cuda_and_trains_as_pytorch():
-    """Every batch-norm class converted on the GPU: same device and tensors, and three
-    SGD steps equal to PyTorch's CUDA layers (TOL: the two reduce in different orders)."""
+    """Every batch-norm class converted on the GPU (bn1d's drop-ins): same device and
+    tensors, and three SGD steps equal to PyTorch's CUDA layers (TOL: the two reduce in
+    different orders)."""
     import copy
 
     from torch import nn
 
-    from bn1d.backends.torch import convert_batchnorm, revert_batchnorm
+    from bn1d.backends.torch_nn import convert_batchnorm, revert_batchnorm
 
     torch.manual_seed(2)
     theirs = nn.Sequential(
@@ -180,3 +181,27 @@ def test_raw_data_on_cuda_meet_the_accuracy_rule(axis, shape, feature_axis, rati
     errors = forward_errors(x, y.double().cpu().numpy(), layer.running_mean.double().cpu().numpy(),
                             layer.running_var.double().cpu().numpy(), feature_axis=feature_axis)  # fmt: skip
     assert max(errors.values()) <= RULE, errors
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_a_training_call_never_synchronises_the_device_with_the_host(momentum):
+    """The drop-ins and the BrainPy-signature layer on CUDA run the core (no host check of
+    the kernels' statistics, no data-dependent branch): under
+    ``torch.cuda.set_sync_debug_mode("error")`` a training forward and backward, then an
+    inference call, raise nothing."""
+    from bn1d.backends import torch_nn
+
+    layers = [torch_nn.BatchNorm2d(8, momentum=momentum).cuda(), BatchNorm1d(8, axis=(0, 2, 3), device="cuda")]
+    x = (torch.randn(16, 8, 12, 12, device="cuda") * 3 + 1e3).requires_grad_()
+    for layer in layers:
+        layer(x).sum().backward()  # warm-up: allocator, kernels' first launches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for layer in layers:
+            layer.train()
+            layer(x).square().sum().backward()
+            layer.eval()
+            layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -2,7 +2,7 @@
 
 ``torch_workers/ddp_worker.py`` trains a model with ``nn.BatchNorm2d`` and
 ``nn.BatchNorm1d`` layers (a Conv2d block, a Conv1d block, a linear head), converted
-by ``convert_batchnorm(model, axis_name=...)``, for three SGD steps (momentum 0.9)
+by ``convert_batchnorm(model, sync=True)``, for three SGD steps (momentum 0.9)
 on uneven per-rank batches (one rank of the 4 holds one image), with
 ``broadcast_buffers=True`` and ``False``; rank 0 also trains the unconverted model in
 one process on the concatenated batches. Each launch is one process per rank,

@@ -1,6 +1,6 @@
 """The synced layer's messages per call, from 2 to 4096 ranks, counted on its code path.
 
-``bn1d.backends.torch_exchange_cost.simulated_ranks`` runs a synced layer in this
+``benchmarks/torch_exchange_cost.py``'s ``simulated_ranks`` runs a synced layer in this
 process as rank 0 of ``R`` identical ranks (its collectives replaced by what that
 many ranks would return, each one recorded). The counts must be the cost model of
 ``docs/torch-models.md``, on both paths (PyTorch's kernels, and the core with a
@@ -22,14 +22,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch_backend.exchange_cost import tool  # noqa: E402
+
 from bn1d.backends import torch_distributed  # noqa: E402
 from bn1d.backends.torch import BatchNorm1d  # noqa: E402
-from bn1d.backends.torch_exchange_cost import (  # noqa: E402
-    Message,
-    exchange_cost,
-    simulated_ranks,
-    table,
-    wire_bytes,
+
+Message, exchange_cost, simulated_ranks, table, wire_bytes = (
+    tool.Message,
+    tool.exchange_cost,
+    tool.simulated_ranks,
+    tool.table,
+    tool.wire_bytes,
 )
 
 C = 16
@@ -114,7 +117,7 @@ def test_an_inf_batch_does_not_poison_the_agreed_shift(native_kernel):
     bad[0, 0, 0] = float("inf")
     with simulated_ranks(4096):
         synced(bad)
-        assert torch.isfinite(synced._agreed_shift).all()
+        assert torch.isfinite(synced._sync.agreed_shift).all()
         for _ in range(2):
             x = torch.randn(4, 8, C, generator=generator) * 2 + 3
             torch.testing.assert_close(synced(x), local(x), rtol=TOL, atol=TOL)

@@ -150,14 +150,15 @@ def test_from_torch_refuses_frozen_statistics_naming_the_module():
     """``track_running_stats = False`` set on a module that keeps its running statistics
     (batch statistics in training, the frozen ones in evaluation) has no plain-layer
     equivalent: a ``ValueError`` naming ``module`` and pointing to the conversion, which
-    supports it (``ChannelFirstBatchNorm.from_torch``, ``convert_batchnorm``)."""
+    keeps PyTorch's class and so its frozen statistics (``convert_batchnorm``)."""
     module = nn.BatchNorm1d(3)
     module.track_running_stats = False
     with pytest.raises(ValueError, match=r"^module: expected .*track_running_stats.*got .*running statistics kept"):
         BatchNorm1d.from_torch(module)
-    from bn1d.backends.torch import ChannelFirstBatchNorm
+    from bn1d.backends.torch import convert_batchnorm
 
-    assert ChannelFirstBatchNorm.from_torch(module).frozen_statistics
+    converted = convert_batchnorm(module)
+    assert converted is module and not converted.track_running_stats and converted.running_mean is not None
 
 
 MOMENTA = [1 / 3, 0.1, 0.01, 0.3, 0.7, 0.0, 1.0, 0.5, 0.9, 0.99, 0.123456789, 2 / 3, 1e-20, 5e-324]

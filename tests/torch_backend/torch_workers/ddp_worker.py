@@ -5,11 +5,11 @@ Usage: ``python ddp_worker.py RANK WORLD_SIZE WORKDIR``. Reads ``WORKDIR/job.pkl
 (uneven sizes). Joins the process group through ``file://WORKDIR/init`` and writes
 ``WORKDIR/rank{RANK}.pkl``:
 
-* ``synced_broadcast`` / ``synced_local``: the state (parameters and buffers, PyTorch's
-  names) after the steps of the model converted with ``axis_name`` under DDP with
+* ``synced_broadcast`` / ``synced_local``: the state (parameters and buffers) after the
+  steps of the model converted by ``convert_batchnorm(model, sync=True)`` under DDP with
   ``broadcast_buffers=True`` / ``False``;
 * ``unsynced`` (with ``job["unsynced"]``): the running statistics of the model converted
-  without ``axis_name`` under DDP with ``broadcast_buffers=True`` (``broadcast_buffers``),
+  by ``convert_batchnorm`` (no sync) under DDP with ``broadcast_buffers=True`` (``broadcast_buffers``),
   and with ``False`` (``before``), then after ``sync_running_statistics`` with
   ``how="mean"`` and, from the same state, ``"broadcast"``;
 * ``reference`` (rank 0): the unconverted model trained in this one process on the
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bn1d.backends.torch import convert_batchnorm, sync_running_statistics
+from bn1d.backends.torch_nn import convert_batchnorm, sync_running_statistics
 
 torch.set_num_threads(1)
 
@@ -61,10 +61,8 @@ def train(model: nn.Module, steps: list[tuple[torch.Tensor, torch.Tensor]], tota
 
 
 def state(model: nn.Module) -> dict[str, np.ndarray]:
-    """The state under PyTorch's names (a converted layer's ``scale`` is ``weight``)."""
-    return {
-        key.replace(".scale", ".weight"): value.detach().numpy().copy() for key, value in model.state_dict().items()
-    }
+    """The state (a drop-in's keys are PyTorch's)."""
+    return {key: value.detach().numpy().copy() for key, value in model.state_dict().items()}
 
 
 def statistics(model: nn.Module) -> dict[str, np.ndarray]:
@@ -85,7 +83,7 @@ def main() -> None:
     total = [sum(len(b[1]) for b in step) for step in job["steps"]]
     out: dict = {}
     for name, broadcast in (("synced_broadcast", True), ("synced_local", False)):
-        model = convert_batchnorm(copy.deepcopy(base), axis_name="batch", timeout=60)
+        model = convert_batchnorm(copy.deepcopy(base), sync=True, timeout=60)
         ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast)
         train(ddp, local, total, world)
         out[name] = state(model)

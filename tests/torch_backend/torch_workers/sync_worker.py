@@ -88,7 +88,7 @@ def _run_case(case: dict, rank: int) -> dict:
     native_before, exchanges_before = native_calls[0], len(exchanges)
     for step, (x, mask, dy) in enumerate(case["steps"][rank]):
         if case.get("perturb") == (rank, step):  # this rank's agreed shift differs from the others'
-            layer._agreed_shift = layer._agreed_shift + 1.0
+            layer._sync.agreed_shift = layer._sync.agreed_shift + 1.0
         xt = torch.tensor(x, requires_grad=case["x_grad"])
         y = layer(xt, None if mask is None else torch.tensor(mask))
         y.backward(torch.tensor(dy))
@@ -100,7 +100,7 @@ def _run_case(case: dict, rank: int) -> dict:
                 "dbias": layer.bias.grad.numpy().copy(),
                 "running_mean": layer.running_mean.numpy().copy(),
                 "running_var": layer.running_var.numpy().copy(),
-                "agreed_shift": None if layer._agreed_shift is None else layer._agreed_shift.numpy().copy(),
+                "agreed_shift": None if layer._sync.agreed_shift is None else layer._sync.agreed_shift.numpy().copy(),
             }
         )
         layer.zero_grad(set_to_none=True)

@@ -1,0 +1,593 @@
+"""bn1d's batch norm as one PyTorch function: :func:`batch_norm`, the dispatch point of
+every PyTorch layer of bn1d (the drop-ins of ``bn1d.backends.torch_nn`` and BrainPy's
+signature in ``bn1d.backends.torch``).
+
+It takes ``torch.nn.functional.batch_norm``'s arguments, in PyTorch's layout (features on
+axis 1 of ``(N, C, *)``) and momentum convention (``momentum`` is the new batch's
+weight), and computes what ``bn1d.algorithm`` states under the contract
+``docs/spec.md`` (R2.7: within 1e-5 of the float64 computation on raw data). bn1d's extras
+are keyword-only: ``mask`` (R5), ``sync`` (R4, over ``torch.distributed``),
+``num_batches_tracked`` (counted as PyTorch counts it; with ``momentum=None`` it is the
+cumulative average's count, R3.7), ``fast_variance`` and ``unbiased_running_var``.
+
+Which computation runs is decided by facts of the call, never by its data on a device:
+
+* **PyTorch's kernels, checked** (``"kernels"``): a real tensor on the CPU, outside
+  tracing, compilation and ``torch.func`` transforms, no mask, the default options.
+  The fused training kernel runs where ``torch_kernels``' error model accepts its result
+  (judged from its own statistics, on the host, which on the CPU is no synchronisation),
+  else the split and shifted statistics of :class:`torch_kernels.NativeBatchNorm`;
+  inference uses the inference kernel where the running statistics allow it.
+* **The core** (``"core"``): :func:`bn1d.algorithm.forward` on torch operations,
+  everywhere else: other devices (CUDA: no host synchronisation in a training call, by
+  construction), ``torch.compile``/``torch.export``/``torch.jit.trace`` (operations
+  that trace and compile; Inductor fuses them), ``torch.func``, masks and options.
+
+``torch.fx.symbolic_trace`` records a call of :func:`batch_norm` as one node (it
+dispatches ``__torch_function__`` as ``torch.nn.functional.batch_norm`` does).
+``docs/decisions.md`` says why this is a Python function over PyTorch's operations and
+not a ``torch.library`` custom operator (measured: the custom operator's dispatch alone
+costs more than the whole latency budget of a small call).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import threading
+import weakref
+from typing import Any, cast
+
+import array_api_compat.torch as xp
+import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
+
+from bn1d import algorithm
+from bn1d.algorithm import Hooks, compute_dtype
+from bn1d.config import OPTIONS, BatchNormConfig, argument_error
+
+from . import torch_kernels
+
+__all__ = ["Sync", "batch_norm", "check_process_group", "check_timeout", "path"]
+
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
+#: Below this many elements a hook making the gradient contiguous costs more than it
+#: saves (``docs/performance.md``).
+_CONTIGUOUS_GRAD_MIN_NUMEL = 1 << 17
+#: Whether the inference kernel meets the rule for a pair of running statistics, by the id
+#: of their ``running_var``: ``(a weak reference to it, (versions, pointers, epsilon), bool)``.
+#: A training call on the kernels writes the statistics without bumping their versions
+#: (PyTorch's kernel), so it drops the entry.
+_inference_checks: dict[int, tuple[Any, Any, bool]] = {}
+_MAX_INFERENCE_CHECKS = 1024
+#: ``torch_func.functional_call``'s recorder while it runs in this thread (``recorder`` is
+#: ``None`` otherwise): new running statistics are recorded there instead of written.
+recording = threading.local()
+recording.recorder = None
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """``timeout`` (seconds each collective may wait) checked, as a float, or ``None``.
+    Any real number but a bool is a number; a non-number is a ``TypeError``, a number
+    that is not finite and > 0 a ``ValueError`` (R7.1)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise argument_error("timeout", "None or a number of seconds", type(timeout).__name__, TypeError)
+    seconds = float(timeout)
+    if not (0 < seconds < math.inf):
+        raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
+    return seconds
+
+
+def check_process_group(process_group: Any) -> Any:
+    """``process_group`` checked: ``None`` or a ``torch.distributed.ProcessGroup``, else a
+    ``TypeError`` (R7.1)."""
+    if process_group is not None and not (
+        torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
+    ):
+        raise argument_error("process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError)
+    return process_group
+
+
+class Sync:
+    """What a synced layer keeps between its calls: the group it syncs over
+    (``process_group``, WORLD by default; ``axis_index_groups`` splits it into subgroups),
+    the collectives' ``timeout``, whether its ranks agreed on what sizes the exchanges (the
+    first call checks it) and the shift the next call's exchange is centred on
+    (``torch_distributed.Reduce``). Without an initialised ``torch.distributed`` a synced
+    call uses its local batch (as ``nn.SyncBatchNorm``)."""
+
+    def __init__(self, process_group: Any = None, axis_index_groups: Any = None, timeout: Any = None):
+        self.process_group = check_process_group(process_group)
+        self.axis_index_groups = axis_index_groups
+        self.timeout = check_timeout(timeout)
+        self.peers_checked = False
+        self.agreed_shift: torch.Tensor | None = None
+        #: The input and config the ranks' headers describe, where the layer's own differ
+        #: from the call's (``bn1d.backends.torch.BatchNorm1d`` sees its input in PyTorch's
+        #: layout; a mismatch names the user's shapes): set by the layer before each call.
+        self.described: tuple[torch.Tensor, BatchNormConfig] | None = None
+
+    def group(self) -> Any:
+        """The process group to sum statistics over, or ``None`` without ``torch.distributed``."""
+        if self.process_group is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        from . import torch_distributed
+
+        return torch_distributed.sync_group(self.process_group, self.axis_index_groups, self.timeout)
+
+    def exchange(self, x: torch.Tensor, config: BatchNormConfig, float64: bool) -> Any:
+        """The exchange of one synced training call, or ``None`` without ``torch.distributed``."""
+        group = self.group()
+        if group is None:
+            return None
+        from . import torch_distributed
+
+        options = tuple(getattr(config, option) for option in OPTIONS)
+        digest = _digest(config.axis_index_groups, options)
+        shown, layout = (x, config) if self.described is None else self.described
+        header = torch_distributed.make_header(shown, layout, float64=float64, digest=digest)
+        if not self.peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
+            parent = torch.distributed.group.WORLD if self.process_group is None else self.process_group
+            torch_distributed.check_peers(header, device=x.device, group=parent, timeout=self.timeout)
+            self.peers_checked = True
+        return torch_distributed.make_exchange(
+            group, header, self.timeout, fast_variance=config.fast_variance, shift=self.agreed_shift, device=x.device
+        )
+
+
+@torch.compiler.assume_constant_result
+def _digest(axis_index_groups: Any, options: tuple[bool, ...]) -> int:
+    """``torch_distributed.fingerprint`` of a call's groups and options: constants, which
+    ``torch.compile`` takes by calling this at trace time (it cannot trace ``zlib``)."""
+    from . import torch_distributed
+
+    return torch_distributed.fingerprint(axis_index_groups, options)
+
+
+@functools.lru_cache(maxsize=256)
+def _config(
+    num_features: int, ndim: int, epsilon: float, momentum: float | None, tracked: bool, synced: bool,
+    groups: Any, fast_variance: bool, unbiased_running_var: bool,
+) -> BatchNormConfig:  # fmt: skip
+    """The core's config of a call on ``(N, C, *)`` input of ``ndim`` dimensions, from
+    arguments :func:`batch_norm` has checked (so built directly: under ``torch.compile``
+    the floats may be symbolic, which ``BatchNormConfig.from_arguments``' checks cannot
+    take); ``momentum`` is bn1d's (the old statistic's weight). Cached: a call's arguments
+    are few."""
+    return BatchNormConfig(
+        num_features=num_features, reduce_axes=(0, *range(2, ndim)), epsilon=epsilon, momentum=momentum,
+        affine=True, axis_name="batch" if synced else None, axis_index_groups=groups, training=True, name=None,
+        fast_variance=fast_variance, unbiased_running_var=unbiased_running_var, track_running_stats=tracked,
+    )  # fmt: skip
+
+
+def _check_number(name: str, value: Any, expected: str, low: float, high: float, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise argument_error(name, expected, value, TypeError)
+    # Comparisons only (NaN fails them, inf fails the finite bounds): under torch.compile the
+    # value may be symbolic, which math.isfinite and float() cannot take.
+    number = cast(float, value)
+    if not ((low < number if open_low else low <= number) and number <= high and number < math.inf):
+        raise argument_error(name, expected, value)
+    return number
+
+
+def _vector(name: str, value: Any, x: torch.Tensor, c: int, floating: bool = True) -> None:
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise argument_error(name, "None or a torch.Tensor", type(value).__name__, TypeError)
+    if tuple(value.shape) != (c,):
+        raise argument_error(name, f"shape ({c},) (num_features, input's axis 1)", tuple(value.shape))
+    if floating and value.dtype not in _FLOAT_DTYPES:
+        raise argument_error(name, "a floating-point tensor", value.dtype, TypeError)
+    if value.device != x.device and not value.is_meta:
+        raise argument_error(name, f"a tensor on input's device ({x.device})", value.device)
+
+
+def _check(
+    x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: Any, momentum: Any,
+    eps: Any, mask: Any, num_batches_tracked: Any,
+) -> None:  # fmt: skip
+    """Every argument of :func:`batch_norm` checked (R7.1), before any state changes."""
+    if not isinstance(x, torch.Tensor):
+        raise argument_error("input", "a torch.Tensor", type(x).__name__, TypeError)
+    if x.dtype not in _FLOAT_DTYPES:
+        expected = "a real floating-point tensor (float16, bfloat16, float32, float64)"
+        raise argument_error("input", expected, x.dtype, TypeError)
+    if x.dim() < 2:
+        raise argument_error("input", "a tensor (N, C, *) of at least 2 dimensions", tuple(x.shape))
+    c = x.shape[1]
+    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                        ("bias", bias)):  # fmt: skip
+        _vector(name, value, x, c)
+    if (running_mean is None) != (running_var is None):
+        raise argument_error("running_var", "None exactly when running_mean is None", type(running_var).__name__)
+    if not isinstance(training, bool):
+        raise argument_error("training", "a bool", training, TypeError)
+    if not training and running_mean is None:
+        raise argument_error("training", "True without running statistics (the batch's normalise)", training)
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise argument_error("num_batches_tracked", "its count with momentum=None", None, TypeError)
+    else:
+        _check_number("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
+    _check_number("eps", eps, "a finite float > 0", 0.0, math.inf, open_low=True)
+    if num_batches_tracked is not None and not (
+        isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.dim() == 0
+    ):
+        raise argument_error("num_batches_tracked", "None or a 0-d tensor", num_batches_tracked, TypeError)
+    if mask is not None:
+        algorithm.check_inputs(x, mask, num_features=c, reduce_axes=(0, *range(2, x.dim())))
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """Whether this call runs eagerly on real CPU data, where PyTorch's kernels may be
+    checked on the host: no tracing, compilation, export, ``torch.func`` transform or
+    recorder, and a plain tensor on the CPU."""
+    return (
+        type(x) is torch.Tensor
+        and x.is_cpu
+        and getattr(recording, "recorder", None) is None
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
+def path(
+    x: torch.Tensor, running_mean: torch.Tensor | None, weight: torch.Tensor | None, training: bool, *,
+    mask: Any = None, sync: Any = None,
+    fast_variance: bool = False, unbiased_running_var: bool = True, native_kernel: bool = True,
+) -> str:  # fmt: skip
+    """The computation a call takes: ``"kernels"`` (PyTorch's, checked) or ``"core"``; the
+    module docstring says when. Unsynced training also needs a dtype pair that the fused
+    kernel takes (equal, or half input with float32 statistics) and more than one value
+    per feature (the core raises R3.5's error)."""
+    if not (native_kernel and _eager(x) and not fast_variance and unbiased_running_var):
+        return "core"
+    if training and mask is not None:
+        return "core"
+    if training and sync is not None:
+        return "kernels"  # any dtype pair, in the compute dtype
+    if not _kernel_dtypes(x, running_mean, weight):
+        return "core"
+    return "kernels" if not training or x.numel() > x.shape[1] else "core"
+
+
+def _unsynced_kernels(
+    x: torch.Tensor, running_mean: Any, weight: Any, native_kernel: bool, fast_variance: bool,
+    unbiased_running_var: bool,
+) -> bool:  # fmt: skip
+    """:func:`path` of an unsynced training call without a mask is ``"kernels"`` (its
+    conditions in the order that rejects the core's cases cheaply)."""
+    return (
+        native_kernel
+        and not fast_variance
+        and unbiased_running_var
+        and x.numel() > x.shape[1]
+        and _kernel_dtypes(x, running_mean, weight)
+        and _eager(x)
+    )
+
+
+def _kernel_dtypes(x: torch.Tensor, running_mean: Any, weight: Any) -> bool:
+    """Whether PyTorch's kernels run this dtype pair as the accuracy model assumes: float32
+    or float64 statistics (the parameters' without statistics; half ones are the core's,
+    which computes in float32) and input of their dtype, or half input with float32 ones."""
+    reference = running_mean if running_mean is not None else weight
+    wide = torch.float32 if reference is None else reference.dtype
+    if wide not in (torch.float32, torch.float64):
+        return False
+    return x.dtype == wide or (wide == torch.float32 and x.dtype in _HALF_DTYPES and reference is not None)
+
+
+def _compute_dtype(x: torch.Tensor, running_mean: Any, weight: Any) -> torch.dtype:
+    reference = running_mean if running_mean is not None else weight
+    return compute_dtype(torch, x.dtype, *([] if reference is None else [reference.dtype]))
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    sync: Sync | None = None,
+    fast_variance: bool = False,
+    unbiased_running_var: bool = True,
+    native_kernel: bool = True,
+) -> torch.Tensor:
+    """Batch normalization of ``input`` ``(N, C, *)``, features on axis 1, exact (R2.7).
+
+    ``torch.nn.functional.batch_norm``'s arguments and meaning: ``training=True``
+    normalises with the batch's statistics and, when ``running_mean``/``running_var`` are
+    given, updates them in place, ``running = (1 - momentum) * running + momentum * batch``
+    (unbiased variance, R3.3); ``training=False`` normalises with the running statistics.
+    ``num_batches_tracked``: PyTorch's count of training calls, incremented here (with
+    ``momentum=None``, the cumulative average, the count of calls that saw data, R3.7).
+    ``mask``: boolean, ``x``'s shape without axis 1; masked positions are normalised but
+    not counted (R5). ``sync``: a :class:`Sync`; the statistics of training calls are
+    those of every rank's batch (R4). ``fast_variance``/``unbiased_running_var``: bn1d's
+    options (R2.2, R3.4); ``native_kernel=False`` always runs the core. Returns ``y``,
+    of ``x``'s dtype. Raises ``TypeError``/``ValueError`` naming a bad argument before any
+    state changes (R7.1).
+    """
+    x = input
+    if has_torch_function_variadic(x, running_mean, running_var, weight, bias, mask):
+        return handle_torch_function(
+            batch_norm, (x, running_mean, running_var, weight, bias, mask), x, running_mean, running_var,
+            weight, bias, training, momentum, eps, num_batches_tracked=num_batches_tracked, mask=mask, sync=sync,
+            fast_variance=fast_variance, unbiased_running_var=unbiased_running_var, native_kernel=native_kernel,
+        )  # fmt: skip
+    if mask is not None or not (
+        type(x) is torch.Tensor and x.dtype in _FLOAT_DTYPES and x.dim() >= 2 and isinstance(training, bool)
+    ):
+        _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked)
+    elif not (
+        (running_mean is None or running_mean.shape[0] == x.shape[1])
+        and (weight is None or weight.shape[0] == x.shape[1])
+        and (momentum is None or 0.0 <= momentum <= 1.0)
+        and 0.0 < eps < math.inf
+        and (training or running_mean is not None)
+    ):  # the common call's checks, cheaply; the full check finds and names what is wrong
+        _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked)
+    if training and mask is None and sync is None and x.numel() == x.shape[1]:
+        # R3.5 from the shape, naming this function's argument (the core names its own)
+        raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
+    if (
+        training
+        and sync is None
+        and mask is None
+        and _unsynced_kernels(x, running_mean, weight, native_kernel, fast_variance, unbiased_running_var)
+    ):
+        if running_mean is not None:
+            _inference_checks.pop(id(running_var), None)
+        return _kernel_training(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, None)
+    options = (fast_variance, unbiased_running_var)
+    route = path(x, running_mean, weight, training, mask=mask, sync=sync, fast_variance=fast_variance,
+                 unbiased_running_var=unbiased_running_var, native_kernel=native_kernel)  # fmt: skip
+    if not training:
+        if route == "kernels" and _inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
+            return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
+        return _core(x, running_mean, running_var, weight, bias, False, momentum, eps, None, mask, None, options)
+    tracked = running_mean is not None
+    if tracked:
+        _inference_checks.pop(id(running_var), None)
+    exchange = None
+    if sync is not None:
+        float64 = _compute_dtype(x, running_mean, weight) == torch.float64
+        config = _call_config(x, running_mean, momentum, eps, tracked, True, sync, options, num_batches_tracked)
+        exchange = sync.exchange(x, config, float64)
+    if route == "kernels":
+        y = _kernel_training(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, exchange)
+    else:
+        y = _core(x, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked, mask,
+                  exchange, options, sync)  # fmt: skip
+    if exchange is not None:  # the next call's agreed shift (torch_distributed.Reduce; None for Gather)
+        sync.agreed_shift = exchange.next_shift  # type: ignore[union-attr]
+    return y
+
+
+def _call_config(
+    x: torch.Tensor, running_mean: Any, momentum: float | None, eps: float, tracked: bool, synced: bool,
+    sync: Sync | None, options: tuple[bool, bool], num_batches_tracked: Any,
+) -> BatchNormConfig:  # fmt: skip
+    """The core's config of a call: a momentum of ``None`` is the cumulative average when
+    there is a count to keep, else irrelevant (no running statistics)."""
+    if momentum is None:
+        bn1d_momentum = None if tracked else 0.0
+    else:  # the exact complement: the core's 1 - (1 - momentum) is momentum within one ulp
+        bn1d_momentum = 1.0 - momentum
+    groups = None if sync is None else sync.axis_index_groups
+    build = _config.__wrapped__ if torch.compiler.is_compiling() else _config  # Dynamo traces, never caches
+    return build(x.shape[1], x.dim(), eps, bn1d_momentum, running_mean is not None, synced, groups, *options)
+
+
+def _write(target: torch.Tensor, value: torch.Tensor) -> None:
+    """A new running statistic: recorded under ``torch_func.functional_call``, else copied in."""
+    recorder = getattr(recording, "recorder", None)
+    if recorder is not None:
+        recorder.record(target, value)
+        return
+    with torch.no_grad():
+        target.copy_(value)
+
+
+def _current(value: torch.Tensor) -> torch.Tensor:
+    """A running statistic as the call must see it (a recorder's newer value, if any)."""
+    recorder = getattr(recording, "recorder", None)
+    return value if recorder is None else recorder.current(value)
+
+
+def _count(num_batches_tracked: torch.Tensor | None) -> None:
+    """PyTorch's count of training calls (with a float momentum: every tracked call)."""
+    if num_batches_tracked is not None:
+        if getattr(recording, "recorder", None) is not None:
+            _write(num_batches_tracked, _current(num_batches_tracked) + 1)
+        else:
+            num_batches_tracked.add_(1)
+
+
+# -- the core --------------------------------------------------------------------------------------
+def _core(
+    x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
+    momentum: float | None, eps: float, num_batches_tracked: Any, mask: Any, exchange: Any,
+    options: tuple[bool, bool], sync: Sync | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`bn1d.algorithm.forward` under autograd, writing the new running statistics."""
+    tracked = running_mean is not None
+    config = _call_config(x, running_mean, momentum, eps, training and tracked, sync is not None, sync, options,
+                          num_batches_tracked)  # fmt: skip
+    state: dict[str, torch.Tensor] = {}
+    if tracked:
+        state = {"running_mean": _current(running_mean), "running_var": _current(running_var)}
+        if "num_batches_tracked" in config.state_keys:
+            state["num_batches_tracked"] = _current(num_batches_tracked)
+        if training:  # copies: under torch.compile with graph breaks, a graph may save them for backward
+            state = {key: value.clone() for key, value in state.items()}  # before the writes below
+    params = {key: value for key, value in (("scale", weight), ("bias", bias)) if value is not None}
+    hooks = Hooks(stop_gradient=torch.Tensor.detach)
+    if exchange is not None:
+        from . import torch_distributed
+
+        hooks = hooks._replace(all_gather=torch_distributed.make_all_gather(exchange))
+    y, new_state = algorithm.forward(xp, x, params, state, config, training=training, mask=mask, hooks=hooks)
+    if training and tracked:
+        targets = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
+        for key, value in new_state.items():
+            _write(targets[key], value)
+        if momentum is not None:
+            _count(num_batches_tracked)
+    elif training:
+        _count(num_batches_tracked)
+    return y
+
+
+# -- PyTorch's kernels, checked ------------------------------------------------------------------
+def _inference_is_accurate(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> bool:
+    """Whether the inference kernel's ``x * a + b`` meets the rule for these running
+    statistics (cached until they change)."""
+    key = (running_mean._version, running_var._version, running_mean.data_ptr(), running_var.data_ptr(), eps)
+    cached = _inference_checks.get(id(running_var))
+    if cached is None or cached[0]() is not running_var or cached[1] != key:
+        if len(_inference_checks) >= _MAX_INFERENCE_CHECKS:
+            _inference_checks.clear()
+        cached = (weakref.ref(running_var), key, torch_kernels.inference_is_accurate(running_mean, running_var, eps))
+        _inference_checks[id(running_var)] = cached
+    return cached[2]
+
+
+def _contiguous_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """PyTorch's CPU batch-norm backward is several times slower on a non-contiguous
+    gradient (e.g. from ``y.sum()``)."""
+    return grad.contiguous()
+
+
+def _channels_last(x: torch.Tensor) -> torch.memory_format | None:
+    """``x``'s channels-last memory format, if it is in one (and not also contiguous)."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
+class _ChannelFirst(torch.autograd.Function):
+    """A channels-last ``x`` copied channel-first, its gradient given back channels-last
+    (as PyTorch's kernels give a channels-last input's gradient)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:  # type: ignore[override]
+        return x.contiguous()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.fmt = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return grad.contiguous(memory_format=ctx.fmt), None
+
+
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as PyTorch's kernels must see it: contiguous, channel-first (a channels-last
+    or strided input would run their float32-chained statistics or strided kernels)."""
+    if x.is_contiguous():
+        return x
+    fmt = _channels_last(x)
+    return x.contiguous() if fmt is None or not x.requires_grad else _ChannelFirst.apply(x, fmt)
+
+
+def _as_output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s memory format (channels-last input gives channels-last output, as
+    PyTorch's kernels do)."""
+    fmt = _channels_last(x)
+    return y if fmt is None else y.contiguous(memory_format=fmt)
+
+
+def _with_gradient_hook(y: torch.Tensor) -> torch.Tensor:
+    """``y`` whose gradient reaches PyTorch's backward kernel contiguous: on large inputs
+    (its strided kernel is several times slower) and on half inputs (its strided kernel
+    rounds the parameters' gradients to half precision)."""
+    if y.requires_grad and (y.numel() >= _CONTIGUOUS_GRAD_MIN_NUMEL or y.dtype in _HALF_DTYPES):
+        y.register_hook(_contiguous_gradient)
+    return y
+
+
+def _kernel_inference(
+    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: Any, bias: Any, eps: float
+) -> torch.Tensor:
+    y = torch.batch_norm(_as_input(x), weight, bias, running_mean, running_var, False, 0.0, eps, False)
+    return _as_output(_with_gradient_hook(y), x)
+
+
+def _kernel_training(
+    x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: float | None,
+    eps: float, num_batches_tracked: Any, exchange: Any,
+) -> torch.Tensor:  # fmt: skip
+    """PyTorch's fused training kernel where its result meets the rule (unsynced), else
+    :class:`torch_kernels.NativeBatchNorm` (exact; synced with ``exchange``)."""
+    view = _as_input(x)
+    if exchange is None:
+        y = _fused(view, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
+        if y is not None:
+            return _as_output(_with_gradient_hook(y), x)
+    tracked = running_mean is not None
+    state: dict[str, torch.Tensor] = {}
+    if tracked:
+        state = {"running_mean": running_mean, "running_var": running_var}
+        if momentum is None:
+            state["num_batches_tracked"] = num_batches_tracked
+    dtype = _compute_dtype(x, running_mean, weight)
+    config = _call_config(x, running_mean, momentum, eps, tracked, exchange is not None, None, (False, True),
+                          num_batches_tracked)  # fmt: skip
+    y, *new_values = torch_kernels.NativeBatchNorm.apply(view.to(dtype).contiguous(), weight, bias, state, exchange,
+                                                         config)  # fmt: skip
+    if tracked:
+        with torch.no_grad():
+            for key, value in zip(config.state_keys, new_values):
+                state[key].copy_(value)
+    if not tracked or momentum is not None:
+        _count(num_batches_tracked)
+    return _as_output(y.to(x.dtype), x)
+
+
+def _fused(
+    view: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: float | None,
+    eps: float, num_batches_tracked: Any,
+) -> torch.Tensor | None:  # fmt: skip
+    """PyTorch's fused training kernel on ``view`` (contiguous), or ``None`` (state
+    untouched) where its statistics say that its result misses the rule."""
+    accumulation = torch_kernels.fused_accumulation(view)
+    if accumulation is None:
+        return None
+    if running_mean is None:  # batch statistics, no running statistics written
+        y, save_mean, save_invstd = torch.native_batch_norm(view, weight, bias, None, None, True, 0.0, eps)
+        if not torch_kernels.fused_is_accurate(view, save_mean, save_invstd, eps, accumulation):
+            return None
+        _count(num_batches_tracked)
+        return y
+    # PyTorch's factor is the new batch's weight; the cumulative average's is 1 / k.
+    factor = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else momentum
+    saved = torch.stack((running_mean, running_var))  # one copy of both, to restore
+    y, save_mean, save_invstd = torch.native_batch_norm(
+        view, weight, bias, running_mean, running_var, True, factor, eps
+    )
+    if not torch_kernels.fused_is_accurate(view, save_mean, save_invstd, eps, accumulation):
+        with torch.no_grad():
+            running_mean.copy_(saved[0])
+            running_var.copy_(saved[1])
+        return None
+    _count(num_batches_tracked)
+    return y
