@@ -34,7 +34,8 @@ from bn1d.layer import initial_state
 from bn1d.protocol import resolve_training
 from bn1d.state import check_state, from_torch_state_dict, to_torch_state_dict, torch_momentum
 
-from .torch_functional import Sync, batch_norm, check_process_group, check_timeout
+from .torch_distributed import Sync, check_process_group, check_timeout
+from .torch_functional import batch_norm
 from .torch_nn import convert_batchnorm, revert_batchnorm, sync_running_statistics
 
 __all__ = [

@@ -61,6 +61,8 @@ names: those need the host).
 from __future__ import annotations
 
 import datetime
+import math
+import numbers
 import time
 import weakref
 import zlib
@@ -76,12 +78,15 @@ from bn1d.config import OPTIONS, BatchNormConfig, argument_error, check_partitio
 
 __all__ = [
     "ALL_GATHER_MAX_RANKS",
+    "Sync",
     "FLOAT64_REDUCE_MAX_RATIO",
     "Gather",
     "Reduce",
     "all_gather_rows",
     "all_reduce_sum",
     "check_peers",
+    "check_process_group",
+    "check_timeout",
     "fingerprint",
     "group_rank",
     "group_size",
@@ -445,6 +450,81 @@ def make_exchange(
     if shift is None or shift.device != torch.device(device):
         shift = torch.zeros(header[0], dtype=torch.float64, device=device)
     return Reduce(group, header, timeout, fast_variance=fast_variance, shift=shift)
+
+
+# -- a layer's sync, kept between its calls ----------------------------------------------------
+def check_timeout(timeout: Any) -> float | None:
+    """``timeout`` (seconds each collective may wait) checked, as a float, or ``None``.
+    Any real number but a bool is a number; a non-number is a ``TypeError``, a number
+    that is not finite and > 0 a ``ValueError`` (R7.1)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise argument_error("timeout", "None or a number of seconds", type(timeout).__name__, TypeError)
+    seconds = float(timeout)
+    if not (0 < seconds < math.inf):
+        raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
+    return seconds
+
+
+def check_process_group(process_group: Any) -> Any:
+    """``process_group`` checked: ``None`` or a ``torch.distributed.ProcessGroup``, else a
+    ``TypeError`` (R7.1)."""
+    if process_group is not None and not (
+        torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
+    ):
+        raise argument_error("process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError)
+    return process_group
+
+
+class Sync:
+    """What a synced layer keeps between its calls: the group it syncs over
+    (``process_group``, WORLD by default; ``axis_index_groups`` splits it into subgroups),
+    the collectives' ``timeout``, whether its ranks agreed on what sizes the exchanges (the
+    first call checks it) and the shift the next call's exchange is centred on
+    (``torch_distributed.Reduce``). Without an initialised ``torch.distributed`` a synced
+    call uses its local batch (as ``nn.SyncBatchNorm``)."""
+
+    def __init__(self, process_group: Any = None, axis_index_groups: Any = None, timeout: Any = None):
+        self.process_group = check_process_group(process_group)
+        self.axis_index_groups = axis_index_groups
+        self.timeout = check_timeout(timeout)
+        self.peers_checked = False
+        self.agreed_shift: torch.Tensor | None = None
+        #: The input and config the ranks' headers describe, where the layer's own differ
+        #: from the call's (``bn1d.backends.torch.BatchNorm1d`` sees its input in PyTorch's
+        #: layout; a mismatch names the user's shapes): set by the layer before each call.
+        self.described: tuple[torch.Tensor, BatchNormConfig] | None = None
+
+    def group(self) -> Any:
+        """The process group to sum statistics over, or ``None`` without ``torch.distributed``."""
+        if self.process_group is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        return sync_group(self.process_group, self.axis_index_groups, self.timeout)
+
+    def exchange(self, x: torch.Tensor, config: BatchNormConfig, float64: bool) -> Any:
+        """The exchange of one synced training call, or ``None`` without ``torch.distributed``."""
+        group = self.group()
+        if group is None:
+            return None
+        options = tuple(getattr(config, option) for option in OPTIONS)
+        digest = _digest(config.axis_index_groups, options)
+        shown, layout = (x, config) if self.described is None else self.described
+        header = make_header(shown, layout, float64=float64, digest=digest)
+        if not self.peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
+            parent = torch.distributed.group.WORLD if self.process_group is None else self.process_group
+            check_peers(header, device=x.device, group=parent, timeout=self.timeout)
+            self.peers_checked = True
+        return make_exchange(
+            group, header, self.timeout, fast_variance=config.fast_variance, shift=self.agreed_shift, device=x.device
+        )
+
+
+@torch.compiler.assume_constant_result
+def _digest(axis_index_groups: Any, options: tuple[bool, ...]) -> int:
+    """:func:`fingerprint` of a call's groups and options: constants, which
+    ``torch.compile`` takes by calling this at trace time (it cannot trace ``zlib``)."""
+    return fingerprint(axis_index_groups, options)
 
 
 class _AllGather(torch.autograd.Function):

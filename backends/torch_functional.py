@@ -45,11 +45,12 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bn1d import algorithm
 from bn1d.algorithm import Hooks, compute_dtype
-from bn1d.config import OPTIONS, BatchNormConfig, argument_error
+from bn1d.config import BatchNormConfig, argument_error
 
 from . import torch_kernels
+from .torch_distributed import Sync, make_all_gather
 
-__all__ = ["Sync", "batch_norm", "check_process_group", "check_timeout", "path"]
+__all__ = ["batch_norm", "path"]
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
@@ -66,86 +67,6 @@ _MAX_INFERENCE_CHECKS = 1024
 #: ``None`` otherwise): new running statistics are recorded there instead of written.
 recording = threading.local()
 recording.recorder = None
-
-
-def check_timeout(timeout: Any) -> float | None:
-    """``timeout`` (seconds each collective may wait) checked, as a float, or ``None``.
-    Any real number but a bool is a number; a non-number is a ``TypeError``, a number
-    that is not finite and > 0 a ``ValueError`` (R7.1)."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise argument_error("timeout", "None or a number of seconds", type(timeout).__name__, TypeError)
-    seconds = float(timeout)
-    if not (0 < seconds < math.inf):
-        raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
-    return seconds
-
-
-def check_process_group(process_group: Any) -> Any:
-    """``process_group`` checked: ``None`` or a ``torch.distributed.ProcessGroup``, else a
-    ``TypeError`` (R7.1)."""
-    if process_group is not None and not (
-        torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
-    ):
-        raise argument_error("process_group", "None or a torch.distributed.ProcessGroup", process_group, TypeError)
-    return process_group
-
-
-class Sync:
-    """What a synced layer keeps between its calls: the group it syncs over
-    (``process_group``, WORLD by default; ``axis_index_groups`` splits it into subgroups),
-    the collectives' ``timeout``, whether its ranks agreed on what sizes the exchanges (the
-    first call checks it) and the shift the next call's exchange is centred on
-    (``torch_distributed.Reduce``). Without an initialised ``torch.distributed`` a synced
-    call uses its local batch (as ``nn.SyncBatchNorm``)."""
-
-    def __init__(self, process_group: Any = None, axis_index_groups: Any = None, timeout: Any = None):
-        self.process_group = check_process_group(process_group)
-        self.axis_index_groups = axis_index_groups
-        self.timeout = check_timeout(timeout)
-        self.peers_checked = False
-        self.agreed_shift: torch.Tensor | None = None
-        #: The input and config the ranks' headers describe, where the layer's own differ
-        #: from the call's (``bn1d.backends.torch.BatchNorm1d`` sees its input in PyTorch's
-        #: layout; a mismatch names the user's shapes): set by the layer before each call.
-        self.described: tuple[torch.Tensor, BatchNormConfig] | None = None
-
-    def group(self) -> Any:
-        """The process group to sum statistics over, or ``None`` without ``torch.distributed``."""
-        if self.process_group is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None
-        from . import torch_distributed
-
-        return torch_distributed.sync_group(self.process_group, self.axis_index_groups, self.timeout)
-
-    def exchange(self, x: torch.Tensor, config: BatchNormConfig, float64: bool) -> Any:
-        """The exchange of one synced training call, or ``None`` without ``torch.distributed``."""
-        group = self.group()
-        if group is None:
-            return None
-        from . import torch_distributed
-
-        options = tuple(getattr(config, option) for option in OPTIONS)
-        digest = _digest(config.axis_index_groups, options)
-        shown, layout = (x, config) if self.described is None else self.described
-        header = torch_distributed.make_header(shown, layout, float64=float64, digest=digest)
-        if not self.peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
-            parent = torch.distributed.group.WORLD if self.process_group is None else self.process_group
-            torch_distributed.check_peers(header, device=x.device, group=parent, timeout=self.timeout)
-            self.peers_checked = True
-        return torch_distributed.make_exchange(
-            group, header, self.timeout, fast_variance=config.fast_variance, shift=self.agreed_shift, device=x.device
-        )
-
-
-@torch.compiler.assume_constant_result
-def _digest(axis_index_groups: Any, options: tuple[bool, ...]) -> int:
-    """``torch_distributed.fingerprint`` of a call's groups and options: constants, which
-    ``torch.compile`` takes by calling this at trace time (it cannot trace ``zlib``)."""
-    from . import torch_distributed
-
-    return torch_distributed.fingerprint(axis_index_groups, options)
 
 
 @functools.lru_cache(maxsize=256)
@@ -248,31 +169,15 @@ def path(
     module docstring says when. Unsynced training also needs a dtype pair that the fused
     kernel takes (equal, or half input with float32 statistics) and more than one value
     per feature (the core raises R3.5's error)."""
-    if not (native_kernel and _eager(x) and not fast_variance and unbiased_running_var):
+    if not native_kernel or fast_variance or not unbiased_running_var or (training and mask is not None):
         return "core"
-    if training and mask is not None:
+    if not _eager(x):
         return "core"
     if training and sync is not None:
         return "kernels"  # any dtype pair, in the compute dtype
     if not _kernel_dtypes(x, running_mean, weight):
         return "core"
     return "kernels" if not training or x.numel() > x.shape[1] else "core"
-
-
-def _unsynced_kernels(
-    x: torch.Tensor, running_mean: Any, weight: Any, native_kernel: bool, fast_variance: bool,
-    unbiased_running_var: bool,
-) -> bool:  # fmt: skip
-    """:func:`path` of an unsynced training call without a mask is ``"kernels"`` (its
-    conditions in the order that rejects the core's cases cheaply)."""
-    return (
-        native_kernel
-        and not fast_variance
-        and unbiased_running_var
-        and x.numel() > x.shape[1]
-        and _kernel_dtypes(x, running_mean, weight)
-        and _eager(x)
-    )
 
 
 def _kernel_dtypes(x: torch.Tensor, running_mean: Any, weight: Any) -> bool:
@@ -345,15 +250,6 @@ def batch_norm(
     if training and mask is None and sync is None and x.numel() == x.shape[1]:
         # R3.5 from the shape, naming this function's argument (the core names its own)
         raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
-    if (
-        training
-        and sync is None
-        and mask is None
-        and _unsynced_kernels(x, running_mean, weight, native_kernel, fast_variance, unbiased_running_var)
-    ):
-        if running_mean is not None:
-            _inference_checks.pop(id(running_var), None)
-        return _kernel_training(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, None)
     options = (fast_variance, unbiased_running_var)
     route = path(x, running_mean, weight, training, mask=mask, sync=sync, fast_variance=fast_variance,
                  unbiased_running_var=unbiased_running_var, native_kernel=native_kernel)  # fmt: skip
@@ -361,13 +257,12 @@ def batch_norm(
         if route == "kernels" and _inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
         return _core(x, running_mean, running_var, weight, bias, False, momentum, eps, None, mask, None, options)
-    tracked = running_mean is not None
-    if tracked:
+    if running_mean is not None:  # the kernels write them without bumping their versions
         _inference_checks.pop(id(running_var), None)
     exchange = None
     if sync is not None:
         float64 = _compute_dtype(x, running_mean, weight) == torch.float64
-        config = _call_config(x, running_mean, momentum, eps, tracked, True, sync, options, num_batches_tracked)
+        config = _call_config(x, running_mean, momentum, eps, True, sync, options)
         exchange = sync.exchange(x, config, float64)
     if route == "kernels":
         y = _kernel_training(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, exchange)
@@ -380,18 +275,20 @@ def batch_norm(
 
 
 def _call_config(
-    x: torch.Tensor, running_mean: Any, momentum: float | None, eps: float, tracked: bool, synced: bool,
-    sync: Sync | None, options: tuple[bool, bool], num_batches_tracked: Any,
+    x: torch.Tensor, running_mean: Any, momentum: float | None, eps: float, training: bool, sync: Sync | None,
+    options: tuple[bool, bool],
 ) -> BatchNormConfig:  # fmt: skip
-    """The core's config of a call: a momentum of ``None`` is the cumulative average when
-    there is a count to keep, else irrelevant (no running statistics)."""
+    """The core's config of a call: a momentum of ``None`` is the cumulative average where
+    there is a count to keep (tracked training), else irrelevant; any other is PyTorch's,
+    the new batch's weight, whose exact complement is bn1d's (the core's ``1 - (1 - m)``
+    is ``m`` within one ulp)."""
     if momentum is None:
-        bn1d_momentum = None if tracked else 0.0
-    else:  # the exact complement: the core's 1 - (1 - momentum) is momentum within one ulp
+        bn1d_momentum = None if training and running_mean is not None else 0.0
+    else:
         bn1d_momentum = 1.0 - momentum
     groups = None if sync is None else sync.axis_index_groups
     build = _config.__wrapped__ if torch.compiler.is_compiling() else _config  # Dynamo traces, never caches
-    return build(x.shape[1], x.dim(), eps, bn1d_momentum, running_mean is not None, synced, groups, *options)
+    return build(x.shape[1], x.dim(), eps, bn1d_momentum, running_mean is not None, sync is not None, groups, *options)
 
 
 def _write(target: torch.Tensor, value: torch.Tensor) -> None:
@@ -427,8 +324,7 @@ def _core(
 ) -> torch.Tensor:  # fmt: skip
     """:func:`bn1d.algorithm.forward` under autograd, writing the new running statistics."""
     tracked = running_mean is not None
-    config = _call_config(x, running_mean, momentum, eps, training and tracked, sync is not None, sync, options,
-                          num_batches_tracked)  # fmt: skip
+    config = _call_config(x, running_mean, momentum, eps, training, sync, options)
     state: dict[str, torch.Tensor] = {}
     if tracked:
         state = {"running_mean": _current(running_mean), "running_var": _current(running_var)}
@@ -439,9 +335,7 @@ def _core(
     params = {key: value for key, value in (("scale", weight), ("bias", bias)) if value is not None}
     hooks = Hooks(stop_gradient=torch.Tensor.detach)
     if exchange is not None:
-        from . import torch_distributed
-
-        hooks = hooks._replace(all_gather=torch_distributed.make_all_gather(exchange))
+        hooks = hooks._replace(all_gather=make_all_gather(exchange))
     y, new_state = algorithm.forward(xp, x, params, state, config, training=training, mask=mask, hooks=hooks)
     if training and tracked:
         targets = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
@@ -550,8 +444,7 @@ def _kernel_training(
         if momentum is None:
             state["num_batches_tracked"] = num_batches_tracked
     dtype = _compute_dtype(x, running_mean, weight)
-    config = _call_config(x, running_mean, momentum, eps, tracked, exchange is not None, None, (False, True),
-                          num_batches_tracked)  # fmt: skip
+    config = _call_config(x, running_mean, momentum, eps, True, None, (False, True))
     y, *new_values = torch_kernels.NativeBatchNorm.apply(view.to(dtype).contiguous(), weight, bias, state, exchange,
                                                          config)  # fmt: skip
     if tracked:

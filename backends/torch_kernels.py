@@ -60,7 +60,18 @@ LAMBDA = 5.0  # standard deviations of the rounding-error model
 MAX_XHAT = 6.0  # the largest |x - mean| / std the model assumes for y
 CHAIN_ROWS = 256  # rows per float32 partial sum in the split statistics
 _UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
-_QUIET = functools.partial(np.errstate, invalid="ignore", over="ignore", divide="ignore")
+
+
+def _quiet(method: Any) -> Any:
+    """``method`` without NumPy's warnings: non-finite input gives non-finite results, as
+    in the core, and says so in them, not in ``RuntimeWarning``s."""
+
+    @functools.wraps(method)
+    def quiet(*args: Any) -> Any:
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return method(*args)
+
+    return quiet
 
 
 def _threads(x: torch.Tensor) -> int:
@@ -281,6 +292,7 @@ class NativeBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
+    @_quiet
     def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
@@ -289,13 +301,6 @@ class NativeBatchNorm(torch.autograd.Function):
         state: dict[str, torch.Tensor],
         exchange: Any,
         config: Any,
-    ) -> tuple[torch.Tensor, ...]:
-        with _QUIET():  # non-finite input gives non-finite results, as in the core, without NumPy's warnings
-            return NativeBatchNorm._forward(ctx, x, scale, bias, state, exchange, config)
-
-    @staticmethod
-    def _forward(
-        ctx: Any, x: torch.Tensor, scale: Any, bias: Any, state: dict[str, torch.Tensor], exchange: Any, config: Any
     ) -> tuple[torch.Tensor, ...]:
         # The per-feature arithmetic is float64 NumPy; the kernels run on x's device.
         per_feature = (-1,) + (1,) * (x.dim() - 2)
@@ -343,12 +348,8 @@ class NativeBatchNorm(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-        with _QUIET():
-            return NativeBatchNorm._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    @_quiet
+    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         xu, scale = ctx.saved_tensors
         centre, local_centre, invstd, counts, deviations = ctx.numbers
         dyc = dy.to(xu.dtype).contiguous()

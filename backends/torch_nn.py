@@ -49,7 +49,8 @@ from torch.overrides import has_torch_function
 
 from bn1d.config import argument_error
 
-from .torch_functional import Sync, batch_norm, check_process_group, check_timeout
+from .torch_distributed import Sync, check_process_group, check_timeout
+from .torch_functional import batch_norm
 
 __all__ = [
     "BatchNorm1d",

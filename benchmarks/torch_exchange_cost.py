@@ -29,7 +29,7 @@ import torch
 
 from bn1d.backends import torch_distributed
 from bn1d.backends.torch import BatchNorm1d
-from bn1d.backends.torch_functional import Sync
+from bn1d.backends.torch_distributed import Sync
 
 __all__ = ["Message", "exchange_cost", "simulated_ranks", "table", "wire_bytes"]
 

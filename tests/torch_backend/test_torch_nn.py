@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bn1d.backends import numpy as spec  # noqa: E402
-from bn1d.backends import torch_functional, torch_nn  # noqa: E402
+from bn1d.backends import torch_distributed, torch_functional, torch_nn  # noqa: E402
 from bn1d.backends.torch import BatchNorm1d as BrainPyBatchNorm1d  # noqa: E402
 from bn1d.backends.torch_nn import convert_batchnorm, revert_batchnorm, sync_running_statistics  # noqa: E402
 
@@ -652,7 +652,7 @@ def test_sync_running_statistics_checks_its_arguments_first():
     ids=repr,
 )  # fmt: skip
 def test_every_timeout_is_checked_alike(timeout):
-    """One check (``torch_functional.check_timeout``) for the BrainPy-signature layer, the
+    """One check (``torch_distributed.check_timeout``) for the BrainPy-signature layer, the
     drop-ins and ``sync_running_statistics``: the same values accepted, the same errors."""
     net = convert_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))
     outcomes = []
@@ -660,7 +660,7 @@ def test_every_timeout_is_checked_alike(timeout):
         lambda: BrainPyBatchNorm1d(3, axis_name="i", timeout=timeout),
         lambda: torch_nn.BatchNorm1d(3, timeout=timeout),
         lambda: sync_running_statistics(net, timeout=timeout),
-        lambda: torch_functional.check_timeout(timeout),
+        lambda: torch_distributed.check_timeout(timeout),
     ):
         try:
             attempt()
