@@ -329,7 +329,11 @@ class NativeBatchNorm(torch.autograd.Function):
             deviations = (shifts - frame) + sums / safe_counts - global_offset  # each rank's mean - the mean
             offset = global_offset + (frame - shift64)
         host_state = {key: _host(value) for key, value in state.items()}
-        new_state = running_statistics(host_state, n, shift64 + offset, var, config, may_be_empty=exchange is not None)
+        new_state = {}  # no running statistics: nothing to update
+        if host_state:
+            new_state = running_statistics(
+                host_state, n, shift64 + offset, var, config, may_be_empty=exchange is not None
+            )
         invstd = 1.0 / np.sqrt(var + config.epsilon)
         shifted = shifted or predicted_error(_unit(x.dtype), 0, 1, _ratio(shift64 + offset, var)) > _tolerance(x.dtype)
         # y = (xu - centre) * f + bias, formed as xu * f + (bias - centre * f): xu = x - K

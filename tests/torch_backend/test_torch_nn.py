@@ -382,6 +382,19 @@ def test_raw_data_meet_the_rule_against_the_float64_specification(cls, shape, ra
     assert (np.abs(layer.bias.grad.double().numpy() - grads["bias"]) <= 1e-5 * np.abs(dy64).sum(axis=axes)).all()
 
 
+@pytest.mark.parametrize("shape", [(64, 3, 8), (4096, 3)], ids=["N,C,L", "N,C"])
+def test_untracked_raw_data_take_the_exact_kernels_path(shape):
+    """Without running statistics, raw data (``|mean| / std = 1e4``) that PyTorch's fused
+    kernel cannot take go to the split and shifted statistics, which then update nothing
+    (a crash before: they updated running statistics that were not there)."""
+    layer = torch_nn.BatchNorm1d(3, track_running_stats=False)
+    x = (torch.randn(shape, dtype=torch.float64) + 1e4).float()
+    want = nn.BatchNorm1d(3, track_running_stats=False, dtype=torch.float64)(x.double())
+    y = layer(x)
+    assert float((y.double() - want).abs().max()) <= 1e-5
+    assert layer.running_mean is None and layer.num_batches_tracked is None
+
+
 def test_inference_notices_running_statistics_changed_by_the_kernels():
     """PyTorch's training kernel writes the running statistics without bumping their
     versions; inference must still judge the new ones (here: |mean| / std = 1e4, where
