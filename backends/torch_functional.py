@@ -473,7 +473,7 @@ def _fused(
         return y
     # PyTorch's factor is the new batch's weight; the cumulative average's is 1 / k.
     factor = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else momentum
-    saved = torch.stack((running_mean, running_var))  # one copy of both, to restore
+    saved = running_mean.clone(), running_var.clone()  # to restore
     y, save_mean, save_invstd = torch.native_batch_norm(
         view, weight, bias, running_mean, running_var, True, factor, eps
     )

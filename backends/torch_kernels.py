@@ -111,6 +111,11 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's NumPy view (the kernels' statistics take no gradient: no detach to pay)."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
 def _device(a: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-feature NumPy values as a tensor on ``like``'s device, in ``dtype`` (default ``like``'s)."""
     return torch.as_tensor(np.array(a, order="C"), dtype=dtype or like.dtype, device=like.device)
@@ -142,8 +147,8 @@ def fused_is_accurate(
     ``invstd``) bounds ``|mean| / std``."""
     # On the host: the callers run it on the CPU only (no device to synchronise), where NumPy's
     # views of the two vectors cost less than any torch reduction.
-    invstd_values = save_invstd.detach().numpy()
-    scaled_values = np.abs(save_mean.detach().numpy())
+    invstd_values = _numpy(save_invstd)
+    scaled_values = np.abs(_numpy(save_mean))
     scaled_values *= invstd_values
     scaled, invstd = scaled_values.max(initial=0.0), invstd_values.max(initial=0.0)
     closeness = 1.0 - epsilon * invstd * invstd  # NaN statistics fail every comparison: not accurate
