@@ -164,10 +164,10 @@ class BatchNorm1d(nn.Module):
             if not isinstance(x, torch.Tensor):
                 raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
         tracked, sync, buffers, parameters = config.track_running_stats, self._sync, self._buffers, self._parameters
-        if (training or not tracked) and mask is None and sync is None and x.numel() == c:
+        if x.numel() == c and mask is None and (training or not tracked) and (sync is None or sync.group() is None):
             algorithm.refuse_one_value(x, training)  # R3.5, naming x's own shape (the view's differs)
         if training and sync is not None:
-            sync.described = (x, config)  # a mismatch between ranks names x's own shapes
+            sync.described = (tuple(x.shape), config)  # a mismatch between ranks names x's own shapes
         if fa == 1:  # PyTorch's layout already
             view, view_mask = x, mask
         elif fa == ndim - 1:  # features last: the (rows, C) matrix it is

@@ -192,12 +192,15 @@ def _describe(ranks: list[int], header: Sequence[int]) -> str:
     )
 
 
-def make_header(x: torch.Tensor, config: BatchNormConfig, *, float64: bool, digest: int | None = None) -> list[int]:
+def make_header(
+    shape: Sequence[int], config: BatchNormConfig, *, float64: bool, digest: int | None = None
+) -> list[int]:
     """What every rank of a group must agree on (all but the batch sizes), then the input's
-    shape; ``digest``: :func:`fingerprint` of ``config``, if known (a layer computes it once:
-    ``torch.compile`` cannot trace ``zlib``)."""
-    dims = list(x.shape[:_MAX_HEADER_DIMS]) + [-1] * (_MAX_HEADER_DIMS - min(x.dim(), _MAX_HEADER_DIMS))
-    agreed = [config.num_features, x.dim(), config.feature_axis, int(float64), int(config.fast_variance)]
+    ``shape``; ``digest``: :func:`fingerprint` of ``config``, if known (a layer computes it
+    once: ``torch.compile`` cannot trace ``zlib``)."""
+    ndim = len(shape)
+    dims = list(shape[:_MAX_HEADER_DIMS]) + [-1] * (_MAX_HEADER_DIMS - min(ndim, _MAX_HEADER_DIMS))
+    agreed = [config.num_features, ndim, config.feature_axis, int(float64), int(config.fast_variance)]
     if digest is None:
         digest = fingerprint(config.axis_index_groups, tuple(getattr(config, option) for option in OPTIONS))
     return [*agreed, digest, *dims]
@@ -491,10 +494,10 @@ class Sync:
         self.timeout = check_timeout(timeout)
         self.peers_checked = False
         self.agreed_shift: torch.Tensor | None = None
-        #: The input and config the ranks' headers describe, where the layer's own differ
-        #: from the call's (``bn1d.backends.torch.BatchNorm1d`` sees its input in PyTorch's
-        #: layout; a mismatch names the user's shapes): set by the layer before each call.
-        self.described: tuple[torch.Tensor, BatchNormConfig] | None = None
+        #: The input shape and config the ranks' headers describe, where the layer's own
+        #: differ from the call's (``bn1d.backends.torch.BatchNorm1d`` sees its input in
+        #: PyTorch's layout; a mismatch names the user's shapes): set by the layer before each call.
+        self.described: tuple[tuple[int, ...], BatchNormConfig] | None = None
 
     def group(self) -> Any:
         """The process group to sum statistics over, or ``None`` without ``torch.distributed``."""
@@ -502,15 +505,12 @@ class Sync:
             return None
         return sync_group(self.process_group, self.axis_index_groups, self.timeout)
 
-    def exchange(self, x: torch.Tensor, config: BatchNormConfig, float64: bool) -> Any:
-        """The exchange of one synced training call, or ``None`` without ``torch.distributed``."""
-        group = self.group()
-        if group is None:
-            return None
+    def exchange(self, x: torch.Tensor, config: BatchNormConfig, float64: bool, group: Any) -> Any:
+        """The exchange of one synced training call over ``group`` (:meth:`group`)."""
         options = tuple(getattr(config, option) for option in OPTIONS)
         digest = _digest(config.axis_index_groups, options)
-        shown, layout = (x, config) if self.described is None else self.described
-        header = make_header(shown, layout, float64=float64, digest=digest)
+        shape, layout = (tuple(x.shape), config) if self.described is None else self.described
+        header = make_header(shape, layout, float64=float64, digest=digest)
         if not self.peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
             parent = torch.distributed.group.WORLD if self.process_group is None else self.process_group
             check_peers(header, device=x.device, group=parent, timeout=self.timeout)

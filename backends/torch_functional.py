@@ -23,8 +23,9 @@ Which computation runs is decided by facts of the call, never by its data on a d
   construction), ``torch.compile``/``torch.export``/``torch.jit.trace`` (operations
   that trace and compile; Inductor fuses them), ``torch.func``, masks and options.
 
-``torch.fx.symbolic_trace`` records a call of :func:`batch_norm` as one node (it
-dispatches ``__torch_function__`` as ``torch.nn.functional.batch_norm`` does).
+Called on a ``torch.fx`` proxy, :func:`batch_norm` records itself as one node (it
+dispatches ``__torch_function__`` as ``torch.nn.functional.batch_norm`` does); the drop-ins
+record themselves as ``call_module`` nodes, as PyTorch's layers are.
 ``docs/decisions.md`` says why this is a Python function over PyTorch's operations and
 not a ``torch.library`` custom operator (measured: the custom operator's dispatch alone
 costs more than the whole latency budget of a small call).
@@ -36,7 +37,6 @@ import functools
 import math
 import numbers
 import threading
-import weakref
 from typing import Any, cast
 
 import array_api_compat.torch as xp
@@ -57,12 +57,6 @@ _HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
 #: Below this many elements a hook making the gradient contiguous costs more than it
 #: saves (``docs/performance.md``).
 _CONTIGUOUS_GRAD_MIN_NUMEL = 1 << 17
-#: Whether the inference kernel meets the rule for a pair of running statistics, by the id
-#: of their ``running_var``: ``(a weak reference to it, (versions, pointers, epsilon), bool)``.
-#: A training call on the kernels writes the statistics without bumping their versions
-#: (PyTorch's kernel), so it drops the entry.
-_inference_checks: dict[int, tuple[Any, Any, bool]] = {}
-_MAX_INFERENCE_CHECKS = 1024
 #: ``torch_func.functional_call``'s recorder while it runs in this thread (``recorder`` is
 #: ``None`` otherwise): new running statistics are recorded there instead of written.
 recording = threading.local()
@@ -144,6 +138,18 @@ def _check(
         raise argument_error("num_batches_tracked", "None or a 0-d tensor", num_batches_tracked, TypeError)
     if mask is not None:
         algorithm.check_inputs(x, mask, num_features=c, reduce_axes=(0, *range(2, x.dim())))
+
+
+_NUMBERS = (float, int)  # by type: a bool is neither
+
+
+def _is_vector(value: Any, x: torch.Tensor) -> bool:
+    """``value`` is ``None`` or a floating-point tensor of shape ``(C,)`` (the cheap check:
+    the full one names what is wrong)."""
+    return value is None or (
+        isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == x.shape[1]
+        and value.is_floating_point()
+    )  # fmt: skip
 
 
 def _eager(x: torch.Tensor) -> bool:
@@ -240,13 +246,19 @@ def batch_norm(
     ):
         _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked)
     elif not (
-        (running_mean is None or running_mean.shape[0] == x.shape[1])
-        and (weight is None or weight.shape[0] == x.shape[1])
-        and (momentum is None or 0.0 <= momentum <= 1.0)
-        and 0.0 < eps < math.inf
+        _is_vector(running_mean, x) and _is_vector(running_var, x) and (running_mean is None) == (running_var is None)
+        and _is_vector(weight, x) and _is_vector(bias, x)
+        and (type(momentum) in _NUMBERS and 0.0 <= momentum <= 1.0 or momentum is None and (
+            num_batches_tracked is not None or not training or running_mean is None))
+        and type(eps) in _NUMBERS and 0.0 < eps < math.inf
         and (training or running_mean is not None)
-    ):  # the common call's checks, cheaply; the full check finds and names what is wrong
+    ):  # the common call's checks, cheaply; the full check finds and names what is wrong  # fmt: skip
         _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked)
+    group = None
+    if training and sync is not None:
+        group = sync.group()
+        if group is None:  # no torch.distributed (or a group of one): this rank's batch alone
+            sync = None
     if training and mask is None and sync is None and x.numel() == x.shape[1]:
         # R3.5 from the shape, naming this function's argument (the core names its own)
         raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
@@ -254,16 +266,14 @@ def batch_norm(
     route = path(x, running_mean, weight, training, mask=mask, sync=sync, fast_variance=fast_variance,
                  unbiased_running_var=unbiased_running_var, native_kernel=native_kernel)  # fmt: skip
     if not training:
-        if route == "kernels" and _inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
+        if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
         return _core(x, running_mean, running_var, weight, bias, False, momentum, eps, None, mask, None, options)
-    if running_mean is not None:  # the kernels write them without bumping their versions
-        _inference_checks.pop(id(running_var), None)
     exchange = None
     if sync is not None:
         float64 = _compute_dtype(x, running_mean, weight) == torch.float64
         config = _call_config(x, running_mean, momentum, eps, True, sync, options)
-        exchange = sync.exchange(x, config, float64)
+        exchange = sync.exchange(x, config, float64, group)
     if route == "kernels":
         y = _kernel_training(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, exchange)
     else:
@@ -349,19 +359,6 @@ def _core(
 
 
 # -- PyTorch's kernels, checked ------------------------------------------------------------------
-def _inference_is_accurate(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> bool:
-    """Whether the inference kernel's ``x * a + b`` meets the rule for these running
-    statistics (cached until they change)."""
-    key = (running_mean._version, running_var._version, running_mean.data_ptr(), running_var.data_ptr(), eps)
-    cached = _inference_checks.get(id(running_var))
-    if cached is None or cached[0]() is not running_var or cached[1] != key:
-        if len(_inference_checks) >= _MAX_INFERENCE_CHECKS:
-            _inference_checks.clear()
-        cached = (weakref.ref(running_var), key, torch_kernels.inference_is_accurate(running_mean, running_var, eps))
-        _inference_checks[id(running_var)] = cached
-    return cached[2]
-
-
 def _contiguous_gradient(grad: torch.Tensor) -> torch.Tensor:
     """PyTorch's CPU batch-norm backward is several times slower on a non-contiguous
     gradient (e.g. from ``y.sum()``)."""

@@ -172,10 +172,24 @@ def largest_ratio(dtype: torch.dtype, rows: int, chains: int) -> float:
 
 
 def inference_is_accurate(running_mean: torch.Tensor, running_var: torch.Tensor, epsilon: float) -> bool:
-    """Whether the inference kernel's ``y = x * a + b`` meets the rule for these
-    running statistics: its rounding is ``~3 u |running_mean| / sqrt(running_var + eps)``."""
-    ratio = _ratio(_host(running_mean), _host(running_var) + epsilon)
-    return 3 * _unit(running_mean.dtype) * (ratio + MAX_XHAT) <= _tolerance(running_mean.dtype)
+    """Whether the inference kernel's ``y = x * a + b`` meets the rule for these running
+    statistics: its rounding is ``~3 u |running_mean| / sqrt(running_var + eps)``. Judged on
+    every call (CPU tensors: NumPy views, a few microseconds): running statistics change
+    behind every cache's back (``.data`` writes, ``torch.distributed.broadcast``, PyTorch's
+    own kernels, none of which bumps a version)."""
+    mean, var = _numpy(running_mean), _numpy(running_var)
+    with np.errstate(invalid="ignore", over="ignore"):
+        # ratio**2 <= limit with var + eps > 0, in the statistics' dtype: an overflow or a NaN
+        # fails the comparison (the core then runs), and the limit has the model's margin
+        bound = var + epsilon
+        bound *= _inference_limit(running_mean.dtype)
+        return bool((mean * mean <= bound).all())
+
+
+@functools.lru_cache(maxsize=8)
+def _inference_limit(dtype: torch.dtype) -> float:
+    """The largest ``(|running_mean| / std)**2`` at which the inference kernel meets the rule."""
+    return (_tolerance(dtype) / (3 * _unit(dtype)) - MAX_XHAT) ** 2
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -349,6 +363,7 @@ class NativeBatchNorm(torch.autograd.Function):
         constant = -centre * factor if bias is None else _host(bias) - centre * factor
         y = torch.addcmul(_device(constant, x).view(per_feature), xu, _device(factor, x).view(per_feature))
         ctx.save_for_backward(xu, scale)
+        ctx.bias_like = None if bias is None else (bias.dtype, bias.device)
         ctx.exchange, ctx.n, ctx.n_local, ctx.per_feature = exchange, n, n_local, per_feature
         ctx.numbers = centre, local_centre, invstd, counts, deviations
         new_stats = tuple(_device(new_state[key], state[key]) for key in config.state_keys)
@@ -384,7 +399,9 @@ class NativeBatchNorm(torch.autograd.Function):
                 dx = dx.addcmul_(dyc, _device(a, xu).view(shape)).to(dy.dtype)
             else:
                 dx = torch.zeros_like(dy)
-        affine = scale is not None
-        dscale = _device(sum_dy_xhat, scale) if affine else None
-        dbias = _device(sum_dy, scale) if affine else None
+        # A gradient for each parameter that was given (a scale without a bias, or the reverse).
+        dscale = None if scale is None else _device(sum_dy_xhat, scale)
+        dbias = None
+        if ctx.bias_like is not None:
+            dbias = torch.as_tensor(np.array(sum_dy, order="C"), dtype=ctx.bias_like[0], device=ctx.bias_like[1])
         return dx, dscale, dbias, None, None, None

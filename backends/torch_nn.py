@@ -154,11 +154,14 @@ class _Exact(_BatchNorm):
 
     @torch.jit.unused
     def _exact_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # torch.fx: this layer is one call_module node, as PyTorch's
+            tracer = input.tracer  # (its mode, momentum and eps are then read when the graph runs)
+            kwargs = {} if mask is None else {"mask": mask}
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), kwargs)
         if isinstance(input, torch.Tensor):
             self._check_input_dim(input)
         elif not has_torch_function((input,)):  # R7.1, before PyTorch's dimension check reads input.dim()
             raise argument_error("input", "a torch.Tensor", type(input).__name__, TypeError)
-        # else a tracer's proxy (torch.fx): batch_norm records itself as one node
         training, tracking, buffers, parameters = (
             self.training,
             self.track_running_stats,
@@ -332,6 +335,7 @@ _DROP_INS: dict[type[_BatchNorm], type[_BatchNorm]] = {
     _stock_class(cls): cls
     for cls in (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d, SyncBatchNorm)
 }
+_STOCK_OF = {drop_in: stock for stock, drop_in in _DROP_INS.items()}
 
 
 # -- whole models ------------------------------------------------------------------------------------
@@ -369,13 +373,15 @@ def convert_batchnorm(model: nn.Module, *, sync: Any = False, timeout: float | N
     (optimizers, parents sharing it) carry over. ``sync`` (``True``: over WORLD, or a
     process group) makes every converted ``BatchNorm1d/2d/3d`` sync its training
     statistics, on the CPU with DDP too (which refuses any ``SyncBatchNorm`` there);
-    ``timeout``: seconds each of their collectives may wait. Every module and argument is
-    checked before any changes (R7.1). Returns ``model``."""
+    ``timeout``: seconds each of their collectives may wait; both also reach the layers that
+    are drop-ins already. Every module and argument is checked before any changes (R7.1).
+    Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
     check_sync(sync)
     seconds = check_timeout(timeout)
     found = [(name, m) for name, m in model.named_modules() if type(m) in _DROP_INS]
+    already = [m for m in model.modules() if type(m) in _STOCK_OF]  # built as drop-ins: the keywords reach them too
     for name, module in found:
         arguments = {key: getattr(module, key) for key in ("eps", "momentum", "affine", "track_running_stats")}
         try:
@@ -384,6 +390,7 @@ def convert_batchnorm(model: nn.Module, *, sync: Any = False, timeout: float | N
             raise type(error)(f"{_where(name)} ({type(module).__name__}): {error}") from None
     for _, module in found:
         module.__class__ = _DROP_INS[type(module)]
+    for module in [m for _, m in found] + (already if sync is not False or seconds is not None else []):
         module.__dict__["timeout"] = seconds
         if not isinstance(module, nn.SyncBatchNorm):
             module.__dict__["sync"] = sync
@@ -399,13 +406,13 @@ def revert_batchnorm(model: nn.Module) -> nn.Module:
     ``model`` itself is a BrainPy-signature layer)."""
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
-    drop_ins = [m for m in model.modules() if isinstance(m, _Exact)]
+    drop_ins = [m for m in model.modules() if type(m) in _STOCK_OF]  # a subclass of a drop-in is the user's
     replaced = _replace_all(
         model,
         lambda module, where: _reverted_layer(module, where) if hasattr(module, "to_torch") else None,
     )
     for module in drop_ins:
-        module.__class__ = _stock_class(type(module))
+        module.__class__ = _STOCK_OF[type(module)]
         for key in _EXTRAS:
             module.__dict__.pop(key, None)
     return replaced

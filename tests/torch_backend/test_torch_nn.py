@@ -228,12 +228,29 @@ def test_convert_and_revert_check_everything_before_any_change():
     assert [type(m) for m in part] == [nn.BatchNorm1d, nn.BatchNorm1d]
 
 
-def test_subclasses_of_pytorchs_batch_norms_are_left_alone():
+def test_subclasses_are_left_alone_and_the_keywords_reach_every_drop_in():
+    """A subclass of PyTorch's class or of a drop-in is the user's (it may override the
+    forward or ``train``): neither conversion changes it. ``sync``/``timeout`` also reach
+    layers built as drop-ins, and a synced layer without ``torch.distributed`` is local."""
+
     class Custom(nn.BatchNorm1d):
         pass
 
-    model = convert_batchnorm(nn.Sequential(Custom(3), nn.BatchNorm1d(3)))
-    assert type(model[0]) is Custom and type(model[1]) is torch_nn.BatchNorm1d
+    class Frozen(torch_nn.BatchNorm1d):
+        def train(self, mode=True):
+            return super().train(False)
+
+    model = convert_batchnorm(nn.Sequential(Custom(3), nn.BatchNorm1d(3), Frozen(3), torch_nn.BatchNorm1d(3)),
+                              sync=True, timeout=30)  # fmt: skip
+    assert [type(m) for m in model] == [Custom, torch_nn.BatchNorm1d, Frozen, torch_nn.BatchNorm1d]
+    assert [getattr(m, "sync", None) for m in model] == [None, True, False, True]
+    assert [getattr(m, "timeout", None) for m in model] == [None, 30.0, None, 30.0]
+    x = torch.randn(8, 3) + 2
+    close(model[1](x), nn.BatchNorm1d(3)(x), "sync=True without torch.distributed: this rank's batch")
+    revert_batchnorm(model)
+    assert [type(m) for m in model] == [Custom, nn.BatchNorm1d, Frozen, nn.BatchNorm1d]
+    model.train()
+    assert not model[2].training, "the subclass's train() still runs"
 
 
 # -- every configuration, against PyTorch -------------------------------------------------------------------------
@@ -246,38 +263,44 @@ CONFIGS = [
 ]  # fmt: skip
 
 
-def side_by_side(theirs, ours, shape, what, steps=(True, True, False, False), scale=2.0, shift=1.0):
+def side_by_side(theirs, ours, shape, what, steps=(True, True, False, False), scale=2.0, shift=1.0, tol=TOL):
     generator = torch.Generator().manual_seed(4)
     for step, training in enumerate(steps):
         theirs.train(training), ours.train(training)
         x = torch.randn(shape, generator=generator) * scale + shift
         x_theirs, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         y_theirs, y_ours = theirs(x_theirs), ours(x_ours)
-        close(y_ours, y_theirs, f"{what} step {step} y")
+        close(y_ours, y_theirs, f"{what} step {step} y", tol)
         dy = torch.randn(shape, generator=generator)
         y_theirs.backward(dy), y_ours.backward(dy)
-        close(x_ours.grad, x_theirs.grad, f"{what} step {step} dx")
+        close(x_ours.grad, x_theirs.grad, f"{what} step {step} dx", tol)
         for key in ("running_mean", "running_var", "num_batches_tracked"):
             value = getattr(theirs, key)
             assert (value is None) == (getattr(ours, key) is None), (what, key)
             if value is not None:
-                close(getattr(ours, key), value, f"{what} step {step} {key}")
+                close(getattr(ours, key), value, f"{what} step {step} {key}", tol)
     for key, value in theirs.named_parameters():
-        close(dict(ours.named_parameters())[key].grad, value.grad, f"{what} d{key}")
+        close(dict(ours.named_parameters())[key].grad, value.grad, f"{what} d{key}", tol)
 
 
 @pytest.mark.parametrize("options", CONFIGS)
 def test_every_configuration_computes_as_pytorch(options):
     """Every configuration PyTorch's batch norms take (momentum 0 and 1, the cumulative
     average, no affine parameters, no bias, untracked statistics), each class and input
-    rank, built directly and converted."""
-    for stock, shape in ((nn.BatchNorm1d, (6, 3)), *SHAPES.items()):
+    rank, built directly and converted; ``(8192, 3)`` is beyond what the fused kernel's
+    error model accepts on the CPU's ``(N, C)`` chains, so it runs the split statistics
+    (``torch_kernels.NativeBatchNorm``, where a missing bias once crashed the backward)."""
+    for stock, shape in ((nn.BatchNorm1d, (6, 3)), (nn.BatchNorm1d, (8192, 3)), *SHAPES.items()):
+        # PyTorch's own CPU backward sums (8192, 3) in float32 chains of 4096 rows: parameter
+        # gradients of ~200 off by up to ~u * sqrt(4096) * 3 ~ 1.2e-5 relative (measured
+        # 2.3e-6); 1e-4 there, still 100x below a convention error
+        tol = 1e-4 if shape[0] == 8192 else TOL
         torch.manual_seed(0)
         theirs = stock(3, eps=1e-3, **options)
-        side_by_side(theirs, DROP_INS[stock](3, eps=1e-3, **options), shape, f"{stock.__name__} {shape}")
+        side_by_side(theirs, DROP_INS[stock](3, eps=1e-3, **options), shape, f"{stock.__name__} {shape}", tol=tol)
         torch.manual_seed(0)
         side_by_side(stock(3, eps=1e-3, **options), convert_batchnorm(stock(3, eps=1e-3, **options)), shape,
-                     f"converted {stock.__name__} {shape}")  # fmt: skip
+                     f"converted {stock.__name__} {shape}", tol=tol)  # fmt: skip
 
 
 def test_runtime_attributes_are_read_at_each_call_as_pytorch_reads_them():
@@ -395,19 +418,32 @@ def test_untracked_raw_data_take_the_exact_kernels_path(shape):
     assert layer.running_mean is None and layer.num_batches_tracked is None
 
 
-def test_inference_notices_running_statistics_changed_by_the_kernels():
-    """PyTorch's training kernel writes the running statistics without bumping their
-    versions; inference must still judge the new ones (here: |mean| / std = 1e4, where
-    the inference kernel's x * a + b misses the rule) and not a cached verdict."""
+@pytest.mark.parametrize("how", ["kernel", "data", "numpy", "inference_mode"])
+def test_inference_judges_the_running_statistics_it_is_given(how):
+    """The inference kernel's ``x * a + b`` misses the rule at ``|running_mean| / std = 1e4``;
+    each evaluation judges the statistics it is given, however they were written: by
+    PyTorch's training kernel, through ``.data`` or a NumPy view (neither bumps a version:
+    a cached verdict went stale there, 3.8e-4 off, found in review), or as tensors created
+    under ``torch.inference_mode`` (which have no version at all)."""
     layer = torch_nn.BatchNorm1d(3, momentum=1.0)
-    x = torch.randn(64, 3, 8)
-    layer.eval()
-    layer(x)  # judged on mean 0, variance 1: the kernel is accurate
-    layer.train()
     raw = (torch.randn(64, 3, 8, dtype=torch.float64) + 1e4).float()
-    layer(raw)
     layer.eval()
-    y = layer(raw)
+    layer(torch.randn(64, 3, 8))  # judged on mean 0, variance 1: the kernel is accurate
+    if how == "kernel":
+        layer.train()
+        layer(raw)
+        layer.eval()
+    elif how == "data":
+        layer.running_mean.data.copy_(raw.double().mean((0, 2)).float())
+    elif how == "numpy":
+        layer.running_mean.numpy()[:] = raw.double().mean((0, 2)).numpy()
+    else:
+        with torch.inference_mode():
+            layer = torch_nn.BatchNorm1d(3).eval()
+            layer.running_mean.copy_(raw.double().mean((0, 2)).float())
+            y = layer(raw)
+    if how != "inference_mode":
+        y = layer(raw)
     want = (raw.double() - layer.running_mean.double().view(1, 3, 1)) / torch.sqrt(
         layer.running_var.double().view(1, 3, 1) + 1e-5
     )
@@ -447,6 +483,22 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
             torch_nn.BatchNorm1d(**kwargs)
     with pytest.raises(TypeError, match=r"^sync: expected not given \(SyncBatchNorm syncs over its process_group\)"):
         torch_nn.SyncBatchNorm(3, sync=True)
+    x = torch.randn(8, 3)
+    for kwargs, exception, pattern in (
+        (dict(running_var=torch.ones(4)), ValueError, r"^running_var: expected shape \(3,\)"),
+        (dict(bias=torch.ones(4)), ValueError, r"^bias: expected shape \(3,\)"),
+        (dict(weight=torch.ones(3, dtype=torch.int64)), TypeError, r"^weight: expected a floating-point tensor"),
+        (dict(momentum=True), TypeError, r"^momentum: expected None or a float in \[0, 1\], got True$"),
+        (dict(momentum="0.1"), TypeError, r"^momentum: expected None or a float"),
+        (dict(momentum=None), TypeError, r"^num_batches_tracked: expected its count with momentum=None"),
+        (dict(eps=True), TypeError, r"^eps: expected a finite float > 0, got True$"),
+    ):  # fmt: skip
+        stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+        arguments = {**stats, "weight": None, "bias": None, "momentum": 0.1, "eps": 1e-5, **kwargs}
+        with pytest.raises(exception, match=pattern):
+            torch_functional.batch_norm(x, arguments.pop("running_mean"), arguments.pop("running_var"),
+                                        training=True, **arguments)  # fmt: skip
+        assert float(stats["running_mean"].abs().max()) == 0, "nothing changed"
     layer = torch_nn.BatchNorm2d(3)
     for x, exception, pattern in (
         (np.ones((2, 3, 4, 5), np.float32), TypeError, r"^input: expected a torch\.Tensor, got 'ndarray'$"),
@@ -497,25 +549,32 @@ def test_pytorchs_fusion_folds_the_converted_layers():
     close(fused_linear(h), ours[5](ours[4](h)), "linear fold", 1e-5)
     from torch.fx.experimental import optimization
 
-    traced = optimization.fuse(copy.deepcopy(ours))  # FX's pass matches by isinstance
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in traced.modules())
-    close(traced(x), ours(x), "fx fuse", 1e-5)
+    # FX's fuse pass matches exact types (type(m) is nn.BatchNorm2d): a drop-in is left
+    # unfolded, still computing bn1d's numbers; reverted, it folds (docs/torch-models.md).
+    kept = optimization.fuse(copy.deepcopy(ours))
+    assert [type(m) for m in kept.modules()].count(torch_nn.BatchNorm2d) == 1
+    close(kept(x), ours(x), "fx fuse, the drop-in kept", 0)
+    folded = optimization.fuse(revert_batchnorm(copy.deepcopy(ours)))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    close(folded(x), ours(x), "fx fuse after revert", 1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fx_symbolic_trace_records_one_node_per_layer(training):
-    """``torch.fx.symbolic_trace`` sees each drop-in as one call of bn1d's ``batch_norm``
-    (its ``__torch_function__``); the traced graph computes, and updates the shared
-    buffers, as the module."""
+    """``torch.fx.symbolic_trace`` records each drop-in as one ``call_module`` node, as
+    PyTorch's (so the graph reads the mode, momentum and eps when it runs); the traced graph
+    computes, and updates the shared buffers, as the module."""
     theirs, ours = pair()
     theirs.train(training), ours.train(training)
     graph = torch.fx.symbolic_trace(ours)
-    calls = [node.target for node in graph.graph.nodes if node.op == "call_function"]
-    assert calls.count(torch_functional.batch_norm) == 2
+    assert [n.target for n in graph.graph.nodes if n.op == "call_module"] == ["0", "1", "2", "3", "4", "5"]
     x = images()
     close(graph(x), theirs(x), "traced")
     assert int(ours[1].num_batches_tracked) == int(training), "the graph updates the module's own buffers"
     close(ours[1].running_var, theirs[1].running_var, "running_var")
+    graph.train(not training), theirs.train(not training)  # the mode is read when the graph runs, as PyTorch's
+    close(graph(x), theirs(x), "traced, mode switched")
+    close(ours[1].running_mean, theirs[1].running_mean, "running_mean, mode switched")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
