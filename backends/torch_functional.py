@@ -143,13 +143,19 @@ def _check(
 _NUMBERS = (float, int)  # by type: a bool is neither
 
 
-def _is_vector(value: Any, x: torch.Tensor) -> bool:
-    """``value`` is ``None`` or a floating-point tensor of shape ``(C,)`` (the cheap check:
-    the full one names what is wrong)."""
-    return value is None or (
-        isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == x.shape[1]
-        and value.is_floating_point()
-    )  # fmt: skip
+def _vectors(c: int, *values: Any) -> bool:
+    """Each of ``values`` is ``None`` or a floating-point tensor of shape ``(C,)`` (the cheap
+    check: the full one names what is wrong)."""
+    for value in values:
+        if value is not None and not (
+            (type(value) in _TENSORS or isinstance(value, torch.Tensor))  # the exact types first: cheaper
+            and value.shape == (c,) and value.dtype in _FLOAT_DTYPES
+        ):  # fmt: skip
+            return False
+    return True
+
+
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _eager(x: torch.Tensor) -> bool:
@@ -167,9 +173,9 @@ def _eager(x: torch.Tensor) -> bool:
 
 
 def path(
-    x: torch.Tensor, running_mean: torch.Tensor | None, weight: torch.Tensor | None, training: bool, *,
-    mask: Any = None, sync: Any = None,
-    fast_variance: bool = False, unbiased_running_var: bool = True, native_kernel: bool = True,
+    x: torch.Tensor, running_mean: torch.Tensor | None, weight: torch.Tensor | None, training: bool,
+    mask: Any = None, sync: Any = None, fast_variance: bool = False, unbiased_running_var: bool = True,
+    native_kernel: bool = True,
 ) -> str:  # fmt: skip
     """The computation a call takes: ``"kernels"`` (PyTorch's, checked) or ``"core"``; the
     module docstring says when. Unsynced training also needs a dtype pair that the fused
@@ -246,8 +252,8 @@ def batch_norm(
     ):
         _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked)
     elif not (
-        _is_vector(running_mean, x) and _is_vector(running_var, x) and (running_mean is None) == (running_var is None)
-        and _is_vector(weight, x) and _is_vector(bias, x)
+        _vectors(x.shape[1], running_mean, running_var, weight, bias)
+        and (running_mean is None) == (running_var is None)
         and (type(momentum) in _NUMBERS and 0.0 <= momentum <= 1.0 or momentum is None and (
             num_batches_tracked is not None or not training or running_mean is None))
         and type(eps) in _NUMBERS and 0.0 < eps < math.inf
@@ -263,8 +269,7 @@ def batch_norm(
         # R3.5 from the shape, naming this function's argument (the core names its own)
         raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
     options = (fast_variance, unbiased_running_var)
-    route = path(x, running_mean, weight, training, mask=mask, sync=sync, fast_variance=fast_variance,
-                 unbiased_running_var=unbiased_running_var, native_kernel=native_kernel)  # fmt: skip
+    route = path(x, running_mean, weight, training, mask, sync, fast_variance, unbiased_running_var, native_kernel)
     if not training:
         if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
@@ -453,6 +458,11 @@ def _kernel_training(
     return _as_output(y.to(x.dtype), x)
 
 
+def _host_copy(t: torch.Tensor) -> Any:
+    """A NumPy copy of a CPU tensor's values (the kernels' path has float32 or float64 statistics)."""
+    return (t.detach() if t.requires_grad else t).numpy().copy()
+
+
 def _fused(
     view: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: float | None,
     eps: float, num_batches_tracked: Any,
@@ -470,14 +480,15 @@ def _fused(
         return y
     # PyTorch's factor is the new batch's weight; the cumulative average's is 1 / k.
     factor = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else momentum
-    saved = running_mean.clone(), running_var.clone()  # to restore
+    # The statistics as they were, to restore: NumPy copies of the CPU buffers (a third of a clone's cost).
+    saved = _host_copy(running_mean), _host_copy(running_var)
     y, save_mean, save_invstd = torch.native_batch_norm(
         view, weight, bias, running_mean, running_var, True, factor, eps
     )
     if not torch_kernels.fused_is_accurate(view, save_mean, save_invstd, eps, accumulation):
         with torch.no_grad():
-            running_mean.copy_(saved[0])
-            running_var.copy_(saved[1])
+            running_mean.copy_(torch.from_numpy(saved[0]))
+            running_var.copy_(torch.from_numpy(saved[1]))
         return None
     _count(num_batches_tracked)
     return y

@@ -121,25 +121,28 @@ def _device(a: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return torch.as_tensor(np.array(a, order="C"), dtype=dtype or like.dtype, device=like.device)
 
 
-def fused_accumulation(x: torch.Tensor) -> tuple[int, int] | None:
+def fused_accumulation(x: torch.Tensor) -> tuple[int, int, float] | None:
     """The fused training kernel's ``(rows, chains)`` on ``x`` (see
-    :func:`predicted_error`), or ``None`` where its accumulation alone, at
-    ``|mean| / std = 0``, already misses the rule: a cheap test before running it
-    (of the shape, dtype, device and threads alone: computed once for each)."""
+    :func:`predicted_error`) and the :func:`largest_ratio` it meets the rule at, or ``None``
+    where its accumulation alone, at ``|mean| / std = 0``, already misses the rule: a cheap
+    test before running it (of the shape, dtype, device and threads alone: computed once for each)."""
     return _fused_accumulation(x.shape, x.dtype, "cpu" if x.is_cpu else x.device.type, _threads(x))
 
 
 @functools.lru_cache(maxsize=256)
 def _fused_accumulation(
     shape: tuple[int, ...], dtype: torch.dtype, device: str, threads: int
-) -> tuple[int, int] | None:
+) -> tuple[int, int, float] | None:
     rows, chains = _accumulation_of(shape, dtype, device, threads, split=1)
-    return (rows, chains) if predicted_error(_unit(dtype), rows, chains, 0.0) <= _tolerance(dtype) else None
+    if predicted_error(_unit(dtype), rows, chains, 0.0) > _tolerance(dtype):
+        return None
+    return rows, chains, largest_ratio(dtype, rows, chains)
 
 
 def fused_is_accurate(
-    x: torch.Tensor, save_mean: torch.Tensor, save_invstd: torch.Tensor, epsilon: float, accumulation: tuple[int, int]
-) -> bool:
+    x: torch.Tensor, save_mean: torch.Tensor, save_invstd: torch.Tensor, epsilon: float,
+    accumulation: tuple[int, int, float],
+) -> bool:  # fmt: skip
     """Whether the fused training kernel's result on ``x`` (features on axis 1,
     contiguous; its ``accumulation`` from :func:`fused_accumulation`) meets the
     rule, judged from its own statistics: ``|mean| * invstd`` is ``|mean| /
@@ -150,9 +153,9 @@ def fused_is_accurate(
     invstd_values = _numpy(save_invstd)
     scaled_values = np.abs(_numpy(save_mean))
     scaled_values *= invstd_values
-    scaled, invstd = scaled_values.max(initial=0.0), invstd_values.max(initial=0.0)
+    scaled, invstd = scaled_values.max(), invstd_values.max()  # C >= 1 values each
     closeness = 1.0 - epsilon * invstd * invstd  # NaN statistics fail every comparison: not accurate
-    return bool(closeness > 0 and scaled <= largest_ratio(x.dtype, *accumulation) * math.sqrt(closeness))
+    return bool(closeness > 0 and scaled <= accumulation[2] * math.sqrt(closeness))
 
 
 @functools.lru_cache(maxsize=256)
