@@ -42,12 +42,17 @@ from bn1d.config import BatchNormConfig, argument_error, check_partition
 from bn1d.layer import Layer
 from bn1d.state import from_brainpy, from_flax_variables, to_brainpy, to_flax_variables
 
-__all__ = ["BatchNorm1d", "replica_all_sum"]
+__all__ = ["BatchNorm1d", "UnboundAxisError", "apply", "as_inputs", "replica_all_sum"]
 
 #: ``brainpy.dnn.BatchNorm1d`` attributes that are constructor arguments here too.
 _BRAINPY_CONFIG = ("axis", "epsilon", "momentum", "axis_name", "axis_index_groups")
 
 State = dict[str, jax.Array]
+
+
+class UnboundAxisError(ValueError, NameError):
+    """A training call's ``axis_name`` names no bound axis: bn1d's ``ValueError`` (R7.1), and the
+    ``NameError`` that ``lax.psum`` raises, which Flax and Equinox code catches."""
 
 
 def replica_all_sum(axis_name: str | tuple[Hashable, ...], axis_index_groups: Sequence[Sequence[int]] | None) -> AllSum:
@@ -85,7 +90,10 @@ def replica_all_sum(axis_name: str | tuple[Hashable, ...], axis_index_groups: Se
         size = lax.axis_size(axis_name)
     except NameError as error:
         raise argument_error(
-            "axis_name", "an axis bound by jax.vmap, jax.pmap or jax.shard_map around this training call", axis_name
+            "axis_name",
+            "an axis bound by jax.vmap, jax.pmap or jax.shard_map around this training call",
+            axis_name,
+            UnboundAxisError,
         ) from error
     if axis_index_groups is None:
         return lambda arrays: lax.psum(tuple(arrays), axis_name)
@@ -175,7 +183,7 @@ def _gathering_all_sum(axis_name: Hashable, groups: tuple[tuple[int, ...], ...])
     def all_sum(arrays: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
         buffers, unpack = _packed(arrays)
         mine = jnp.asarray(position)[lax.axis_index(axis_name)]
-        order = (jnp.arange(size) - mine) % size  # position q's values arrived in round (q - p) % g
+        order = (jnp.arange(size, dtype=mine.dtype) - mine) % size  # position q's values arrived in round (q - p) % g
         totals = []
         for b in buffers:
             arrived = jnp.stack([b, *(lax.ppermute(b, axis_name, perm) for perm in rounds)])[order]
@@ -276,6 +284,30 @@ def _as_jax(tree: Any) -> Any:
 _jitted_apply = jax.jit(_pure_apply, static_argnames=("config", "training"))
 
 
+def as_inputs(config: BatchNormConfig, x: Any, mask: Any) -> tuple[Any, Any]:
+    """``x`` and ``mask`` as JAX arrays. Host inputs are checked first, so their errors
+    name the dtype given (JAX would narrow int64 to int32); bfloat16, which only JAX's
+    NumPy extension knows, is checked once converted."""
+    if not isinstance(x, jax.Array) and not isinstance(mask, jax.Array):
+        x, mask = np.asarray(x), None if mask is None else np.asarray(mask)
+        if x.dtype.name != "bfloat16":
+            algorithm.check_inputs(x, mask, num_features=config.num_features, reduce_axes=config.reduce_axes)
+    return jnp.asarray(x), None if mask is None else jnp.asarray(mask)
+
+
+def apply(
+    config: BatchNormConfig, params: Mapping[str, Any], state: Mapping[str, Any], x: Any, mask: Any, training: bool
+) -> tuple[jax.Array, State]:
+    """``(y, new_state)``: the pure call of every JAX layer and module of bn1d (the
+    checked core under ``jax.checkpoint``), jitted once per ``(config, training)`` when
+    nothing is traced, traced in place otherwise."""
+    x, mask = as_inputs(config, x, mask)
+    leaves = jax.tree.leaves((dict(params), dict(state), x, mask))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return _pure_apply(params, state, x, mask, config, training)
+    return _jitted_apply(params, state, x, mask, config=config, training=training)
+
+
 class BatchNorm1d(Layer):
     """1-D batch normalization with BrainPy's signature, on JAX arrays.
 
@@ -329,16 +361,7 @@ class BatchNorm1d(Layer):
         return _hooks(self.config, training)
 
     def _inputs(self, x: Any, mask: Any) -> tuple[Any, Any]:
-        """``x`` and ``mask`` as JAX arrays. Host inputs are checked first, so their
-        errors name the dtype given (JAX would narrow int64 to int32); bfloat16,
-        which only JAX's NumPy extension knows, is checked once converted."""
-        if not isinstance(x, jax.Array) and not isinstance(mask, jax.Array):
-            x, mask = np.asarray(x), None if mask is None else np.asarray(mask)
-            if x.dtype.name != "bfloat16":
-                algorithm.check_inputs(
-                    x, mask, num_features=self.config.num_features, reduce_axes=self.config.reduce_axes
-                )
-        return jnp.asarray(x), None if mask is None else jnp.asarray(mask)
+        return as_inputs(self.config, x, mask)
 
     def _cotangent(self, dy: Any) -> Any:
         """``dy`` as a JAX array, a host array's dtype checked first (as for ``x``)."""

@@ -346,9 +346,10 @@ def _feature_sums(xp: Any, v: Array, reduce_axes: tuple[int, ...], acc: Any, fol
 
 
 def _broadcastable(xp: Any, v: Array, broadcast: tuple[int, ...]) -> Array:
-    """A per-feature ``(C,)`` vector reshaped to ``broadcast`` (from :func:`_layout`);
-    as it is when the features are last, where it broadcasts already."""
-    return v if broadcast[-1] == -1 else xp.reshape(v, broadcast)
+    """A per-feature ``(C,)`` vector reshaped to ``broadcast`` (from :func:`_layout`): of
+    the input's rank, so that no operation relies on rank promotion (which JAX's
+    ``jax_numpy_rank_promotion="raise"`` refuses)."""
+    return xp.reshape(v, broadcast)
 
 
 def _cast(xp: Any, v: Array, dtype: Any) -> Array:
@@ -494,7 +495,7 @@ def combine_moments(counts: Array, means: Array, squares: Array) -> tuple[Array,
     safe_n = xp.where(n > 0, n, xp.ones_like(n))
     weights = xp.reshape(counts, (-1, 1))
     mean = xp.sum(weights * means, axis=0) / safe_n
-    deviation = means - mean
+    deviation = means - xp.reshape(mean, (1, -1))
     return n, mean, (xp.sum(squares, axis=0) + xp.sum(weights * deviation * deviation, axis=0)) / safe_n
 
 
@@ -507,7 +508,8 @@ def combine_shifted(counts: Array, shifts: Array, sums: Array, squares: Array) -
     xp = array_namespace(counts, shifts)
     frame = shifts[0, ...]
     safe_counts = xp.where(counts > 0, counts, xp.ones_like(counts))
-    n, offset, var = combine_moments(counts, (shifts - frame) + sums / xp.reshape(safe_counts, (-1, 1)), squares)
+    relative = (shifts - xp.reshape(frame, (1, -1))) + sums / xp.reshape(safe_counts, (-1, 1))
+    n, offset, var = combine_moments(counts, relative, squares)
     return n, offset, var, frame
 
 
@@ -642,9 +644,11 @@ def running_statistics(
     dynamic = not isinstance(count, int)
     if not config.unbiased_running_var:
         bessel: Any = 1.0
-    elif dynamic:
-        many = count > 1
-        bessel = xp.where(many, count / xp.where(many, count - 1, xp.ones_like(count)), xp.ones_like(count))
+    elif dynamic:  # in the statistics' dtype (a count may be the compute dtype's: JAX's strict promotion)
+        wide_count = _cast(xp, count, wide)
+        many = wide_count > 1
+        ones = xp.ones_like(wide_count)
+        bessel = xp.where(many, wide_count / xp.where(many, wide_count - 1, ones), ones)
     else:
         bessel = count / (count - 1)
     updated: dict[str, Array] = {}

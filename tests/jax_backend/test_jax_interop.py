@@ -96,7 +96,7 @@ def test_optax_training_loop_follows_the_specification():
 
     params, state, opt_state = layer.params, layer.state, optimizer.init(layer.params)
     for step in range(3):
-        x, dy = batch(10 + step), np.random.default_rng(20 + step).standard_normal((4, 5, 3))
+        x, dy = batch(10 + step), np.random.default_rng(20 + step).standard_normal((4, 5, 3)).astype(np.float32)
         params, state, opt_state = train_step(params, state, opt_state, x, dy)
         grads = reference.vjp(x.astype(np.float64), dy)
         reference(x.astype(np.float64))

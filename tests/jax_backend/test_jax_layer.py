@@ -271,12 +271,14 @@ def test_stateful_training_call_refuses_a_traced_mask():
 
 
 def test_load_is_atomic_when_the_count_does_not_fit_jaxs_integer():
-    """JAX's default integer is int32: a count beyond it is refused before anything is
-    assigned (the parameters used to change, then the count raised OverflowError)."""
+    """JAX's default integer (int32, or int64 with ``jax_enable_x64``): a count beyond it
+    is refused before anything is assigned (the parameters used to change, then the count
+    raised OverflowError)."""
     layer = BatchNorm1d(3, momentum=None)
     state = {key: np.asarray(value) for key, value in layer.state_dict().items()}
-    with pytest.raises(ValueError, match=r"^state_dict\['num_batches_tracked'\]: expected .* up to 2147483647"):
-        layer.load_state_dict({**state, "scale": np.full(3, 5.0), "num_batches_tracked": 2**31})
+    top = int(np.iinfo(jnp.asarray(0).dtype).max)
+    with pytest.raises(ValueError, match=rf"^state_dict\['num_batches_tracked'\]: expected .* up to {top}"):
+        layer.load_state_dict({**state, "scale": np.full(3, 5.0), "num_batches_tracked": top + 1})
     np.testing.assert_array_equal(layer.scale, 1.0)
 
 

@@ -146,7 +146,10 @@ def test_pmap_equals_global_batch(groups_name, mask_name):
 
 
 @pytest.mark.parametrize("mask_name", MASKS)
-@pytest.mark.parametrize("groups_name", GROUPS)
+@pytest.mark.parametrize(
+    "groups_name",
+    [pytest.param(name, marks=pytest.mark.jax_leak_checker_false_positive if name == "all" else ()) for name in GROUPS],
+)  # ungrouped: one psum inside the jax.checkpoint, which JAX 0.10.2's leak checker misreports
 @on_four_devices
 def test_shard_map_equals_global_batch(groups_name, mask_name):
     groups, mask = GROUPS[groups_name], MASKS[mask_name]

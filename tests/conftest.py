@@ -1,0 +1,42 @@
+"""``--jax-strict``: the JAX tests under every strict mode JAX has, together (tox env
+``jax-strict``): ``jax_numpy_rank_promotion="raise"``, ``jax_numpy_dtype_promotion="strict"``,
+``jax_enable_x64`` and ``jax.checking_leaks()`` around each test. Many codebases set them,
+and Equinox's own tests run with rank promotion raising."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--jax-strict", action="store_true", help="run under all of JAX's strict modes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "jax_leak_checker_false_positive: under --jax-strict, run without jax.checking_leaks() (JAX 0.10.2's "
+        "checker reports jax.checkpoint inside shard_map under grad as a leak: "
+        "tests/jax_backend/test_jax_strict_modes.py reproduces it without bn1d)",
+    )
+    if config.getoption("--jax-strict"):
+        import jax
+
+        jax.config.update("jax_numpy_rank_promotion", "raise")
+        jax.config.update("jax_numpy_dtype_promotion", "strict")
+        jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True)
+def _jax_leak_check(request: pytest.FixtureRequest):
+    if not request.config.getoption("--jax-strict") or request.node.get_closest_marker(
+        "jax_leak_checker_false_positive"
+    ):
+        yield
+        return
+    import jax
+
+    with jax.checking_leaks() if hasattr(jax, "checking_leaks") else contextlib.nullcontext():
+        yield
