@@ -21,6 +21,8 @@ table) and Equinox's conventions:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +36,7 @@ from bn1d.initializers import Ones, Zeros
 
 from . import jax_modules
 
-__all__ = ["BatchNorm1d"]
+__all__ = ["BatchNorm", "BatchNorm1d", "replace_batchnorm"]
 
 
 class BatchNorm1d(eqx.nn.StatefulLayer):
@@ -128,3 +130,136 @@ class BatchNorm1d(eqx.nn.StatefulLayer):
         if self.state_index is not None:
             state = state.set(self.state_index, stats)
         return module, state
+
+
+class BatchNorm(eqx.nn.BatchNorm):
+    """``equinox.nn.BatchNorm`` computing bn1d's statistics: Equinox's class, constructor
+    ``(input_size, axis_name, eps, channelwise_affine, momentum, inference, dtype, mode)``,
+    fields and ``eqx.nn.State`` entries (so ``eqx.tree_serialise_leaves`` files and states
+    load unchanged), and call ``(x, state, *, key=None, inference=None) -> (y, state)``
+    on one example ``(input_size, *spatial)`` per lane of a ``jax.vmap``/``pmap`` over
+    ``axis_name``; every rank of example works, channel first.
+
+    Its modes are Equinox's: ``"batch"`` normalises with the batch's statistics in training
+    and keeps their zero-debiased moving average for inference (``hidden / (1 -
+    momentum**count)``); ``"ema"`` normalises with the moving average itself (the batch's on
+    the first call). The batch statistics, count-weighted over the lanes (R4), are exact
+    (R2.7): bn1d's algorithm, where Equinox's ``mean((x - mean)**2)`` is two float32 passes
+    whose mean rounds at ``|mean|``. The constructor checks its arguments (R7.1); complex
+    input is a ``TypeError`` (R2.6).
+    """
+
+    def __init__(self, input_size: int, axis_name: Any, *args: Any, **kwargs: Any):
+        _check_equinox_arguments(input_size, axis_name, *args, **kwargs)
+        super().__init__(input_size, axis_name, *args, **kwargs)
+
+    def __call__(
+        self, x: Any, state: eqx.nn.State, *, key: Any = None, inference: bool | None = None
+    ) -> tuple[jax.Array, eqx.nn.State]:
+        del key
+        inference = self.inference if inference is None else inference
+        x = jnp.asarray(x)
+        if x.ndim < 1 or x.shape[0] != self.input_size:
+            raise argument_error("x", f"one example (input_size={self.input_size}, *spatial) per vmap lane", x.shape)
+        batch = jnp.expand_dims(x, 0)  # this lane's example: a batch of one, features on axis 1
+        config = _equinox_config(
+            self.input_size, batch.ndim, float(self.eps), _names(self.axis_name), self.channelwise_affine
+        )
+        params = {"scale": self.weight, "bias": self.bias} if self.channelwise_affine else {}
+        if self.mode == "ema":
+            first_time, running = state.get(self.ema_first_time_index), state.get(self.ema_state_index)
+            if inference:
+                mean, var = running
+            else:
+                state = state.set(self.ema_first_time_index, jnp.array(False))
+                batch_mean, batch_var = self._batch_statistics(config, params, batch, running)
+                momentum = self.momentum
+                mean = jnp.where(first_time, batch_mean, (1 - momentum) * batch_mean + momentum * running[0])
+                var = jnp.where(first_time, batch_var, (1 - momentum) * batch_var + momentum * running[1])
+                state = state.set(self.ema_state_index, (mean, var))
+            y = self._normalised(config, params, batch, (mean, var))
+        else:
+            counter, hidden = state.get(self.batch_counter), state.get(self.batch_state_index)
+            if inference:
+                scale = jnp.where(counter == 0, 1, 1 - self.momentum**counter)
+                y = self._normalised(config, params, batch, (hidden[0] / scale, hidden[1] / scale))
+            else:
+                y, (mean, var) = self._training(config, params, batch, hidden)
+                momentum = self.momentum
+                state = state.set(self.batch_counter, counter + 1)
+                state = state.set(
+                    self.batch_state_index,
+                    (hidden[0] * momentum + mean * (1 - momentum), hidden[1] * momentum + var * (1 - momentum)),
+                )
+        dtype = jnp.result_type(x, *(v for v in (self.weight, self.bias) if v is not None), *jax.tree.leaves(
+            state.get(self.ema_state_index if self.mode == "ema" else self.batch_state_index)))  # fmt: skip
+        return jnp.squeeze(y, 0).astype(dtype), state
+
+    def _training(self, config: BatchNormConfig, params: Any, batch: jax.Array, like: Any) -> Any:
+        """``(y, (mean, var))``: the batch's statistics over the lanes (momentum 0: the new
+        running statistics are the batch's own, biased) and ``y`` normalised with them."""
+        state = {"running_mean": like[0], "running_var": like[1]}
+        y, stats = jax_modules.apply(config, params, state, batch, None, True)
+        return y, (stats["running_mean"], stats["running_var"])
+
+    def _batch_statistics(self, config: BatchNormConfig, params: Any, batch: jax.Array, like: Any) -> Any:
+        return self._training(config, params, batch, like)[1]
+
+    def _normalised(self, config: BatchNormConfig, params: Any, batch: jax.Array, stats: Any) -> jax.Array:
+        """``batch`` normalised with given statistics (bn1d's inference: ``x - mean`` first)."""
+        state = {"running_mean": stats[0], "running_var": stats[1]}
+        return jax_modules.apply(config, params, state, batch, None, False)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _equinox_config(input_size: int, ndim: int, eps: float, axis_name: Any, affine: bool) -> BatchNormConfig:
+    """One example per lane, as a batch of one with features on axis 1, synced over the lanes:
+    momentum 0 and the biased variance give the batch's own statistics as the new state."""
+    return BatchNormConfig.from_arguments(
+        input_size, (0, *range(2, ndim)), eps, 0.0, affine, axis_name=axis_name, unbiased_running_var=False
+    )
+
+
+def _names(axis_name: Any) -> Any:
+    return tuple(axis_name) if isinstance(axis_name, list) else axis_name
+
+
+def _check_equinox_arguments(input_size: Any, axis_name: Any, *args: Any, **kwargs: Any) -> None:
+    """Equinox's batch-norm arguments checked (R7.1): ``input_size`` a positive int,
+    ``axis_name`` a name (or a sequence of names), ``eps`` > 0, ``momentum`` in [0, 1],
+    the flags bools, ``mode`` ``"ema"``, ``"batch"`` or Equinox's ``"legacy"``."""
+    names = ("eps", "channelwise_affine", "momentum", "inference", "dtype", "mode")
+    if len(args) > len(names):
+        raise TypeError(f"BatchNorm: expected at most {2 + len(names)} positional arguments, got {2 + len(args)}")
+    arguments = {**dict(zip(names, args)), **kwargs}
+    unknown = sorted(set(arguments) - set(names))
+    if unknown:
+        raise argument_error(unknown[0], f"one of Equinox's arguments {list(names)}", arguments[unknown[0]], TypeError)
+    if axis_name is None:
+        raise argument_error("axis_name", "the name of the vmap/pmap axis the statistics run over", None, TypeError)
+    BatchNormConfig.from_arguments(
+        input_size, epsilon=arguments.get("eps", 1e-5), momentum=arguments.get("momentum", 0.99),
+        axis_name=_names(axis_name),
+    )  # fmt: skip
+    for flag in ("channelwise_affine", "inference"):
+        if not isinstance(arguments.get(flag, False), bool):
+            raise argument_error(flag, "a bool", arguments[flag], TypeError)
+    if arguments.get("mode", "legacy") not in ("ema", "batch", "legacy"):
+        raise argument_error("mode", "'ema' or 'batch' ('legacy': Equinox's 'ema' with its warning)", arguments["mode"])
+
+
+def replace_batchnorm(model: Any) -> Any:
+    """``model`` with every ``eqx.nn.BatchNorm`` replaced by bn1d's :class:`BatchNorm` (a
+    pytree surgery; ``model`` is not changed). Each keeps its fields, values and
+    ``StateIndex`` markers, so the model's ``eqx.nn.State`` is already the new model's:
+    keep using it (and files written by ``eqx.tree_serialise_leaves`` load into either)."""
+
+    def convert(layer: Any) -> Any:
+        if not isinstance(layer, eqx.nn.BatchNorm) or isinstance(layer, BatchNorm):
+            return layer
+        replaced = object.__new__(BatchNorm)  # the same fields, so no __init__: the values are layer's
+        for field in dataclasses.fields(layer):
+            object.__setattr__(replaced, field.name, getattr(layer, field.name))
+        return replaced
+
+    return jax.tree.map(convert, model, is_leaf=lambda node: isinstance(node, eqx.nn.BatchNorm))

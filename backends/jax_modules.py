@@ -18,6 +18,7 @@ Variables are named as in Flax (``bn1d.state.to_flax_variables``): ``scale``,
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,12 +64,6 @@ def config_arguments(config: BatchNormConfig) -> dict[str, Any]:
     return {**arguments, **{option: getattr(config, option) for option in OPTIONS}}
 
 
-@functools.lru_cache(maxsize=256)
-def _engine(config: BatchNormConfig) -> jax_backend.BatchNorm1d:
-    """A JAX layer of ``config`` whose methods are used and whose values never are."""
-    return jax_backend.BatchNorm1d(**config_arguments(config))
-
-
 def loaded(config: BatchNormConfig, dtype: Any, state_dict: Any) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """``(params, state)`` of a state dictionary (bn1d's keys, ``config.keys``), checked
     strictly and atomically and converted to ``dtype``: the JAX layer's ``load_state_dict``."""
@@ -90,17 +85,11 @@ def resolve_training(call: Any, attribute: Any, config: BatchNormConfig, name: s
 def apply(
     config: BatchNormConfig, params: Mapping[str, Any], state: Mapping[str, Any], x: Any, mask: Any, training: bool
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``(y, new_state)``: ``bn1d.backends.jax.BatchNorm1d.apply`` (inputs checked at
-    trace time), or its jitted form when nothing is traced."""
+    """``(y, new_state)``: :func:`bn1d.backends.jax.apply` (inputs checked at trace time,
+    jitted when nothing is traced)."""
     if isinstance(mask, (bool, np.bool_)):
         raise argument_error("mask", "None or a boolean array of x's shape without the feature axis", mask, TypeError)
-    layer = _engine(config)
-    x, mask = layer._inputs(x, mask)
-    leaves = jax.tree.leaves((dict(params), dict(state), x, mask))
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-        y, new_state = layer.apply(params, state, x, mask=mask, training=training)
-    else:
-        y, new_state = layer._forward(params, state, x, mask, training)
+    y, new_state = jax_backend.apply(config, params, state, x, mask, training)
     return y, dict(new_state)
 
 
@@ -131,3 +120,124 @@ def state_from_flax(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if "num_batches_tracked" in stats:
         state["num_batches_tracked"] = np.asarray(stats["num_batches_tracked"])
     return state
+
+
+# -- the drop-ins' computation (Flax's BatchNorm semantics, bn1d's arithmetic) -------------------------------
+def flax_feature_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    """Flax's ``axis`` (an int or a sequence: the feature axes) as sorted non-negative axes
+    of an ``ndim``-D input; a ``ValueError`` naming ``axis`` otherwise."""
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if not axes or not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes):
+        raise argument_error("axis", "an int or a non-empty sequence of ints (the feature axes)", axis, TypeError)
+    resolved = sorted({int(a) % ndim for a in axes if -ndim <= a < ndim})
+    if len(resolved) != len(set(axes)):
+        raise argument_error("axis", f"distinct feature axes of a {ndim}-D input", axis)
+    return tuple(resolved)
+
+
+def flax_mask(mask: Any, shape: tuple[int, ...], features: tuple[int, ...]) -> jax.Array | None:
+    """Flax's ``mask`` (boolean, broadcastable to the input) as bn1d's: the input's shape
+    without the feature axes (R5.1). A mask that varies along a feature axis gives each
+    feature its own count, which bn1d's statistics cannot express: a ``ValueError`` (a
+    concrete mask is checked; a traced one must have size 1 along the feature axes)."""
+    if mask is None:
+        return None
+    if isinstance(mask, (bool, np.bool_)) or not hasattr(mask, "shape"):
+        raise argument_error("mask", "None or a boolean array broadcastable to x", type(mask).__name__, TypeError)
+    if jnp.asarray(mask).dtype != jnp.bool_:
+        raise argument_error("mask", "a boolean array", jnp.asarray(mask).dtype, TypeError)
+    ndim = len(shape)
+    mask_shape = tuple(np.shape(mask))
+    padded = (1,) * (ndim - len(mask_shape)) + mask_shape
+    if len(mask_shape) > ndim or any(m not in (1, s) for m, s in zip(padded, shape)):
+        raise argument_error("mask", f"a boolean array broadcastable to x's shape {shape}", mask_shape)
+    mask = jnp.reshape(jnp.asarray(mask), padded)
+    for a in features:
+        if padded[a] == 1:
+            continue
+        if isinstance(mask, jax.core.Tracer) or not bool(jnp.all(mask == jnp.take(mask, jnp.asarray([0]), axis=a))):
+            raise argument_error(
+                "mask",
+                "the same positions for every feature (bn1d counts one set of positions per call; a traced mask "
+                "needs size 1 along the feature axes)",
+                f"a mask of shape {mask_shape} varying along feature axis {a}"
+                if not isinstance(mask, jax.core.Tracer)
+                else f"a traced mask of shape {mask_shape}",
+            )
+    index = tuple(slice(0, 1) if a in features else slice(None) for a in range(ndim))
+    kept = jnp.broadcast_to(mask[index], tuple(1 if a in features else s for a, s in enumerate(shape)))
+    return jnp.reshape(kept, tuple(s for a, s in enumerate(shape) if a not in features))
+
+
+@functools.lru_cache(maxsize=256)
+def _flax_config(
+    num_features: int, reduce_axes: tuple[int, ...], epsilon: float, momentum: float, axis_name: Any,
+    axis_index_groups: Any, fast_variance: bool,
+) -> BatchNormConfig:  # fmt: skip
+    return BatchNormConfig.from_arguments(
+        num_features, reduce_axes, epsilon, momentum, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        fast_variance=fast_variance, unbiased_running_var=False,
+    )  # fmt: skip
+
+
+def flax_batch_norm(
+    x: Any, mean: jax.Array, var: jax.Array, scale: Any, bias: Any, *, training: bool, axis: Any,
+    momentum: float, epsilon: float, axis_name: Any, axis_index_groups: Any, use_fast_variance: bool,
+    mask: Any, dtype: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """``(y, new_mean, new_var)`` of Flax's ``BatchNorm`` (its axes, momentum, biased running
+    variance, ``use_fast_variance``, mask broadcast to the input, output dtype: ``dtype``,
+    or the input's and parameters' promoted) computed by bn1d's algorithm: one set of feature
+    axes (several are flattened into one), statistics exact unless ``use_fast_variance``
+    (R2.7), the running statistics kept in their dtype. Training (``training=True``)
+    normalises with the batch's statistics over ``axis_name`` (count-weighted, R4) and
+    returns the new running statistics; inference returns them unchanged."""
+    x = jnp.asarray(x)
+    features = flax_feature_axes(axis, x.ndim)
+    if len(features) == x.ndim:  # one example (e.g. per vmap lane): a batch of one
+        if training and axis_name is None and mask is None:  # R3.5, naming the shape given
+            raise argument_error("x", "more than 1 value per feature when training", tuple(x.shape))
+        mask = jnp.asarray(mask)[None] if hasattr(mask, "shape") else mask
+        y, new_mean, new_var = flax_batch_norm(
+            x[None], mean, var, scale, bias, training=training, axis=tuple(a + 1 for a in features),
+            momentum=momentum, epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, mask=mask, dtype=dtype,
+        )  # fmt: skip
+        return y[0], new_mean, new_var
+    shape = tuple(x.shape)
+    feature_shape = tuple(shape[a] for a in features)
+    count = math.prod(feature_shape)
+    params = [p for p in (scale, bias) if p is not None]
+    out_dtype = jnp.result_type(x, *params) if dtype is None else jnp.dtype(dtype)
+    others = tuple(a for a in range(x.ndim) if a not in features)
+    bn_mask = flax_mask(mask, shape, features)
+    if len(features) == 1:
+        view, reduce_axes = x, others
+    else:  # the feature axes last, flattened into one
+        view = jnp.reshape(jnp.transpose(x, others + features), tuple(shape[a] for a in others) + (count,))
+        reduce_axes = tuple(range(len(others)))
+    wide = jnp.promote_types(out_dtype, view.dtype)
+    view = view.astype(wide) if view.dtype != wide else view
+    if jnp.size(mean) != count:
+        expected = f"{jnp.size(mean)} features on axes {features} (the running statistics' size)"
+        raise argument_error("x", expected, shape)
+    groups = None if axis_index_groups is None else _groups(axis_index_groups)
+    config = _flax_config(count, reduce_axes, float(epsilon), float(momentum), axis_name, groups, use_fast_variance)
+    stats_dtype = jnp.asarray(mean).dtype
+    state = {"running_mean": jnp.reshape(mean, (count,)), "running_var": jnp.reshape(var, (count,))}
+    neutral = {"scale": jnp.ones((count,), stats_dtype), "bias": jnp.zeros((count,), stats_dtype)}
+    given = {"scale": scale, "bias": bias}
+    values = {k: neutral[k] if given[k] is None else jnp.reshape(jnp.asarray(given[k]), (count,)) for k in neutral}
+    y, new_state = jax_backend.apply(config, values, state, view, bn_mask, training)
+    if len(features) > 1:
+        y = jnp.transpose(jnp.reshape(y, tuple(shape[a] for a in others) + feature_shape),
+                          np.argsort(others + features))  # fmt: skip
+    return (
+        y.astype(out_dtype),
+        jnp.reshape(new_state["running_mean"], jnp.shape(mean)),
+        jnp.reshape(new_state["running_var"], jnp.shape(var)),
+    )
+
+
+def _groups(axis_index_groups: Any) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(i) for i in group) for group in axis_index_groups)

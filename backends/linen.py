@@ -28,14 +28,16 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from bn1d.config import OPTIONS, BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros
 
 from . import jax_modules
 from .jax_modules import FLAX_NAMES
+from .nnx import check_flax_arguments
 
-__all__ = ["BatchNorm1d"]
+__all__ = ["BatchNorm", "BatchNorm1d"]
 
 
 class BatchNorm1d(nn.Module):
@@ -88,7 +90,10 @@ class BatchNorm1d(nn.Module):
         initial = functools.cache(self.initial_layer)  # built only when a variable is created (init)
 
         def initial_value(key: str) -> jax.Array:
-            layer = initial()
+            # Concrete even where Flax traces the initializer (its shape check at apply): the
+            # values are constants, and a cached tracer would outlive its trace.
+            with jax.ensure_compile_time_eval():
+                layer = initial()
             return {**layer.params, **layer.state}[key]
 
         params = {
@@ -119,6 +124,51 @@ class BatchNorm1d(nn.Module):
         initial = self.initial_layer()
         params, stats = jax_modules.loaded(initial.config, initial.dtype, state)
         return jax_modules.flax_variables({**params, **stats})
+
+
+class BatchNorm(nn.BatchNorm):
+    """``flax.linen.BatchNorm`` computing bn1d's statistics: Flax's class, fields, variables
+    (``params/{scale,bias}``, ``batch_stats/{mean,var}``, in Flax's shapes and dtypes) and
+    call ``(x, use_running_average=None, *, mask=None)``; ``init`` updates nothing and does
+    not sync, as Flax's. A linen model moves by changing the import: its variables are
+    already this module's.
+
+    What differs (``docs/decisions.md``): ``use_fast_variance=False`` by default, the exact
+    statistics (R2.7; ``True`` is Flax's one-pass formula); the fields are checked when the
+    module is built (R7.1); a mask must select the same positions for every feature; the
+    arithmetic is ``bn1d.backends.jax_modules.flax_batch_norm``'s.
+    """
+
+    use_fast_variance: bool = False
+
+    def __post_init__(self) -> None:
+        check_flax_arguments(
+            None, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_bias=self.use_bias, use_scale=self.use_scale,
+            use_fast_variance=self.use_fast_variance, use_running_average=self.use_running_average,
+        )  # fmt: skip
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Any, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        x = jnp.asarray(x)
+        feature_shape = [x.shape[a] for a in jax_modules.flax_feature_axes(self.axis, x.ndim)]
+        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        mean = self.variable("batch_stats", "mean", lambda shape: jnp.zeros(shape, stats_dtype), feature_shape)
+        var = self.variable("batch_stats", "var", lambda shape: jnp.ones(shape, stats_dtype), feature_shape)
+        scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
+        initializing, training = self.is_initializing(), not use_running_average
+        y, new_mean, new_var = jax_modules.flax_batch_norm(
+            x, mean.value, var.value, scale, bias, training=training, axis=self.axis, momentum=self.momentum,
+            epsilon=self.epsilon, axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            use_fast_variance=self.use_fast_variance, mask=mask, dtype=self.dtype,
+        )  # fmt: skip
+        if training and not initializing:
+            mean.value, var.value = new_mean, new_var
+        return y
 
 
 def _checked_init(init: Any) -> Any:

@@ -1,4 +1,6 @@
-"""``BatchNorm1d`` as a Flax NNX module, and :func:`replace_batchnorm`.
+"""bn1d's Flax NNX modules: :class:`BatchNorm`, ``nnx.BatchNorm`` itself computing bn1d's
+statistics (the drop-in; :func:`replace_batchnorm` makes a model's layers it), and
+:class:`BatchNorm1d`, BrainPy's constructor as an ``nnx.Module``.
 
 :class:`BatchNorm1d` is an ``nnx.Module`` with bn1d's semantics (the maths:
 ``bn1d.algorithm``; the contract: ``docs/spec.md``; the differences from Flax: the README's semantics table) and
@@ -22,23 +24,21 @@ NNX's conventions, so it sits where ``nnx.BatchNorm`` sits:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import graphlib
+from flax.nnx.module import first_from
 
-from bn1d.config import argument_error
+from bn1d.config import BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros
 
 from . import jax_modules
 from .jax_modules import FLAX_NAMES
 
-__all__ = ["BatchNorm1d", "replace_batchnorm"]
+__all__ = ["BatchNorm", "BatchNorm1d", "replace_batchnorm"]
 
 
 class BatchNorm1d(nnx.Module):
@@ -80,7 +80,6 @@ class BatchNorm1d(nnx.Module):
         self.config = layer.config
         self.dtype = layer.dtype
         self.use_running_average = not training
-        self.flax_feature_axis: int | None = None  # set by replace_batchnorm(ndim=None): the rank follows x
         self._assign({**layer.params, **layer.state}, create=True)
 
     # -- the call ------------------------------------------------------------------------
@@ -90,21 +89,10 @@ class BatchNorm1d(nnx.Module):
         or ``use_running_average=False``) the running statistics are updated in place."""
         training = jax_modules.resolve_training(use_running_average, self.use_running_average, self.config)
         params, state = self._values()
-        y, new_state = jax_modules.apply(self._config_for(x), params, state, x, mask, training)
+        y, new_state = jax_modules.apply(self.config, params, state, x, mask, training)
         if training:
             self._assign(new_state)
         return y
-
-    def _config_for(self, x: Any) -> Any:
-        """The configuration for ``x``: the constructor's, or with ``flax_feature_axis`` set
-        (a replaced ``nnx.BatchNorm``) every axis of ``x`` but that one reduced, as in Flax."""
-        feature = self.flax_feature_axis
-        ndim = np.ndim(x)
-        if feature is None or ndim == self.config.ndim:
-            return self.config
-        if ndim < 2 or not -ndim <= feature < ndim:
-            raise argument_error("x", f"an input of at least 2 dimensions with the feature axis {feature}", np.shape(x))
-        return dataclasses.replace(self.config, reduce_axes=_reduced(feature, ndim))
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """``nnx.view(model, use_running_average=...)``, as ``nnx.BatchNorm``."""
@@ -138,127 +126,86 @@ class BatchNorm1d(nnx.Module):
                 getattr(self, attribute)[...] = value
 
 
-def replace_batchnorm(model: Any, *, ndim: int | None = None, **options: Any) -> Any:
-    """Swap every ``nnx.BatchNorm`` in ``model`` (in place; also returned) for bn1d's
-    :class:`BatchNorm1d`, keeping its values (``scale``, ``bias``, ``mean``, ``var``), its
-    ``momentum``, ``epsilon``, ``axis_name``, ``axis_index_groups`` and mode.
+class BatchNorm(nnx.BatchNorm):
+    """``flax.nnx.BatchNorm`` computing bn1d's statistics: Flax's class, constructor, variables
+    (``nnx.Param`` ``scale``/``bias``, ``nnx.BatchStat`` ``mean``/``var``), call
+    ``(x, use_running_average=None, *, mask=None)``, ``train()``/``eval()``/``nnx.view``,
+    momentum (the old statistic's weight) and biased running variance, so a model moves by
+    changing one import and its ``nnx.state`` and checkpoints line up.
 
-    Flax's feature ``axis`` becomes bn1d's reduced axes: every other axis of the input,
-    decided at each call from ``x.ndim`` as in Flax (``ndim=None``, the default; the
-    module's ``flax_feature_axis`` holds Flax's axis). ``ndim=`` fixes the rank instead,
-    as every bn1d layer does, so an input of another rank is a ``ValueError``. The numerics stay
-    Flax's: ``fast_variance=use_fast_variance`` and ``unbiased_running_var=False``
-    (biased, as Flax); ``options`` override these or set bn1d's others (e.g.
-    ``fast_variance=False`` for the exact variance). A layer without scale or bias gets
-    the neutral value for the missing one (bn1d's affine layer has both);
-    ``use_scale=use_bias=False`` becomes ``affine=False``. Shared layers stay shared;
-    layers in ``nnx.List``/``nnx.Dict`` and in ``nnx.data`` tuples, lists and dicts are
-    replaced too. Every layer is converted before any is replaced, so an error (a
-    ``ValueError``/``TypeError`` naming the argument) leaves ``model`` as it was.
-
-    Two call-site differences remain (``docs/jax-modules.md``): the call is bn1d's,
-    ``(x, mask=None, *, use_running_average=None)``, so Flax's ``bn(x, True)`` becomes
-    ``bn(x, use_running_average=True)`` and a mask has ``x``'s shape without the feature
-    axis (Flax's broadcasts to ``x``); and the output has the input's dtype with
-    float32 (or float64) statistics (R2.5), where Flax casts to its ``dtype``.
+    What differs (``docs/decisions.md``): the statistics are exact (R2.7) by default,
+    ``use_fast_variance=False``, where Flax's default one-pass formula cancels on raw data
+    (``use_fast_variance=True`` is Flax's formula, clamped at 0); the constructor checks its
+    arguments (R7.1); a mask must select the same positions for every feature (bn1d counts
+    one set; a ``ValueError`` otherwise); complex input is a ``TypeError`` (R2.6); the
+    arithmetic is ``bn1d.backends.jax_modules.flax_batch_norm``'s.
     """
-    if ndim is not None and (not isinstance(ndim, int) or isinstance(ndim, bool)):
-        raise argument_error("ndim", "None or an int >= 2 (the rank of the layers' inputs)", ndim, TypeError)
-    if ndim is not None and ndim < 2:
-        raise argument_error("ndim", "None or an int >= 2 (the rank of the layers' inputs)", ndim)
-    if isinstance(model, nnx.BatchNorm):
-        return _from_flax(model, ndim, options)
-    # Two passes, so that a layer that cannot be converted raises before any is replaced.
-    found: dict[int, nnx.BatchNorm] = {}
-    _walk(model, lambda layer: found.setdefault(id(layer), layer), set())
-    replaced = {key: _from_flax(layer, ndim, options) for key, layer in found.items()}
-    _walk(model, lambda layer: replaced[id(layer)], set())
+
+    def __init__(self, num_features: int, *, use_fast_variance: bool = False, **kwargs: Any):
+        check_flax_arguments(num_features, use_fast_variance=use_fast_variance, **kwargs)
+        super().__init__(num_features, use_fast_variance=use_fast_variance, **kwargs)
+
+    def __call__(self, x: Any, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        use_running_average = first_from(
+            use_running_average, self.use_running_average,
+            error_msg="No `use_running_average` argument was provided to BatchNorm: pass it to the constructor, "
+            "the call, or use nnx.view(model, use_running_average=...)",
+        )  # fmt: skip
+        training = not use_running_average
+        y, mean, var = jax_modules.flax_batch_norm(
+            x, self.mean[...], self.var[...], None if self.scale is None else self.scale[...],
+            None if self.bias is None else self.bias[...], training=training, axis=self.axis,
+            momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance, mask=mask,
+            dtype=self.dtype,
+        )  # fmt: skip
+        if training:
+            self.mean[...] = mean
+            self.var[...] = var
+        return y
+
+
+def check_flax_arguments(num_features: Any, **arguments: Any) -> None:
+    """Flax's batch-norm arguments checked (R7.1), as bn1d's constructors check theirs:
+    ``num_features`` a positive int (``None``: linen's, taken from the input), ``momentum``
+    in [0, 1], ``epsilon`` > 0, the flags bools, ``axis_index_groups`` only with
+    ``axis_name``, partitioning the replicas into equal groups."""
+    if num_features is not None:
+        BatchNormConfig.from_arguments(num_features)
+    momentum, epsilon = arguments.get("momentum", 0.99), arguments.get("epsilon", 1e-5)
+    if momentum is None:  # Flax has no cumulative average
+        raise argument_error("momentum", "a finite float in [0, 1]", None, TypeError)
+    BatchNormConfig.from_arguments(
+        1, momentum=momentum, epsilon=epsilon, axis_name=arguments.get("axis_name"),
+        axis_index_groups=arguments.get("axis_index_groups"),
+    )  # fmt: skip
+    for flag in ("use_bias", "use_scale", "use_fast_variance"):
+        if not isinstance(arguments.get(flag, True), bool):
+            raise argument_error(flag, "a bool", arguments[flag], TypeError)
+    running = arguments.get("use_running_average")
+    if running is not None and not isinstance(running, (bool, np.bool_)):
+        raise argument_error("use_running_average", "None or a bool", running, TypeError)
+
+
+def replace_batchnorm(model: Any, *, use_fast_variance: bool = False) -> Any:
+    """Make every ``nnx.BatchNorm`` of ``model`` bn1d's :class:`BatchNorm` (in place; ``model``
+    is also returned): the same objects with their class swapped, so values, options, mode,
+    sharing, ``nnx.state`` paths and checkpoints stay as they were, wherever the layers sit
+    (attributes, ``nnx.List``, ``nnx.data`` containers). ``use_fast_variance`` is set on
+    each: ``False`` (the default) gives bn1d's exact statistics, ``True`` Flax's default
+    one-pass formula. Subclasses of ``nnx.BatchNorm`` are left alone (their overrides would
+    be lost). Every layer's options are checked (R7.1) before any is changed, so an error
+    leaves ``model`` as it was."""
+    if not isinstance(use_fast_variance, bool):
+        raise argument_error("use_fast_variance", "a bool", use_fast_variance, TypeError)
+    layers = [node for _, node in nnx.iter_graph(model) if type(node) is nnx.BatchNorm]
+    for layer in layers:
+        check_flax_arguments(
+            layer.num_features, momentum=layer.momentum, epsilon=layer.epsilon, axis_name=layer.axis_name,
+            axis_index_groups=layer.axis_index_groups, use_bias=layer.use_bias, use_scale=layer.use_scale,
+            use_running_average=layer.use_running_average,
+        )  # fmt: skip
+    for layer in layers:
+        object.__setattr__(layer, "__class__", BatchNorm)  # not NNX's __setattr__: no attribute recorded
+        layer.use_fast_variance = use_fast_variance
     return model
-
-
-def _children(node: Any) -> list[tuple[Any, Any]]:
-    """``(key, child)`` of a graph node (its graph children and the lists, tuples and
-    dicts it holds as data, e.g. ``nnx.data((...))``) or of such a container."""
-    if isinstance(node, (list, tuple)):
-        return list(enumerate(node))
-    if isinstance(node, dict):
-        return list(node.items())
-    if graphlib.get_node_impl(node) is None:
-        return []
-    children = dict(nnx.iter_children(node))
-    if isinstance(node, nnx.Module):
-        children.update(
-            (k, v) for k, v in vars(node).items() if k not in children and isinstance(v, (list, tuple, dict))
-        )
-    return list(children.items())
-
-
-def _walk(node: Any, swap: Any, seen: set[int]) -> Any:
-    """``node`` with every ``nnx.BatchNorm`` below it replaced by ``swap(layer)``: graph
-    nodes, lists and dicts changed in place, tuples rebuilt (and set on their holder)."""
-    if isinstance(node, nnx.BatchNorm):
-        return swap(node)
-    if id(node) in seen:
-        return node
-    seen.add(id(node))
-    changed = {}
-    for key, child in _children(node):
-        new = _walk(child, swap, seen)
-        if new is not child:
-            changed[key] = new
-    if not changed:
-        return node
-    if isinstance(node, tuple):
-        return tuple(changed.get(i, v) for i, v in enumerate(node))
-    if isinstance(node, (list, dict)):
-        for key, new in changed.items():
-            node[key] = new
-        return node
-    set_key = getattr(graphlib.get_node_impl(node), "set_key", None)
-    if set_key is None:  # an immutable graph node (only reached when it holds a BatchNorm)
-        raise argument_error("model", "nnx.BatchNorm layers held by mutable graph nodes", type(node))
-    for key, new in changed.items():
-        set_key(node, key, new)
-    return node
-
-
-def _reduced(feature: int, ndim: int) -> tuple[int, ...]:
-    """Every axis of an ``ndim``-D input but Flax's feature axis ``feature``."""
-    return tuple(a for a in range(ndim) if a != feature % ndim)
-
-
-def _from_flax(layer: nnx.BatchNorm, ndim: int | None, options: dict[str, Any]) -> BatchNorm1d:
-    """bn1d's module equal to one ``nnx.BatchNorm`` (its values, options and mode)."""
-    if isinstance(layer.axis, (tuple, list)) and len(layer.axis) != 1:
-        raise argument_error("axis", "one feature axis (bn1d normalises per feature of one axis)", layer.axis)
-    feature = int(layer.axis[0] if isinstance(layer.axis, (tuple, list)) else layer.axis)
-    adaptive = ndim is None
-    if ndim is None:  # the smallest rank that has the feature axis; calls of other ranks adapt
-        ndim = max(2, feature + 1 if feature >= 0 else -feature)
-    if not -ndim <= feature < ndim:
-        raise argument_error("ndim", f"a rank that has the feature axis {feature}", ndim)
-    variables = {
-        "params": {k: getattr(layer, k)[...] for k in ("scale", "bias") if getattr(layer, k) is not None},
-        "batch_stats": {"mean": layer.mean[...], "var": layer.var[...]},
-    }
-    state = jax_modules.state_from_flax(variables)
-    affine = bool(variables["params"])
-    wide = any(np.asarray(v).dtype == np.float64 for v in state.values())
-    flax_options = {
-        "axis": _reduced(feature, ndim),
-        "epsilon": layer.epsilon,
-        "momentum": layer.momentum,
-        "affine": affine,
-        "axis_name": layer.axis_name,
-        "axis_index_groups": layer.axis_index_groups,
-        "dtype": jnp.float64 if wide else None,
-        "use_running_average": layer.use_running_average,
-        "fast_variance": bool(layer.use_fast_variance),
-        "unbiased_running_var": False,
-    }
-    module = BatchNorm1d(layer.num_features, **{**flax_options, **options})
-    state["num_batches_tracked"] = np.asarray(0)  # for momentum=None: no call counted yet
-    module.load_state_dict({k: v for k, v in state.items() if k in module.config.keys})
-    if adaptive:
-        module.flax_feature_axis = feature
-    return module

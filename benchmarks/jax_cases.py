@@ -1,4 +1,5 @@
-"""JAX: ``layer.apply`` under ``jax.jit`` against Flax linen ``BatchNorm``'s ``apply`` under ``jax.jit``."""
+"""JAX: ``layer.apply`` and the linen drop-in ``bn1d.backends.linen.BatchNorm``'s ``apply``, under
+``jax.jit``, against Flax linen ``BatchNorm``'s ``apply`` under ``jax.jit``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bn1d.backends import linen as bn_linen
 from bn1d.backends.jax import BatchNorm1d
 
 from .results import PASSES, Row, Target
@@ -19,9 +21,12 @@ from .timing import Budget, interleaved_medians
 
 MEMORY = "XLA's compiled memory_analysis(): temp + output buffers of the jitted function"
 #: (bn1d variant, bn1d fast_variance, Flax use_fast_variance): bn1d's default (the shifted
-#: one-pass statistics) against both of Flax's variance modes, and the fast variance
-#: against Flax's same formula.
-VARIANTS = (("default", False, False), ("default", False, True), ("fast variance", True, True))
+#: one-pass statistics) against both of Flax's variance modes, the fast variance against
+#: Flax's same formula, and the linen drop-in (exact by default) against both modes.
+VARIANTS = (
+    ("default", False, False), ("default", False, True), ("fast variance", True, True),
+    ("drop-in", False, False), ("drop-in", False, True),
+)  # fmt: skip
 #: The issue's targets for the default variant at the large shape: (pass, Flax fast) -> ratio.
 TARGETS = {("train fwd", False): 0.8, ("train fwd", True): 1.1, ("train fwd+bwd", False): 1.0,
            ("train fwd+bwd", True): 1.0}  # fmt: skip
@@ -40,40 +45,49 @@ def _blocking(jitted: Any, *args: Any):
 
 
 def pair(
-    shape: tuple[int, ...], fast: bool, pass_: str, flax_fast: bool | None = None
+    shape: tuple[int, ...], fast: bool, pass_: str, flax_fast: bool | None = None, dropin: bool = False
 ) -> tuple[tuple[Any, tuple], tuple[Any, tuple], jax.Array]:
     """(bn1d jitted fn, args), (Flax jitted fn, args) and x for one case (``flax_fast``:
-    Flax's variance mode, by default bn1d's)."""
+    Flax's variance mode, by default bn1d's; ``dropin``: bn1d's side is the linen drop-in,
+    exact, called as Flax's module is)."""
     c = shape[-1]
     key_x, key_dy = jax.random.split(jax.random.key(0))
     x = jax.random.normal(key_x, shape, jnp.float32)
     dy = jax.random.normal(key_dy, shape, jnp.float32)
+    flax_fast = fast if flax_fast is None else flax_fast
+    flax = _linen(nn.BatchNorm(momentum=0.99, epsilon=1e-5, use_fast_variance=flax_fast), pass_, x, dy)
+    if dropin:
+        return _linen(bn_linen.BatchNorm(momentum=0.99, epsilon=1e-5), pass_, x, dy), flax, x
     layer = BatchNorm1d(c, fast_variance=fast)
-    module = nn.BatchNorm(momentum=0.99, epsilon=1e-5, use_fast_variance=fast if flax_fast is None else flax_fast)
-    variables = module.init(jax.random.key(1), x, use_running_average=False)
     params, state = layer.params, layer.state
     if pass_ == "train fwd":
-        ours = jax.jit(lambda p, s, x: layer.apply(p, s, x, training=True))
-        flax = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]))
-        return (ours, (params, state, x)), (flax, (variables, x)), x
+        return (jax.jit(lambda p, s, x: layer.apply(p, s, x, training=True)), (params, state, x)), flax, x
     if pass_ == "inference":
-        ours = jax.jit(lambda p, s, x: layer.apply(p, s, x, training=False)[0])
-        flax = jax.jit(lambda v, x: module.apply(v, x, use_running_average=True))
-        return (ours, (params, state, x)), (flax, (variables, x)), x
+        return (jax.jit(lambda p, s, x: layer.apply(p, s, x, training=False)[0]), (params, state, x)), flax, x
 
     def our_loss(p, s, x, dy):  # the same loss on both sides: sum(y * dy)
         y, new_state = layer.apply(p, s, x, training=True)
         return jnp.sum(y * dy), new_state
 
-    def flax_loss(p, s, x, dy):
+    return (jax.jit(jax.grad(our_loss, argnums=(0, 2), has_aux=True)), (params, state, x, dy)), flax, x
+
+
+def _linen(module: nn.Module, pass_: str, x: jax.Array, dy: jax.Array) -> tuple[Any, tuple]:
+    """(jitted fn, args) of a linen batch norm's ``apply`` for one pass."""
+    variables = module.init(jax.random.key(1), x, use_running_average=False)
+    if pass_ == "train fwd":
+        fn = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]))
+        return fn, (variables, x)
+    if pass_ == "inference":
+        return jax.jit(lambda v, x: module.apply(v, x, use_running_average=True)), (variables, x)
+
+    def loss(p, s, x, dy):
         y, updates = module.apply(
             {"params": p, "batch_stats": s}, x, use_running_average=False, mutable=["batch_stats"]
         )
         return jnp.sum(y * dy), updates
 
-    ours = jax.jit(jax.grad(our_loss, argnums=(0, 2), has_aux=True))
-    flax = jax.jit(jax.grad(flax_loss, argnums=(0, 2), has_aux=True))
-    return (ours, (params, state, x, dy)), (flax, (variables["params"], variables["batch_stats"], x, dy)), x
+    return jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True)), (variables["params"], variables["batch_stats"], x, dy)
 
 
 def _settle(fns: list[Any], copy: Callable[[], Any], limit_s: float = 5.0) -> None:
@@ -102,9 +116,10 @@ def run(
     for size, shape in shapes.items():
         for pass_ in passes:
             for variant, fast, flax_fast in VARIANTS:
-                if pass_ == "inference" and (fast or flax_fast) or passes != PASSES and (fast or flax_fast):
+                dropin = variant == "drop-in"
+                if pass_ == "inference" and (fast or flax_fast) or passes != PASSES and (fast or flax_fast or dropin):
                     continue  # no variance in inference; the size sweep runs the default against two-pass
-                (ours, our_args), (flax, flax_args), x = pair(shape, fast, pass_, flax_fast)
+                (ours, our_args), (flax, flax_args), x = pair(shape, fast, pass_, flax_fast, dropin)
                 fns = {"bn1d": _blocking(ours, *our_args), "peer": _blocking(flax, *flax_args)}
                 if not rows:  # the first case of a process ran at a fifth of the copy bandwidth: settle first
                     _settle(list(fns.values()), _blocking(copy, x))
@@ -116,7 +131,7 @@ def run(
                         "jax",
                         shape,
                         pass_,
-                        variant if pass_ != "inference" else "",
+                        variant if pass_ != "inference" or dropin else "",
                         peer,
                         times["bn1d"],
                         times["peer"],

@@ -33,6 +33,8 @@ def test_quick_benchmark_table(tmp_path):
             assert sum(1 for r in rows if (r["backend"], r["pass"]) == (backend, pass_)) >= 2  # both shapes
     for row in rows:
         assert row["bn1d_s"] > 0 and row["peer_s"] > 0 and row["ratio"] > 0
+    if "jax" in backends:  # the linen drop-in is timed against Flax in every pass
+        assert {r["pass"] for r in rows if r["backend"] == "jax" and r["variant"] == "drop-in"} == set(PASSES)
     if sync:
         assert {r["backend"] for r in rows} >= {"jax sync (shard_map)", "torch sync (gloo)"}
         variants = {r["variant"] for r in rows if r["backend"] == "torch sync (gloo)"}
