@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bn1d import algorithm
+from bn1d.backends import jax as jax_backend
 from bn1d.config import BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros
 
@@ -166,49 +168,53 @@ class BatchNorm(eqx.nn.BatchNorm):
             self.input_size, batch.ndim, float(self.eps), _names(self.axis_name), self.channelwise_affine
         )
         params = {"scale": self.weight, "bias": self.bias} if self.channelwise_affine else {}
+        momentum = self.momentum
         if self.mode == "ema":
             first_time, running = state.get(self.ema_first_time_index), state.get(self.ema_state_index)
-            if inference:
-                mean, var = running
-            else:
+            mean, var = running
+            if not inference:  # normalise with the new average: its gradient reaches x through the batch's share
                 state = state.set(self.ema_first_time_index, jnp.array(False))
-                batch_mean, batch_var = self._batch_statistics(config, params, batch, running)
-                momentum = self.momentum
-                mean = jnp.where(first_time, batch_mean, (1 - momentum) * batch_mean + momentum * running[0])
-                var = jnp.where(first_time, batch_var, (1 - momentum) * batch_var + momentum * running[1])
+                batch_mean, batch_var = _batch_statistics(config, batch, running[0].dtype)
+                mean = jnp.where(first_time, batch_mean, (1 - momentum) * batch_mean + momentum * mean)
+                var = jnp.where(first_time, batch_var, (1 - momentum) * batch_var + momentum * var)
                 state = state.set(self.ema_state_index, (mean, var))
-            y = self._normalised(config, params, batch, (mean, var))
+            y = self._normalised(batch, mean, var)
+            dtype = jnp.result_type(y, x)
         else:
             counter, hidden = state.get(self.batch_counter), state.get(self.batch_state_index)
-            if inference:
-                scale = jnp.where(counter == 0, 1, 1 - self.momentum**counter)
-                y = self._normalised(config, params, batch, (hidden[0] / scale, hidden[1] / scale))
-            else:
-                y, (mean, var) = self._training(config, params, batch, hidden)
-                momentum = self.momentum
-                state = state.set(self.batch_counter, counter + 1)
-                state = state.set(
-                    self.batch_state_index,
-                    (hidden[0] * momentum + mean * (1 - momentum), hidden[1] * momentum + var * (1 - momentum)),
+            if inference:  # Equinox's zero-debiased average
+                scale = jnp.where(counter == 0, 1, 1 - momentum**counter)
+                y = self._normalised(batch, hidden[0] / scale, hidden[1] / scale)
+                dtype = jnp.result_type(y, x)
+            else:  # bn1d's training call: the batch's exact statistics, count-weighted over the lanes
+                stats = {"running_mean": hidden[0], "running_var": hidden[1]}
+                y, new = jax_modules.apply(config, params, stats, batch, None, True)
+                new_hidden = (
+                    hidden[0] * momentum + new["running_mean"] * (1 - momentum),
+                    hidden[1] * momentum + new["running_var"] * (1 - momentum),
                 )
-        dtype = jnp.result_type(x, *(v for v in (self.weight, self.bias) if v is not None), *jax.tree.leaves(
-            state.get(self.ema_state_index if self.mode == "ema" else self.batch_state_index)))  # fmt: skip
+                state = state.set(self.batch_counter, counter + 1)
+                state = state.set(self.batch_state_index, new_hidden)
+                dtype = jnp.result_type(x, *params.values())  # Equinox's: the batch's statistics in x's dtype
         return jnp.squeeze(y, 0).astype(dtype), state
 
-    def _training(self, config: BatchNormConfig, params: Any, batch: jax.Array, like: Any) -> Any:
-        """``(y, (mean, var))``: the batch's statistics over the lanes (momentum 0: the new
-        running statistics are the batch's own, biased) and ``y`` normalised with them."""
-        state = {"running_mean": like[0], "running_var": like[1]}
-        y, stats = jax_modules.apply(config, params, state, batch, None, True)
-        return y, (stats["running_mean"], stats["running_var"])
+    def _normalised(self, batch: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
+        """Equinox's ``(x - mean) / sqrt(var + eps)``, then the affine map, on ``(1, C, ...)``."""
+        shape = (1, self.input_size) + (1,) * (batch.ndim - 2)
+        y = (batch - jnp.reshape(mean, shape)) / jnp.sqrt(jnp.reshape(var, shape) + self.eps)
+        if self.channelwise_affine:
+            y = y * jnp.reshape(self.weight, shape) + jnp.reshape(self.bias, shape)
+        return y
 
-    def _batch_statistics(self, config: BatchNormConfig, params: Any, batch: jax.Array, like: Any) -> Any:
-        return self._training(config, params, batch, like)[1]
 
-    def _normalised(self, config: BatchNormConfig, params: Any, batch: jax.Array, stats: Any) -> jax.Array:
-        """``batch`` normalised with given statistics (bn1d's inference: ``x - mean`` first)."""
-        state = {"running_mean": stats[0], "running_var": stats[1]}
-        return jax_modules.apply(config, params, state, batch, None, False)[0]
+def _batch_statistics(config: BatchNormConfig, batch: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The lanes' batch mean and biased variance, exact (bn1d's shifted moments, summed over
+    ``axis_name``), differentiable with respect to ``batch``, in ``dtype``."""
+    hooks = algorithm.Hooks(
+        all_sum=jax_backend.replica_all_sum(config.axis_name, None), stop_gradient=jax.lax.stop_gradient
+    )
+    moments = algorithm.batch_moments(batch, reduce_axes=config.reduce_axes, hooks=hooks)
+    return moments.mean(jnp).astype(dtype), moments.var.astype(dtype)
 
 
 @functools.lru_cache(maxsize=256)

@@ -129,10 +129,9 @@ def flax_feature_axes(axis: Any, ndim: int) -> tuple[int, ...]:
     axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     if not axes or not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes):
         raise argument_error("axis", "an int or a non-empty sequence of ints (the feature axes)", axis, TypeError)
-    resolved = sorted({int(a) % ndim for a in axes if -ndim <= a < ndim})
-    if len(resolved) != len(set(axes)):
-        raise argument_error("axis", f"distinct feature axes of a {ndim}-D input", axis)
-    return tuple(resolved)
+    if not all(-ndim <= a < ndim for a in axes):
+        raise argument_error("axis", f"feature axes of a {ndim}-D input", axis)
+    return tuple(sorted({int(a) % ndim for a in axes}))  # repeated axes once, as Flax
 
 
 def flax_mask(mask: Any, shape: tuple[int, ...], features: tuple[int, ...]) -> jax.Array | None:
@@ -151,19 +150,18 @@ def flax_mask(mask: Any, shape: tuple[int, ...], features: tuple[int, ...]) -> j
     padded = (1,) * (ndim - len(mask_shape)) + mask_shape
     if len(mask_shape) > ndim or any(m not in (1, s) for m, s in zip(padded, shape)):
         raise argument_error("mask", f"a boolean array broadcastable to x's shape {shape}", mask_shape)
-    mask = jnp.reshape(jnp.asarray(mask), padded)
+    traced = isinstance(mask, jax.core.Tracer)
+    values = None if traced else np.reshape(np.asarray(mask), padded)  # concrete: checked on the host, even under jit
     for a in features:
-        if padded[a] == 1:
-            continue
-        if isinstance(mask, jax.core.Tracer) or not bool(jnp.all(mask == jnp.take(mask, jnp.asarray([0]), axis=a))):
+        if padded[a] != 1 and (traced or not (values == np.take(values, [0], axis=a)).all()):
             raise argument_error(
                 "mask",
                 "the same positions for every feature (bn1d counts one set of positions per call; a traced mask "
                 "needs size 1 along the feature axes)",
-                f"a mask of shape {mask_shape} varying along feature axis {a}"
-                if not isinstance(mask, jax.core.Tracer)
-                else f"a traced mask of shape {mask_shape}",
-            )
+                f"a traced mask of shape {mask_shape}" if traced else
+                f"a mask of shape {mask_shape} varying along feature axis {a}",
+            )  # fmt: skip
+    mask = jnp.reshape(jnp.asarray(mask), padded)
     index = tuple(slice(0, 1) if a in features else slice(None) for a in range(ndim))
     kept = jnp.broadcast_to(mask[index], tuple(1 if a in features else s for a, s in enumerate(shape)))
     return jnp.reshape(kept, tuple(s for a, s in enumerate(shape) if a not in features))
@@ -209,8 +207,10 @@ def flax_batch_norm(
     count = math.prod(feature_shape)
     params = [p for p in (scale, bias) if p is not None]
     out_dtype = jnp.result_type(x, *params) if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(out_dtype, jnp.inexact):  # Flax's canonicalize_dtype(..., inexact=True)
+        out_dtype = jnp.promote_types(jnp.float32, out_dtype)
     others = tuple(a for a in range(x.ndim) if a not in features)
-    bn_mask = flax_mask(mask, shape, features)
+    bn_mask = flax_mask(mask, shape, features) if training else None  # Flax ignores a mask in inference
     if len(features) == 1:
         view, reduce_axes = x, others
     else:  # the feature axes last, flattened into one
@@ -231,7 +231,7 @@ def flax_batch_norm(
     y, new_state = jax_backend.apply(config, values, state, view, bn_mask, training)
     if len(features) > 1:
         y = jnp.transpose(jnp.reshape(y, tuple(shape[a] for a in others) + feature_shape),
-                          np.argsort(others + features))  # fmt: skip
+                          tuple(int(a) for a in np.argsort(others + features)))  # fmt: skip
     return (
         y.astype(out_dtype),
         jnp.reshape(new_state["running_mean"], jnp.shape(mean)),

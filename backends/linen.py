@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -160,6 +161,10 @@ class BatchNorm(nn.BatchNorm):
         scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
         initializing, training = self.is_initializing(), not use_running_average
+        if initializing and training and mask is None and x.size == math.prod(feature_shape):
+            # Flax's init on a batch of one value per feature (a dummy input): a mask of every position
+            # runs it as Flax does, where R3.5 refuses an unsynced call (init updates and syncs nothing).
+            mask = jnp.ones(x.shape, jnp.bool_)
         y, new_mean, new_var = jax_modules.flax_batch_norm(
             x, mean.value, var.value, scale, bias, training=training, axis=self.axis, momentum=self.momentum,
             epsilon=self.epsilon, axis_name=None if initializing else self.axis_name,

@@ -152,16 +152,21 @@ class BatchNorm(nnx.BatchNorm):
             "the call, or use nnx.view(model, use_running_average=...)",
         )  # fmt: skip
         training = not use_running_average
+        stored = self.mean[...].dtype, self.var[...].dtype
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        # NNX's promotion of the input with every variable (the statistics included), then Flax's computation
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+        )
         y, mean, var = jax_modules.flax_batch_norm(
-            x, self.mean[...], self.var[...], None if self.scale is None else self.scale[...],
-            None if self.bias is None else self.bias[...], training=training, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance, mask=mask,
-            dtype=self.dtype,
+            x, mean, var, scale, bias, training=training, axis=self.axis, momentum=self.momentum,
+            epsilon=self.epsilon, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            use_fast_variance=self.use_fast_variance, mask=mask, dtype=self.dtype,
         )  # fmt: skip
-        if training:
-            self.mean[...] = mean
-            self.var[...] = var
+        if training:  # the statistics keep their stored dtype
+            self.mean[...] = mean.astype(stored[0])
+            self.var[...] = var.astype(stored[1])
         return y
 
 
@@ -195,7 +200,8 @@ def replace_batchnorm(model: Any, *, use_fast_variance: bool = False) -> Any:
     each: ``False`` (the default) gives bn1d's exact statistics, ``True`` Flax's default
     one-pass formula. Subclasses of ``nnx.BatchNorm`` are left alone (their overrides would
     be lost). Every layer's options are checked (R7.1) before any is changed, so an error
-    leaves ``model`` as it was."""
+    leaves ``model`` as it was. Functions traced before the swap and cached on the objects
+    (``nnx.cached_partial``) still run the traced code: build them after."""
     if not isinstance(use_fast_variance, bool):
         raise argument_error("use_fast_variance", "a bool", use_fast_variance, TypeError)
     layers = [node for _, node in nnx.iter_graph(model) if type(node) is nnx.BatchNorm]

@@ -254,7 +254,7 @@ def batch_norm(
     elif not (
         _vectors(x.shape[1], running_mean, running_var, weight, bias)
         and (running_mean is None) == (running_var is None)
-        and (type(momentum) in _NUMBERS and 0.0 <= momentum <= 1.0 or momentum is None and (
+        and (type(momentum) in _NUMBERS and 0.0 <= momentum <= 1.0 or momentum is None and (  # type: ignore[operator]
             num_batches_tracked is not None or not training or running_mean is None))
         and type(eps) in _NUMBERS and 0.0 < eps < math.inf
         and (training or running_mean is not None)

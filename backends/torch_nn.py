@@ -412,7 +412,7 @@ def revert_batchnorm(model: nn.Module) -> nn.Module:
         lambda module, where: _reverted_layer(module, where) if hasattr(module, "to_torch") else None,
     )
     for module in drop_ins:
-        module.__class__ = _STOCK_OF[type(module)]
+        module.__class__ = _STOCK_OF[type(module)]  # type: ignore[index]
         for key in _EXTRAS:
             module.__dict__.pop(key, None)
     return replaced

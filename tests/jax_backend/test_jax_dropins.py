@@ -183,6 +183,11 @@ def test_equinox_drop_in_computes_what_equinox_computes_in_each_mode(mode, examp
     assert isinstance(ours, eqx.nn.BatchNorm)
     for step in range(3):
         x = data((8, *example), step)
+        # The gradient reaches x through the batch's statistics in both modes ("ema": through the
+        # batch's share of the new average, which normalises).
+        grads = [jax.grad(lambda x, m=m, s=s: jnp.sum(jnp.sin(per_lane(m)(x, s)[0])))(x)
+                 for m, s in ((theirs, their_state), (ours, our_state))]  # fmt: skip
+        close(grads[1], grads[0], f"step {step} dx")
         y_theirs, their_state = per_lane(theirs)(x, their_state)
         y_ours, our_state = per_lane(ours)(x, our_state)
         close(y_ours, y_theirs, f"step {step} y")
@@ -248,6 +253,45 @@ def test_one_example_per_call_or_per_lane_as_flax_and_an_unbound_axis_is_flaxs_e
     eqx_layer, state = eqx.nn.make_with_state(bn_eqx.BatchNorm)(3, "batch", mode="batch", dtype=jnp.float32)
     with pytest.raises(NameError, match=r"^axis_name: expected an axis bound by jax.vmap"):
         eqx_layer(x[0], state)  # one example outside the vmap
+
+
+def test_flax_dtypes_masks_axes_and_init_follow_flax():
+    """What Flax decides besides the statistics, against Flax: NNX promotes the input with
+    every variable (``promote_dtype``, the statistics included; linen: the parameters only),
+    an integer input gives float32, repeated feature axes count once, a mask is ignored in
+    inference and a concrete one is checked under ``jit`` too, and linen's ``init`` runs on
+    a dummy batch of one value per feature."""
+    x = data((8, 5, 4), 30)
+    for kwargs, given in (
+        (dict(param_dtype=jnp.bfloat16), x.astype(jnp.bfloat16)),
+        (dict(use_scale=False, use_bias=False), jnp.round(x).astype(jnp.int32)),
+        (
+            dict(
+                promote_dtype=lambda args, dtype=None: tuple(
+                    None if a is None else jnp.asarray(a, jnp.float16) for a in args
+                )
+            ),
+            x,
+        ),  # fmt: skip
+        (dict(axis=(-1, 2)), x),
+    ):
+        theirs = nnx.BatchNorm(4, **kwargs, rngs=nnx.Rngs(0))
+        ours = bn_nnx.BatchNorm(4, **kwargs, rngs=nnx.Rngs(0))
+        y_theirs, y_ours = theirs(given), ours(given)
+        assert y_ours.dtype == y_theirs.dtype and ours.mean[...].dtype == theirs.mean[...].dtype, kwargs
+        close(y_ours, y_theirs, f"{kwargs}", tol=1e-2 if y_theirs.dtype != jnp.float32 else TOL)
+    rows = jnp.asarray(np.random.default_rng(31).random((8, 5, 1)) < 0.7)
+    full = jnp.broadcast_to(rows, x.shape)  # the same positions for every feature
+    varying = jnp.asarray(np.random.default_rng(32).random(x.shape) < 0.7)
+    theirs, ours = (cls(4, use_fast_variance=False, rngs=nnx.Rngs(0)) for cls in (nnx.BatchNorm, bn_nnx.BatchNorm))
+    captured = [nnx.jit(lambda m, x: m(x, mask=full))(m, x) for m in (theirs, ours)]  # a concrete mask, not traced
+    close(captured[1], captured[0], "a concrete full-shape mask under jit")
+    theirs.eval(), ours.eval()
+    close(ours(x, mask=varying), theirs(x, mask=varying), "inference ignores the mask")
+    for module in (linen.BatchNorm, bn_linen.BatchNorm):  # Flax's init on a dummy input
+        variables = module(use_running_average=False, axis_name="batch").init(jax.random.key(0), jnp.ones((1, 4)))
+        assert jax.tree.map(jnp.shape, variables) == {"batch_stats": {"mean": (4,), "var": (4,)},
+                                                      "params": {"bias": (4,), "scale": (4,)}}  # fmt: skip
 
 
 # -- bn1d's arithmetic where the peers' misses the rule --------------------------------------------
