@@ -211,7 +211,8 @@ def _batch_statistics(config: BatchNormConfig, batch: jax.Array, dtype: Any) -> 
     """The lanes' batch mean and biased variance, exact (bn1d's shifted moments, summed over
     ``axis_name``), differentiable with respect to ``batch``, in ``dtype``."""
     hooks = algorithm.Hooks(
-        all_sum=jax_backend.replica_all_sum(config.axis_name, None), stop_gradient=jax.lax.stop_gradient
+        all_sum=jax_backend.replica_all_sum(config.axis_name, None),  # type: ignore[arg-type]  # always named
+        stop_gradient=jax.lax.stop_gradient,
     )
     moments = algorithm.batch_moments(batch, reduce_axes=config.reduce_axes, hooks=hooks)
     return moments.mean(jnp).astype(dtype), moments.var.astype(dtype)

@@ -151,8 +151,8 @@ def flax_mask(mask: Any, shape: tuple[int, ...], features: tuple[int, ...]) -> j
     if len(mask_shape) > ndim or any(m not in (1, s) for m, s in zip(padded, shape)):
         raise argument_error("mask", f"a boolean array broadcastable to x's shape {shape}", mask_shape)
     traced = isinstance(mask, jax.core.Tracer)
-    values = None if traced else np.reshape(np.asarray(mask), padded)  # concrete: checked on the host, even under jit
-    for a in features:
+    values = np.zeros(()) if traced else np.reshape(np.asarray(mask), padded)  # concrete: checked on the host
+    for a in features:  # (even under jit)
         if padded[a] != 1 and (traced or not (values == np.take(values, [0], axis=a)).all()):
             raise argument_error(
                 "mask",
