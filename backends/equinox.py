@@ -170,6 +170,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         params = {"scale": self.weight, "bias": self.bias} if self.channelwise_affine else {}
         momentum = self.momentum
         if self.mode == "ema":
+            assert self.ema_first_time_index is not None and self.ema_state_index is not None  # as Equinox
             first_time, running = state.get(self.ema_first_time_index), state.get(self.ema_state_index)
             mean, var = running
             if not inference:  # normalise with the new average: its gradient reaches x through the batch's share
@@ -181,6 +182,7 @@ class BatchNorm(eqx.nn.BatchNorm):
             y = self._normalised(batch, mean, var)
             dtype = jnp.result_type(y, x)
         else:
+            assert self.batch_counter is not None and self.batch_state_index is not None  # as Equinox
             counter, hidden = state.get(self.batch_counter), state.get(self.batch_state_index)
             if inference:  # Equinox's zero-debiased average
                 scale = jnp.where(counter == 0, 1, 1 - momentum**counter)
@@ -202,7 +204,7 @@ class BatchNorm(eqx.nn.BatchNorm):
         """Equinox's ``(x - mean) / sqrt(var + eps)``, then the affine map, on ``(1, C, ...)``."""
         shape = (1, self.input_size) + (1,) * (batch.ndim - 2)
         y = (batch - jnp.reshape(mean, shape)) / jnp.sqrt(jnp.reshape(var, shape) + self.eps)
-        if self.channelwise_affine:
+        if self.weight is not None and self.bias is not None:  # channelwise_affine
             y = y * jnp.reshape(self.weight, shape) + jnp.reshape(self.bias, shape)
         return y
 

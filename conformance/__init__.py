@@ -8,7 +8,8 @@
   entry-point group, and the narrow interface they implement;
 * ``runner``: scoring a backend against the golden vectors;
 * ``python -m bn1d.conformance``: every installed backend, as a table;
-* ``pytest --pyargs bn1d.conformance [--bn1d-backend NAME]``: the same as tests.
+* ``pytest [-p bn1d.conformance.plugin] --pyargs bn1d.conformance [--bn1d-backend NAME]``:
+  the same as tests (the plugin, loaded only when asked, adds the options).
 """
 
 from .cases import CASES, ERROR_CASES, SYNC_CASES

@@ -1,9 +1,11 @@
-"""The pytest plugin (entry point ``pytest11``) behind
-``pytest --pyargs bn1d.conformance --bn1d-backend NAME``.
+"""The pytest plugin behind ``pytest -p bn1d.conformance.plugin --pyargs bn1d.conformance
+--bn1d-backend NAME``: loaded only where it is asked for (``-p``, or ``pytest_plugins`` in a
+conftest), never by installing bn1d, so an unrelated project's pytest sessions stay as they
+were.
 
-It only adds the option; ``test_conformance.py`` reads it (or the
-``BN1D_BACKEND`` environment variable: comma-separated names). Without either,
-every registered backend that is installed runs.
+It only adds the options; ``test_conformance.py`` reads them (``--bn1d-backend``, or the
+``BN1D_BACKEND`` environment variable: comma-separated names). Without either, every
+registered backend that is installed runs.
 """
 
 from __future__ import annotations

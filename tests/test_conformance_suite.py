@@ -87,7 +87,8 @@ def test_a_wrong_backend_fails_the_table(third_party):
 
 
 def test_a_wrong_backend_fails_the_pytest_runner(third_party):
-    result = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "bn1d.conformance",
+    plugin = ["-p", "bn1d.conformance.plugin"]  # opt-in: installing bn1d adds no pytest plugin
+    result = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", *plugin, "--pyargs", "bn1d.conformance",
                   "--bn1d-backend", "toy_wrong", "-k", "default_blc or x_integer"], third_party)  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 failed, 1 passed" in result.stdout
@@ -98,8 +99,8 @@ def test_a_requested_backend_that_is_not_installed_fails_loudly(third_party):
         result = run(["-m", "bn1d.conformance", "--backend", name], third_party)
         assert result.returncode == 2, result.stdout + result.stderr
         assert name in result.stderr
-        result = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "bn1d.conformance",
-                      "--bn1d-backend", name], third_party)  # fmt: skip
+        result = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bn1d.conformance.plugin",
+                      "--pyargs", "bn1d.conformance", "--bn1d-backend", name], third_party)  # fmt: skip
         assert result.returncode != 0 and "passed" not in result.stdout, result.stdout
 
 

@@ -1,10 +1,12 @@
-"""The checkout's layout (``bn1d/``, ``backends/``, ``conformance/`` side by side) and
-the installed package (``bn1d``, ``bn1d.backends``, ``bn1d.conformance``) agree on
-what ``bn1d`` is: run from the checkout's root, where its ``bn1d/`` shadows an
-installed bn1d, or from a checkout that is not installed at all, the adapters and
-the suite import from ``../backends`` and ``../conformance``, and nothing else of
-the checkout becomes part of the package (``bn1d.bn1d`` would be a second copy
-of every module, with classes that are not the package's)."""
+"""The checkout's layout (``bn1d/``, ``backends/``, ``conformance/`` side by side, with
+``bn1d/backends`` and ``bn1d/conformance`` links to the last two) and the installed package
+(``bn1d``, ``bn1d.backends``, ``bn1d.conformance``) agree on what ``bn1d`` is: run from the
+checkout's root, where its ``bn1d/`` shadows an installed bn1d, or from a checkout that is
+not installed at all, the adapters and the suite import from ``../backends`` and
+``../conformance``, and nothing else of the checkout becomes part of the package
+(``bn1d.bn1d`` would be a second copy of every module, with classes that are not the
+package's). No import hook does it: importing bn1d adds nothing to ``sys.meta_path``, and
+installing it adds no pytest plugin to other projects' sessions."""
 
 import subprocess
 import sys
@@ -22,7 +24,10 @@ sys.path.insert(0, {root!r})
 """
 
 PROBE = """
-import importlib, bn1d, bn1d.backends.numpy, bn1d.conformance.cases
+import importlib, sys
+finders = list(sys.meta_path)
+import bn1d, bn1d.backends.numpy, bn1d.conformance.cases
+assert sys.meta_path == finders, "importing bn1d added an import hook"
 print(bn1d.backends.numpy.__file__)
 assert bn1d.backends.numpy.BatchNorm1d.__mro__[1] is bn1d.Layer
 for name in ("bn1d.bn1d", "bn1d.bn1d.config", "bn1d.tests", "bn1d.benchmarks", "bn1d.docs"):
@@ -46,3 +51,12 @@ def test_the_package_is_the_same_from_everywhere(where, tmp_path):
     backends = Path(result.stdout.strip().splitlines()[0]).resolve()
     if where != "elsewhere":  # an installed wheel lives in site-packages
         assert backends == ROOT / "backends" / "numpy.py"
+
+
+def test_installing_bn1d_adds_no_pytest_plugin():
+    """The conformance suite's options are opt-in (``-p bn1d.conformance.plugin``): an
+    entry point in the ``pytest11`` group would load bn1d into every pytest session of any
+    project installed beside it."""
+    from importlib.metadata import distribution
+
+    assert "pytest11" not in {entry.group for entry in distribution("bn1d").entry_points}

@@ -92,7 +92,7 @@ def test_an_xfail_table_that_names_no_backend_of_the_run_is_noted(package, tmp_p
     assert result.returncode == 0 and "note: xfail" not in result.stderr, result.stderr[-2000:]
     # The pytest runner warns alike; there mybn's real bug (mask_none_kept, listed under
     # the misspelt table) fails unexpectedly, which is what the note explains.
-    options = f"--bn1d-backend mybn --bn1d-xfail {listed} -k mask -q -p no:cacheprovider"
+    options = f"-p bn1d.conformance.plugin --bn1d-backend mybn --bn1d-xfail {listed} -k mask -q -p no:cacheprovider"
     result = run(f"pytest --pyargs bn1d.conformance {options}", package)
     assert result.returncode == 1 and "FAILED" in result.stdout and "mask_none_kept" in result.stdout
     assert "xfail: [my_bn] names no backend of this run (mybn)" in result.stdout, result.stdout[-3000:]
