@@ -1,6 +1,7 @@
 """What ``python -m bn1d.conformance`` writes besides its table: rule coverage,
 expected-failure lists, versions, JUnit XML, and the peers' report (and the README
-semantics table generated from it).
+semantics table generated from it; ``tools/docs_tables.py``, outside the package, writes
+the tables into the docs).
 
 Expected failures (``--xfail FILE``) are TOML, a table per backend, a reason per case::
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import math
 import platform
-import sys
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -36,7 +36,6 @@ __all__ = [
     "read_xfail",
     "readme_table",
     "unmatched_xfail",
-    "update_readme",
     "version_line",
     "versions",
 ]
@@ -81,7 +80,7 @@ def coverage() -> tuple[str, list[str]]:
 
 
 COVERAGE_START, COVERAGE_END = (
-    "<!-- coverage:start (generated: python -m bn1d.conformance.reports coverage) -->",
+    "<!-- coverage:start (generated: python tools/docs_tables.py coverage docs/spec.md) -->",
     "<!-- coverage:end -->",
 )
 
@@ -95,13 +94,6 @@ def coverage_markdown() -> str:
     lines = ["| rule | checked by the cases |", "|---|---|"]
     lines += [f"| {rule} | {', '.join(names)} |" for rule, names in cells.items()]
     return "\n".join(lines)
-
-
-def update_block(text: str, start: str, end: str, content: str) -> str:
-    """``text`` with what lies between the markers ``start`` and ``end`` replaced."""
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{content}\n{end}{tail}"
 
 
 def read_xfail(path: str) -> dict[str, dict[str, str]]:
@@ -281,11 +273,6 @@ def readme_table(report: dict[str, Any]) -> str:
 START, END = "<!-- semantics-table:start (generated: tox -e peers) -->", "<!-- semantics-table:end -->"
 
 
-def update_readme(readme: str, report: dict[str, Any]) -> str:
-    """``readme`` with the text between the markers replaced by :func:`readme_table`."""
-    return update_block(readme, START, END, readme_table(report))
-
-
 def format_peers(report: dict[str, Any]) -> str:
     lines = []
     for peer in report["peers"]:
@@ -341,26 +328,3 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(item) for item in value]
     return value
-
-
-def main(argv: Sequence[str]) -> None:
-    """``readme REPORT.json README.md``: regenerate the README's semantics table from a
-    peers' report; ``coverage docs/spec.md``: regenerate the spec's coverage table."""
-    import json
-
-    if argv[:1] == ["readme"] and len(argv) == 3:
-        with open(argv[1]) as stream:
-            report = json.load(stream)["report"]
-        path, content, start, end = argv[2], readme_table(report), START, END
-    elif argv[:1] == ["coverage"] and len(argv) == 2:
-        path, content, start, end = argv[1], coverage_markdown(), COVERAGE_START, COVERAGE_END
-    else:
-        raise SystemExit(f"arguments: expected 'readme REPORT.json README.md' or 'coverage docs/spec.md', got {argv}")
-    with open(path) as stream:
-        text = stream.read()
-    with open(path, "w") as stream:
-        stream.write(update_block(text, start, end, content))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

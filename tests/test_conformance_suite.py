@@ -160,7 +160,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 def test_the_spec_document_and_the_rule_index_agree():
     """docs/spec.md's numbered rules are exactly conformance.spec.RULES, in order, and
-    its coverage table is current (``python -m bn1d.conformance.reports coverage``)."""
+    its coverage table is current (``python tools/docs_tables.py coverage docs/spec.md``)."""
     from bn1d.conformance import reports
     from bn1d.conformance.spec import RULES, SPEC_VERSION
 
@@ -168,7 +168,7 @@ def test_the_spec_document_and_the_rule_index_agree():
     assert re.findall(r"^- \*\*(R\d+\.\d+)\*\*", text, re.M) == list(RULES)
     assert f"Spec version: **{SPEC_VERSION}**" in text
     block = text.split(reports.COVERAGE_START)[1].split(reports.COVERAGE_END)[0].strip()
-    assert block == reports.coverage_markdown(), "stale: python -m bn1d.conformance.reports coverage docs/spec.md"
+    assert block == reports.coverage_markdown(), "stale: python tools/docs_tables.py coverage docs/spec.md docs/spec.md"
 
 
 def test_every_rule_has_a_case_and_coverage_says_so():
@@ -204,7 +204,7 @@ def test_the_readme_semantics_table_is_the_peers_report():
     report = json.loads((ROOT / "docs" / "peers.json").read_text())["report"]
     readme = (ROOT / "README.md").read_text()
     block = readme.split(reports.START)[1].split(reports.END)[0].strip()
-    assert block == reports.readme_table(report), "stale: python -m bn1d.conformance.reports readme ..."
+    assert block == reports.readme_table(report), "stale: python tools/docs_tables.py readme ..."
     assert set(report["peers"]) == {"brainpy", "equinox", "flax_linen", "flax_nnx", "keras", "torch_nn"}
 
 
