@@ -38,9 +38,9 @@ from jax import lax
 
 from bn1d import algorithm
 from bn1d.algorithm import AllSum, Hooks
+from bn1d.backends.formats import from_brainpy, from_flax_variables, to_brainpy, to_flax_variables
 from bn1d.config import BatchNormConfig, argument_error, check_partition
 from bn1d.layer import Layer
-from bn1d.state import from_brainpy, from_flax_variables, to_brainpy, to_flax_variables
 
 __all__ = ["BatchNorm1d", "UnboundAxisError", "apply", "as_inputs", "replica_all_sum"]
 

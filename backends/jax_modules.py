@@ -11,7 +11,7 @@ the sync: :func:`bn1d.backends.jax.replica_all_sum`). Called eagerly, outside an
 transformation, a module runs the JAX backend's jitted call, compiled once per
 configuration and shared by every module and layer.
 
-Variables are named as in Flax (``bn1d.state.to_flax_variables``): ``scale``,
+Variables are named as in Flax (``bn1d.backends.formats.to_flax_variables``): ``scale``,
 ``bias``, ``mean``, ``var``, plus ``num_batches_tracked`` for the cumulative average.
 """
 
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bn1d.backends import jax as jax_backend
+from bn1d.backends.formats import FLAX_NAMES, from_flax_variables, to_flax_variables
 from bn1d.config import OPTIONS, BatchNormConfig, argument_error
-from bn1d.state import FLAX_NAMES, from_flax_variables, to_flax_variables
 
 __all__ = [
     "FLAX_NAMES",
@@ -94,7 +94,7 @@ def apply(
 
 
 def flax_variables(state: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
-    """bn1d's state as Flax variable collections (``bn1d.state.to_flax_variables``),
+    """bn1d's state as Flax variable collections (``bn1d.backends.formats.to_flax_variables``),
     with the cumulative average's count in ``batch_stats`` and no ``batch_stats`` at
     all without running statistics."""
     if "running_mean" in state:
@@ -107,7 +107,7 @@ def flax_variables(state: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
 
 
 def state_from_flax(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax variable collections as bn1d's state (``bn1d.state.from_flax_variables``;
+    """Flax variable collections as bn1d's state (``bn1d.backends.formats.from_flax_variables``;
     the inverse of :func:`flax_variables`)."""
     if not isinstance(variables, Mapping):
         raise argument_error("variables", "a mapping of Flax variable collections", type(variables).__name__, TypeError)

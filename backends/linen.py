@@ -5,7 +5,7 @@
 linen's conventions, so it sits where ``flax.linen.BatchNorm`` sits:
 
 * variables ``params/{scale,bias}`` and ``batch_stats/{mean,var}``, named as in
-  ``flax.linen.BatchNorm`` (``bn1d.state.to_flax_variables``), so a linen
+  ``flax.linen.BatchNorm`` (``bn1d.backends.formats.to_flax_variables``), so a linen
   ``BatchNorm``'s variable tree or checkpoint loads as it is (``momentum=None`` adds
   ``batch_stats/num_batches_tracked``; ``track_running_stats=False`` has no
   ``batch_stats``);
@@ -115,7 +115,7 @@ class BatchNorm1d(nn.Module):
     @staticmethod
     def state_dict(variables: Any) -> dict[str, Any]:
         """bn1d's state dictionary (``scale``, ``bias``, ``running_mean``, ...) of this
-        module's variables (``bn1d.state.from_flax_variables``), to load into any backend."""
+        module's variables (``bn1d.backends.formats.from_flax_variables``), to load into any backend."""
         return jax_modules.state_from_flax(variables)
 
     def variables_from_state_dict(self, state: Any) -> dict[str, dict[str, jax.Array]]:

@@ -28,11 +28,12 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from bn1d import algorithm
+from bn1d.backends.formats import from_torch_state_dict, to_torch_state_dict, torch_momentum
 from bn1d.config import OPTIONS, BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros
 from bn1d.layer import initial_state
 from bn1d.protocol import resolve_training
-from bn1d.state import check_state, from_torch_state_dict, to_torch_state_dict, torch_momentum
+from bn1d.state import check_state
 
 from .torch_distributed import Sync, check_process_group, check_timeout
 from .torch_functional import batch_norm
@@ -60,7 +61,7 @@ def _torch_factor(momentum: float) -> float:
 def converted_momentum(momentum: float | None, remembered: float | None) -> float | None:
     """``momentum`` in the other convention (PyTorch's ``1 - m`` for bn1d's, and back):
     ``remembered``, the momentum an object was converted from, where it maps to
-    ``momentum`` (so every float comes back: ``bn1d.state.torch_momentum`` alone cannot
+    ``momentum`` (so every float comes back: ``bn1d.backends.formats.torch_momentum`` alone cannot
     invert every float below 0.5), else ``torch_momentum(momentum)``; ``None`` (the
     cumulative average) stays."""
     if momentum is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bn1d.state import (
+from bn1d.backends.formats import (
     from_brainpy,
     from_flax_variables,
     from_torch_state_dict,

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from bn1d.backends.formats import torch_momentum
 from bn1d.config import normalize_reduce_axes
 from bn1d.initializers import Ones, Zeros, initial_value
 from bn1d.protocol import resolve_training
-from bn1d.state import torch_momentum
 
 from .registry import NotApplicable, ReplicaJob, ReplicaResult
 
@@ -179,12 +179,12 @@ class _TorchLayer(PeerLayer):
         return self.layout.back(self.module(flat).reshape(shape), self.torch)
 
     def _state(self) -> dict[str, Any]:
-        from bn1d.state import from_torch_state_dict
+        from bn1d.backends.formats import from_torch_state_dict
 
         return from_torch_state_dict(self.module.state_dict(), cumulative=self.module.momentum is None)
 
     def _load(self, state: Any) -> None:
-        from bn1d.state import TORCH_KEYS
+        from bn1d.backends.formats import TORCH_KEYS
 
         module: Any = self.module
         torch_state = {str(TORCH_KEYS.get(k, k)): self.torch.as_tensor(np.asarray(v)) for k, v in dict(state).items()}
@@ -323,12 +323,12 @@ class _LinenLayer(PeerLayer):
         return self.layout.back(y, jnp)
 
     def _state(self) -> dict[str, Any]:
-        from bn1d.state import from_flax_variables
+        from bn1d.backends.formats import from_flax_variables
 
         return from_flax_variables(self.variables)
 
     def _load(self, state: Any) -> None:
-        from bn1d.state import to_flax_variables
+        from bn1d.backends.formats import to_flax_variables
 
         self.variables = self.peer.jax.tree.map(self.peer.jnp.asarray, to_flax_variables(state))
 
@@ -661,7 +661,7 @@ class _BrainPyLayer(PeerLayer):
         return self.layer(x)
 
     def _state(self) -> dict[str, Any]:
-        from bn1d.state import from_brainpy
+        from bn1d.backends.formats import from_brainpy
 
         return from_brainpy(self.layer)
 

@@ -227,7 +227,7 @@ def test_messages_name_expected_and_given():
 
 
 def test_torch_momentum_round_trips_exactly():
-    from bn1d.state import torch_momentum
+    from bn1d.backends.formats import torch_momentum
 
     assert torch_momentum(0.99) == 0.01
     for m in (0.0, 0.1, 0.9, 0.99, 0.999, 1.0):
@@ -237,7 +237,7 @@ def test_torch_momentum_round_trips_exactly():
 def test_torch_momentum_of_a_float_does_not_depend_on_earlier_calls_with_other_types():
     """A cache keyed by value would take ``np.float32(m)`` and ``m`` as one key (they
     compare equal) and then answer the float with float32 arithmetic's result."""
-    from bn1d.state import torch_momentum
+    from bn1d.backends.formats import torch_momentum
 
     m = 1 - 2**-19  # exact in float32 too
     torch_momentum(np.float32(m))

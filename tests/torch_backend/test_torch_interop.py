@@ -188,7 +188,7 @@ def test_torch_momentum_is_its_own_inverse_where_a_function_can_be():
     PyTorch's above 0.5) and on the short decimals below (0.1, 1/3 as 0.3333333333333333).
     Below 0.5 floats are denser than near 1, so no function inverts every one of them:
     the layers remember the momentum they were converted from."""
-    from bn1d.state import torch_momentum
+    from bn1d.backends.formats import torch_momentum
 
     assert torch_momentum(0.99) == 0.01 and torch_momentum(0.01) == 0.99 and torch_momentum(0.9) == 0.1
     assert torch_momentum(1.0) == 0.0 and torch_momentum(0.0) == 1.0 and torch_momentum(0.5) == 0.5
