@@ -27,8 +27,8 @@ Called on a ``torch.fx`` proxy, :func:`batch_norm` records itself as one node (i
 dispatches ``__torch_function__`` as ``torch.nn.functional.batch_norm`` does); the drop-ins
 record themselves as ``call_module`` nodes, as PyTorch's layers are.
 ``docs/decisions.md`` says why this is a Python function over PyTorch's operations and
-not a ``torch.library`` custom operator (measured: the custom operator's dispatch alone
-costs more than the whole latency budget of a small call).
+not a ``torch.library`` custom operator (its dispatch alone costs more than a small call's
+latency budget: ``docs/performance.md``).
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@ r"""PyTorch's batch-norm kernels, used only where the contract's accuracy rule h
 PyTorch's CPU kernels accumulate channel-first ``(N, C, L)`` input in float64,
 but channel-last input (``(N, C)``, and so bn1d's ``(B, L, C)`` seen as
 ``(B*L, C)``) in float32 partial sums of ``N / threads`` rows each, and they
-store the mean in the input's precision and form ``y = x * a + b``. Measured at
-``n = 32768``, ``|mean| / std = 0.25`` (``docs/numerics.md``): ``y`` off by
-1.2e-5, beyond the rule's 1e-5; at ``|mean| / std = 1e4`` by 1e-2. So:
+store the mean in the input's precision and form ``y = x * a + b``: beyond the rule's
+1e-5 already at moderate ``|mean| / std`` (``docs/numerics.md`` has the measurements). So:
 
 * **Split statistics.** ``batch_norm_update_stats`` runs on the contiguous
   ``(N, C)`` data seen as ``(N / k, k * C)``: each float32 partial sum then

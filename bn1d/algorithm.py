@@ -312,9 +312,8 @@ def _first_kept(xp: Any, xc: Array, mask: Array | None, reduce_axes: tuple[int, 
     return xp.reshape(picked, (-1,))
 
 
-#: Values per row that :func:`_feature_sums` folds rows into (measured: NumPy's float64
-#: sums of float32 data at (8, 128, 64), (32, 1024, 256) and (64, 4096, 4) are fastest
-#: around it; docs/performance.md).
+#: Values per row that :func:`_feature_sums` folds rows into: where NumPy's float64 sums of
+#: float32 data were fastest (``docs/performance.md`` has the measurements).
 FOLD_WIDTH = 2048
 
 
@@ -327,8 +326,8 @@ def _feature_sums(xp: Any, v: Array, reduce_axes: tuple[int, ...], acc: Any, fol
     (``k`` a power of two dividing their number, ``k * C <= FOLD_WIDTH``) are seen as one
     row of ``k * C`` (a reshape of the leading axes), summed, then the ``k`` partial sums
     of each feature are added: the same float64 sum in another order, and the same
-    error bound (``docs/numerics.md``). 1.3x faster at (8, 128, 64), 8x at (64, 4096, 4)
-    for NumPy. Other sums are the plain ``xp.sum``. (A library that compiles for
+    error bound (``docs/numerics.md``), faster for NumPy (``docs/performance.md``).
+    Other sums are the plain ``xp.sum``. (A library that compiles for
     symbolic shapes must not fold: ``k`` is a decision on the batch size, a guard under
     ``torch.compile``, which recompiled for each power of two dividing it.)"""
     ndim = v.ndim
