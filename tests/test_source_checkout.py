@@ -8,6 +8,7 @@ not installed at all, the adapters and the suite import from ``../backends`` and
 package's). No import hook does it: importing bn1d adds nothing to ``sys.meta_path``, and
 installing it adds no pytest plugin to other projects' sessions."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,39 @@ def test_installing_bn1d_adds_no_pytest_plugin():
     from importlib.metadata import distribution
 
     assert "pytest11" not in {entry.group for entry in distribution("bn1d").entry_points}
+
+
+FRAMEWORKS = ("torch", "jax", "flax", "equinox", "keras", "brainpy")
+IMPORTS_ONLY = """
+import importlib, sys
+for name in {modules!r}:
+    importlib.import_module(name)
+print(sorted(f for f in {frameworks!r} if f in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "modules, allowed",
+    [
+        (("bn1d", "bn1d.algorithm", "bn1d.layer", "bn1d.replicas", "bn1d.state", "bn1d.backends.formats",
+          "bn1d.backends.numpy", "bn1d.conformance", "bn1d.conformance.checks"), ()),
+        (("bn1d.backends.jax", "bn1d.backends.jax_modules"), ("jax",)),
+        (("bn1d.backends.nnx", "bn1d.backends.linen"), ("jax", "flax")),
+        (("bn1d.backends.equinox",), ("jax", "equinox")),
+        (("bn1d.backends.torch_nn", "bn1d.backends.torch", "bn1d.backends.torch_func"), ("torch",)),
+    ],
+    ids=["core", "jax", "flax", "equinox", "torch"],
+)  # fmt: skip
+def test_the_core_imports_no_framework_and_an_adapter_only_its_own(modules, allowed, tmp_path):
+    """docs/architecture.md's rules, in a fresh interpreter: importing the core (and the
+    suite) loads no framework; an adapter loads its own (and what that framework itself
+    loads: Flax and Equinox load JAX) and no other."""
+    import importlib.util
+
+    missing = [f for f in allowed if importlib.util.find_spec(f) is None]
+    if missing:
+        pytest.skip(f"{missing} not installed in this environment")
+    result = run(IMPORTS_ONLY.format(modules=modules, frameworks=FRAMEWORKS), tmp_path)
+    assert result.returncode == 0, result.stderr
+    loaded = set(ast.literal_eval(result.stdout.strip().splitlines()[-1]))
+    assert loaded <= set(allowed), f"{modules} loaded {sorted(loaded - set(allowed))}"
