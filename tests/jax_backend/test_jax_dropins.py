@@ -277,7 +277,12 @@ def test_flax_dtypes_masks_axes_and_init_follow_flax():
     ):
         theirs = nnx.BatchNorm(4, **kwargs, rngs=nnx.Rngs(0))
         ours = bn_nnx.BatchNorm(4, **kwargs, rngs=nnx.Rngs(0))
-        y_theirs, y_ours = theirs(given), ours(given)
+        try:
+            y_theirs = theirs(given)
+        except jax.dtypes.TypePromotionError:  # Flax's own class mixes dtypes, refused under --jax-strict
+            assert jax.config.jax_numpy_dtype_promotion == "strict", kwargs
+            continue
+        y_ours = ours(given)
         assert y_ours.dtype == y_theirs.dtype and ours.mean[...].dtype == theirs.mean[...].dtype, kwargs
         close(y_ours, y_theirs, f"{kwargs}", tol=1e-2 if y_theirs.dtype != jnp.float32 else TOL)
     rows = jnp.asarray(np.random.default_rng(31).random((8, 5, 1)) < 0.7)
@@ -288,8 +293,9 @@ def test_flax_dtypes_masks_axes_and_init_follow_flax():
     close(captured[1], captured[0], "a concrete full-shape mask under jit")
     theirs.eval(), ours.eval()
     close(ours(x, mask=varying), theirs(x, mask=varying), "inference ignores the mask")
+    dummy = jnp.ones((1, 4), jnp.float32)
     for module in (linen.BatchNorm, bn_linen.BatchNorm):  # Flax's init on a dummy input
-        variables = module(use_running_average=False, axis_name="batch").init(jax.random.key(0), jnp.ones((1, 4)))
+        variables = module(use_running_average=False, axis_name="batch").init(jax.random.key(0), dummy)
         assert jax.tree.map(jnp.shape, variables) == {"batch_stats": {"mean": (4,), "var": (4,)},
                                                       "params": {"bias": (4,), "scale": (4,)}}  # fmt: skip
 
