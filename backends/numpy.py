@@ -30,14 +30,13 @@ from typing import Any
 import array_api_compat.numpy as xp
 import numpy as np
 
-from bn1d.algorithm import Hooks
+from bn1d.algorithm import Tuning
 from bn1d.config import argument_error
 from bn1d.layer import Layer
 from bn1d.replicas import run_replicas
 
 __all__ = ["BatchNorm1d", "run_replicas"]
 
-_FOLDED = Hooks(fold_rows=True)  # an unsynced call's hooks
 _QUIET = functools.partial(np.errstate, invalid="ignore", over="ignore", divide="ignore")
 
 
@@ -51,6 +50,9 @@ class BatchNorm1d(Layer):
     """
 
     xp = xp
+    #: NumPy's float64 sums of float32 data folded (the same sums, faster:
+    #: ``bn1d.algorithm._feature_sums``).
+    _tuning = Tuning(fold_rows=True)
 
     def _parameter_dtype(self, dtype: Any) -> Any:
         if dtype is None:
@@ -61,13 +63,6 @@ class BatchNorm1d(Layer):
 
     def _inputs(self, x: Any, mask: Any) -> tuple[Any, Any]:
         return np.asarray(x), None if mask is None else np.asarray(mask)
-
-    def _hooks(self, training: bool) -> Hooks:
-        """The layer's hooks, with NumPy's float64 sums of float32 data folded (the same
-        sums, faster: ``bn1d.algorithm._feature_sums``)."""
-        if training and self.config.synced:
-            return super()._hooks(training)._replace(fold_rows=True)
-        return _FOLDED
 
     def _forward(self, params: Any, state: Any, x: Any, mask: Any, training: bool) -> Any:
         with _QUIET():  # non-finite input gives non-finite results, as on every backend, without NumPy's warnings

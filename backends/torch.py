@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from bn1d import algorithm
+from bn1d import validation
 from bn1d.backends.formats import from_torch_state_dict, to_torch_state_dict, torch_momentum
 from bn1d.config import OPTIONS, BatchNormConfig, argument_error
 from bn1d.initializers import Ones, Zeros
@@ -161,12 +161,12 @@ class BatchNorm1d(nn.Module):
         ):
             if not isinstance(x, torch.Tensor) and hasattr(x, "shape"):  # the type first: an array of another library
                 raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
-            algorithm.check_inputs(x, mask, num_features=c, reduce_axes=config.reduce_axes)
+            validation.check_inputs(x, mask, num_features=c, reduce_axes=config.reduce_axes)
             if not isinstance(x, torch.Tensor):
                 raise argument_error("x", "a torch.Tensor", type(x).__name__, TypeError)
         tracked, sync, buffers, parameters = config.track_running_stats, self._sync, self._buffers, self._parameters
         if x.numel() == c and mask is None and (training or not tracked) and (sync is None or sync.group() is None):
-            algorithm.refuse_one_value(x, training)  # R3.5, naming x's own shape (the view's differs)
+            validation.refuse_one_value(x, training)  # R3.5, naming x's own shape (the view's differs)
         if training and sync is not None:
             sync.described = (tuple(x.shape), config)  # a mismatch between ranks names x's own shapes
         if fa == 1:  # PyTorch's layout already

@@ -43,7 +43,7 @@ import array_api_compat.torch as xp
 import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from bn1d import algorithm
+from bn1d import algorithm, validation
 from bn1d.algorithm import Hooks, compute_dtype
 from bn1d.config import BatchNormConfig, argument_error
 
@@ -137,7 +137,7 @@ def _check(
     ):
         raise argument_error("num_batches_tracked", "None or a 0-d tensor", num_batches_tracked, TypeError)
     if mask is not None:
-        algorithm.check_inputs(x, mask, num_features=c, reduce_axes=(0, *range(2, x.dim())))
+        validation.check_inputs(x, mask, num_features=c, reduce_axes=(0, *range(2, x.dim())))
 
 
 _NUMBERS = (float, int)  # by type: a bool is neither

@@ -10,13 +10,14 @@ to the top-level ``backends/`` and ``conformance/``). The contract is ``docs/spe
 
 from __future__ import annotations
 
-from .algorithm import AllGather, AllSum, BatchNormResult, Hooks, batch_norm, batch_norm_vjp, check_inputs
+from .algorithm import AllGather, AllSum, BatchNormResult, Hooks, batch_norm, batch_norm_vjp
 from .config import OPTIONS, BatchNormConfig
 from .initializers import Constant, Ones, Zeros
 from .layer import Layer
 from .protocol import BatchNormLayer
 from .replicas import run_replicas
 from .state import check_state
+from .validation import check_inputs
 
 __all__ = [
     "AllGather",

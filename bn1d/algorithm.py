@@ -12,9 +12,14 @@ the validated :class:`~bn1d.config.BatchNormConfig`, the parameters and the stat
 as mappings, and returns ``y`` and the new state. The backends add state
 handling and lend it :class:`Hooks`: a cross-replica hook (``all_sum``, a sum over
 the replicas in two rounds: the shift, then the shifted sums; or ``all_gather``,
-every replica's count, shift and shifted sums in one round), their autodiff's
-``stop_gradient``, and whether their compiler fuses elementwise work into
-reductions. :func:`batch_norm_vjp` is the analytic backward pass.
+every replica's count, shift and shifted sums in one round) and their autodiff's
+``stop_gradient``. :func:`batch_norm_vjp` is the analytic backward pass.
+
+Those two are the checked public entries (``bn1d.validation`` holds the checks). The
+layers check at their own boundary and call the trusted :func:`forward` and
+:func:`backward`, with their backend's private :class:`Tuning` (speed settings that
+leave the numbers unchanged); the rest of this module is their machinery, shared with
+the adapters but not exported.
 
 The maths, per feature ``c`` (the one axis that is not reduced), with ``M`` the
 set of unmasked positions over all synced replicas and ``n = |M|``:
@@ -71,29 +76,18 @@ from typing import Any, NamedTuple, Protocol
 
 from array_api_compat import array_namespace, device
 
-from .config import BatchNormConfig, argument_error
+from .config import BatchNormConfig
+from .validation import check_call, refuse_one_value
 
 __all__ = [
     "AllGather",
     "AllSum",
     "BatchNormResult",
     "Hooks",
-    "Moments",
-    "accumulation_dtype",
-    "batch_moments",
     "batch_norm",
     "batch_norm_vjp",
-    "call_dtype",
-    "check_cotangent",
-    "check_inputs",
-    "check_variables",
     "combine_moments",
     "combine_shifted",
-    "compute_dtype",
-    "forward",
-    "refuse_one_value",
-    "running_statistics",
-    "static_count",
 ]
 
 Array = Any
@@ -120,24 +114,40 @@ def _identity(value: Array) -> Array:
 
 
 class Hooks(NamedTuple):
-    """What a backend lends the algorithm: at most one cross-replica hook (used in
-    training only), its autodiff's ``stop_gradient`` (``jax.lax.stop_gradient``,
-    ``Tensor.detach``; the shift must not receive gradient), and
-    ``recompute_shifted`` for compilers that fuse elementwise work into reductions
-    (XLA): ``x - K`` is then formed once per pass, with shifts one ulp apart
-    (``nextafter``, which has no derivative: give ``stop_gradient`` with it),
-    instead of materialised once and read three times; ``fold_rows`` for libraries
-    whose casting sums run a loop per row (NumPy; see :func:`_feature_sums`)."""
+    """What a backend lends the algorithm.
+
+    Attributes
+    ----------
+    all_sum, all_gather : AllSum or AllGather, optional
+        At most one cross-replica hook, used in training only.
+    stop_gradient : callable
+        The backend's autodiff barrier (``jax.lax.stop_gradient``, ``Tensor.detach``):
+        the shift must not receive gradient. The identity by default.
+    """
 
     all_sum: AllSum | None = None
     all_gather: AllGather | None = None
     stop_gradient: Callable[[Array], Array] = _identity
-    recompute_shifted: bool = False
-    fold_rows: bool = False
 
     @property
     def synced(self) -> bool:
         return self.all_sum is not None or self.all_gather is not None
+
+
+class Tuning(NamedTuple):
+    """A backend's private speed settings for the trusted entries :func:`forward` and
+    :func:`backward` (the numbers are the same with or without them):
+    ``recompute_shifted`` for compilers that fuse elementwise work into reductions (XLA):
+    ``x - K`` is then formed once per pass, with shifts one ulp apart (``nextafter``,
+    which has no derivative: the backend's ``stop_gradient`` covers it), instead of
+    materialised once and read three times; ``fold_rows`` for libraries whose casting
+    sums run a loop per row (NumPy; see :func:`_feature_sums`)."""
+
+    recompute_shifted: bool = False
+    fold_rows: bool = False
+
+
+_UNTUNED = Tuning()
 
 
 class BatchNormResult(NamedTuple):
@@ -145,89 +155,6 @@ class BatchNormResult(NamedTuple):
 
     y: Array
     state: Mapping[str, Array]
-
-
-def check_inputs(x: Array, mask: Array | None, *, num_features: int, reduce_axes: Sequence[int]) -> Any:
-    """Raise ``TypeError``/``ValueError`` for an input the layer cannot take; return
-    ``x``'s Array API namespace.
-
-    Only shapes, dtypes and devices are read, so under ``jax.jit`` this runs at
-    trace time.
-    """
-    try:
-        xp = array_namespace(x)
-    except TypeError as error:
-        raise argument_error("x", "an array", type(x).__name__, TypeError) from error
-    if not _is_real_float(xp, x.dtype):
-        expected_dtype = "a real floating-point array (float16, bfloat16, float32, float64)"
-        raise argument_error("x", expected_dtype, x.dtype, TypeError)
-    ndim = len(reduce_axes) + 1
-    shape = tuple(x.shape)
-    if len(shape) != ndim:
-        raise argument_error("x", f"a {ndim}-D input for reduced axes {tuple(reduce_axes)}", shape)
-    feature_axis = _layout(tuple(reduce_axes))[0]
-    if shape[feature_axis] != num_features:
-        raise argument_error("x", f"num_features={num_features} on axis {feature_axis}", shape)
-    if mask is None:
-        return xp
-    try:
-        array_namespace(mask, x)
-    except TypeError as error:
-        raise argument_error(
-            "mask", "a boolean array of the same library as x", type(mask).__name__, TypeError
-        ) from error
-    if mask.dtype != xp.bool:
-        raise argument_error("mask", "a boolean array", mask.dtype, TypeError)
-    expected = shape[:feature_axis] + shape[feature_axis + 1 :]
-    if tuple(mask.shape) != expected:
-        raise argument_error("mask", f"shape {expected} (x's shape without the feature axis)", tuple(mask.shape))
-    where, mask_where = device(x), device(mask)
-    if where is not None and mask_where is not None and mask_where != where:  # None: traced, placed later
-        raise argument_error("mask", f"an array on x's device ({where})", mask_where)
-    return xp
-
-
-def _is_real_float(xp: Any, dtype: Any, *, sized: bool = True) -> bool:
-    """Whether ``dtype`` is a real floating-point dtype of ``xp`` (``sized``: of 16, 32
-    or 64 bits)."""
-    return bool(xp.isdtype(dtype, "real floating") and (not sized or xp.finfo(dtype).bits in (16, 32, 64)))
-
-
-def _require_same_library(value: Any, x: Array, name: str) -> None:
-    """Raise ``TypeError`` naming ``name`` unless ``value`` is an array of ``x``'s
-    library (the same type decides it without a namespace lookup)."""
-    if type(value) is type(x):
-        return
-    try:
-        array_namespace(value, x)
-    except TypeError as error:
-        raise argument_error(name, "an array of the same library as x", type(value).__name__, TypeError) from error
-
-
-def check_cotangent(dy: Array, x: Array) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``dy`` is a real floating-point array of
-    ``x``'s library and shape."""
-    _require_same_library(dy, x, "dy")
-    if not _is_real_float(array_namespace(x), dy.dtype, sized=False):
-        raise argument_error("dy", "a real floating-point array", dy.dtype, TypeError)
-    if tuple(dy.shape) != tuple(x.shape):
-        raise argument_error("dy", f"shape {tuple(x.shape)} (x's shape)", tuple(dy.shape))
-
-
-def check_variables(params: Any, state: Any, config: BatchNormConfig, x: Array) -> None:
-    """Raise ``ValueError``/``TypeError`` unless ``params`` and ``state`` are mappings
-    with exactly the config's keys, each an array of ``x``'s library of shape
-    ``(num_features,)`` (the count: a scalar)."""
-    shape = (config.num_features,)
-    for name, tree, keys in (("params", params, config.param_keys), ("state", state, config.state_keys)):
-        if not isinstance(tree, Mapping) or sorted(tree) != sorted(keys):
-            given = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-            raise argument_error(name, f"a mapping with exactly the keys {list(keys)}", given)
-        for key in keys:
-            _require_same_library(tree[key], x, f"{name}[{key!r}]")
-            want = () if key == "num_batches_tracked" else shape
-            if tuple(tree[key].shape) != want:
-                raise argument_error(f"{name}[{key!r}]", f"shape {want}", tuple(tree[key].shape))
 
 
 class Moments(NamedTuple):
@@ -371,6 +298,7 @@ def batch_moments(
     hooks: Hooks = Hooks(),
     fallback: Array | None = None,
     accumulate: Any = None,
+    tuning: Tuning = _UNTUNED,
 ) -> Moments:
     """The :class:`Moments` that training normalises with.
 
@@ -386,7 +314,7 @@ def batch_moments(
     reduce_axes = tuple(reduce_axes)
     if fallback is None:
         fallback = xp.zeros((xc.shape[_layout(reduce_axes)[0]],), dtype=dtype, device=device(xc))
-    return _moments(xp, xc, mask, reduce_axes, fast_variance, hooks, _cast(xp, fallback, dtype), acc)
+    return _moments(xp, xc, mask, reduce_axes, fast_variance, hooks, _cast(xp, fallback, dtype), acc, tuning)
 
 
 def _moments(
@@ -398,6 +326,7 @@ def _moments(
     hooks: Hooks,
     fallback: Array,
     acc: Any,
+    tuning: Tuning,
 ) -> Moments:
     """:func:`batch_moments` of ``xc`` (already in the compute dtype; ``xp`` its namespace)."""
     where = device(xc)
@@ -443,8 +372,8 @@ def _moments(
         shift = xp.where(nonempty > 0, shift_sum / safe(nonempty), wide(fallback))
         local = stop_gradient(xp.astype(shift, xc.dtype))
     centered = xc - _broadcastable(xp, local, broadcast)
-    s1 = _feature_sums(xp, kept(centered), reduce_axes, acc, hooks.fold_rows)
-    if hooks.recompute_shifted:  # S2 around K2, y around K3: K's neighbours one ulp away, distinct
+    s1 = _feature_sums(xp, kept(centered), reduce_axes, acc, tuning.fold_rows)
+    if tuning.recompute_shifted:  # S2 around K2, y around K3: K's neighbours one ulp away, distinct
         # expressions that a compiler cannot merge into one materialised x - K (K - K2 and
         # K - K3 are exact in the accumulation dtype)
         k2, k3 = (xp.nextafter(local, xp.asarray(v, dtype=local.dtype, device=where)) for v in (math.inf, -math.inf))
@@ -452,7 +381,7 @@ def _moments(
         step2, step3 = wide(local) - wide(k2), wide(local) - wide(k3)
     else:
         k3, squared, step2, step3 = local, kept(centered), None, None
-    s2 = _feature_sums(xp, squared * squared, reduce_axes, acc, hooks.fold_rows)
+    s2 = _feature_sums(xp, squared * squared, reduce_axes, acc, tuning.fold_rows)
 
     def around_k2(offset: Array) -> Array:  # the offset from K2, whose squares S2 summed
         return offset if step2 is None else offset + step2
@@ -469,7 +398,7 @@ def _moments(
         offset = s1 / safe(n)
         offset2 = around_k2(offset)
         var = _nonnegative(xp, s2 / safe(n) - offset2 * offset2)
-    if hooks.recompute_shifted:
+    if tuning.recompute_shifted:
         centered = xc - _broadcastable(xp, k3, broadcast)
     return Moments(n, k3, offset if step3 is None else offset + step3, var, centered)
 
@@ -528,12 +457,7 @@ def batch_norm(
     (``ValueError``/``TypeError``, at trace time under ``jax.jit``); a backend
     that checked them at its own boundary calls :func:`forward`. See the module
     docstring for the maths."""
-    if hooks.all_sum is not None and hooks.all_gather is not None:
-        raise argument_error("hooks", "at most one of all_sum and all_gather", hooks)
-    xp = check_inputs(x, mask, num_features=config.num_features, reduce_axes=config.reduce_axes)
-    check_variables(params, state, config, x)
-    if not isinstance(training, bool):
-        raise argument_error("training", "a bool", training, TypeError)
+    xp = check_call(x, mask, params, state, config, training, hooks)
     return forward(xp, x, params, state, config, training=training, mask=mask, hooks=hooks)
 
 
@@ -547,8 +471,10 @@ def forward(
     training: bool,
     mask: Array | None = None,
     hooks: Hooks = Hooks(),
+    tuning: Tuning = _UNTUNED,
 ) -> BatchNormResult:
-    """:func:`batch_norm` on arguments already checked, ``xp`` being ``x``'s namespace."""
+    """:func:`batch_norm` on arguments already checked, ``xp`` being ``x``'s namespace:
+    the trusted entry of the layers, which check at their own boundary."""
     reduce_axes = config.reduce_axes
     scale, bias = params.get("scale"), params.get("bias")
     tracked = config.track_running_stats
@@ -585,7 +511,7 @@ def forward(
         refuse_one_value(x, training)
 
     acc = accumulation_dtype(xp, dtype, where)
-    moments = _moments(xp, xc, mask, reduce_axes, config.fast_variance, hooks, mean0, acc)
+    moments = _moments(xp, xc, mask, reduce_axes, config.fast_variance, hooks, mean0, acc, tuning)
     count, offset, var = moments.count, moments.offset, moments.var
     # Synced without a mask, this replica's values alone make the global count >= its
     # static count, so it cannot be 0: no run-time fallback.
@@ -600,13 +526,6 @@ def forward(
         offset = xp.where(has_data, offset, xp.zeros_like(offset))
         var = xp.where(has_data, var, _cast(xp, var0, var.dtype))
     return BatchNormResult(normalize(moments.centered, offset, var), new_state)
-
-
-def refuse_one_value(x: Array, training: bool) -> None:
-    """The batch's statistics of one value per feature, known from the shape: a
-    variance of 0, which normalises everything to ``bias`` (PyTorch raises too)."""
-    when = "when training" if training else "without running statistics (the batch's normalise)"
-    raise argument_error("x", f"more than 1 value per feature {when}", tuple(x.shape))
 
 
 def _fallback_statistics(xp: Any, state: Mapping[str, Array], config: BatchNormConfig, dtype: Any, where: Any) -> Any:
@@ -701,11 +620,24 @@ def batch_norm_vjp(
     variance's clamp at 0 is ignored: its gradient is this one wherever the clamp is
     inactive.
     """
-    xp = check_inputs(x, mask, num_features=config.num_features, reduce_axes=config.reduce_axes)
-    check_cotangent(dy, x)
-    check_variables(params, state, config, x)
-    if not isinstance(training, bool):
-        raise argument_error("training", "a bool", training, TypeError)
+    xp = check_call(x, mask, params, state, config, training, hooks, dy, backward=True)
+    return backward(xp, x, dy, params, state, config, training=training, mask=mask, hooks=hooks)
+
+
+def backward(
+    xp: Any,
+    x: Array,
+    dy: Array,
+    params: Mapping[str, Array],
+    state: Mapping[str, Array],
+    config: BatchNormConfig,
+    *,
+    training: bool,
+    mask: Array | None = None,
+    hooks: Hooks = Hooks(),
+    tuning: Tuning = _UNTUNED,
+) -> dict[str, Array]:
+    """:func:`batch_norm_vjp` on arguments already checked (the layers' trusted entry)."""
     scale = params.get("scale")
     tracked = config.track_running_stats
     dtype = call_dtype(xp, x.dtype, params, state)
@@ -719,11 +651,11 @@ def batch_norm_vjp(
     if batch and mask is None and not hooks.synced and n_static == 1:
         refuse_one_value(x, training)
     if not training:
-        hooks = Hooks(stop_gradient=hooks.stop_gradient, fold_rows=hooks.fold_rows)
+        hooks = Hooks(stop_gradient=hooks.stop_gradient)
     mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)
     weight: Any = 0.0
     if batch and (n_static > 0 or mask is not None or hooks.synced):
-        moments = _moments(xp, xc, mask, axes, config.fast_variance, hooks, mean0, acc)
+        moments = _moments(xp, xc, mask, axes, config.fast_variance, hooks, mean0, acc, tuning)
         n, offset, var = moments.count, moments.offset, moments.var
         xhat = moments.centered
         if isinstance(n, int):
@@ -740,8 +672,8 @@ def batch_norm_vjp(
     inv = 1.0 / xp.sqrt(_cast(xp, var, acc) + config.epsilon)  # per-feature factors in acc
     s = xp.ones((), dtype=acc, device=where) if scale is None else _cast(xp, scale, acc)
     xhat *= _broadcastable(xp, _cast(xp, inv, dtype), shape)
-    dbias = _feature_sums(xp, dyc, axes, acc, hooks.fold_rows)
-    dscale = _feature_sums(xp, dyc * xhat, axes, acc, hooks.fold_rows)
+    dbias = _feature_sums(xp, dyc, axes, acc, tuning.fold_rows)
+    dscale = _feature_sums(xp, dyc * xhat, axes, acc, tuning.fold_rows)
     dx = dyc * _broadcastable(xp, _cast(xp, s * inv, dtype), shape)
     if batch:
         # G = sum(g) and H = sum(g * xhat) with g = dy * scale: scale is per feature, so

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from . import algorithm
-from .algorithm import Hooks
+from . import algorithm, validation
+from .algorithm import Hooks, Tuning
 from .config import OPTIONS, BatchNormConfig, argument_error
 from .initializers import Ones, Zeros, initial_value
 from .protocol import TrainingSwitch
@@ -73,6 +73,9 @@ class Layer(TrainingSwitch):
     without ``track_running_stats``), ``training``, ``dtype``; the entries are also
     attributes (``layer.running_mean``).
     """
+
+    #: The backend's private speed settings of the core (``bn1d.algorithm.Tuning``).
+    _tuning = Tuning()
 
     #: The Array API namespace of a subclass's arrays (``Layer`` itself takes ``xp=``).
     xp: Any = None
@@ -147,18 +150,23 @@ class Layer(TrainingSwitch):
             namespace = None  # not an array at all: the core's check names it
         if namespace is not None:
             self._check_library(namespace, x)
-        return algorithm.batch_norm_vjp(
-            x, dy, self.params, self.state, self.config, training=training, mask=mask, hooks=self._hooks(training)
-        )
+        hooks = self._hooks(training)
+        xp = validation.check_call(x, mask, self.params, self.state, self.config, training, hooks, dy, backward=True)
+        return algorithm.backward(
+            xp, x, dy, self.params, self.state, self.config, training=training, mask=mask, hooks=hooks,
+            tuning=self._tuning,
+        )  # fmt: skip
 
     # -- what subclasses adapt --------------------------------------------------------
     def _forward(self, params: Mapping[str, Any], state: Mapping[str, Any], x: Any, mask: Any, training: bool) -> Any:
         """``(y, new_state)`` from the core, inputs checked at this layer's boundary."""
-        xp = algorithm.check_inputs(x, mask, num_features=self.config.num_features, reduce_axes=self.config.reduce_axes)
+        config = self.config
+        xp = validation.check_inputs(x, mask, num_features=config.num_features, reduce_axes=config.reduce_axes)
         self._check_library(xp, x)
         return algorithm.forward(
-            xp, x, params, state, self.config, training=training, mask=mask, hooks=self._hooks(training)
-        )
+            xp, x, params, state, self.config, training=training, mask=mask, hooks=self._hooks(training),
+            tuning=self._tuning,
+        )  # fmt: skip
 
     def _hooks(self, training: bool) -> Hooks:
         """The cross-replica hook of :func:`~bn1d.replicas.run_replicas` (none unsynced)."""

@@ -17,7 +17,7 @@ The conformance suite drives every backend through this protocol only:
 * ``train(mode=True)`` / ``eval()`` and a ``training`` attribute.
 
 Every bad argument raises the ``ValueError``/``TypeError`` of ``bn1d.config`` or
-``bn1d.algorithm.check_inputs`` before any state changes.
+``bn1d.validation.check_inputs`` before any state changes.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def test_float64_accumulation_is_what_makes_numpy_exact():
 )
 def test_folded_float64_sums_are_the_plain_sums(shape, reduce_axes, folded):
     """``_feature_sums`` folds rows into the features before a casting sum (NumPy's
-    ``Hooks.fold_rows``, a speed-up, docs/performance.md): the same float64 sum in
+    ``Tuning.fold_rows``, a speed-up, docs/performance.md): the same float64 sum in
     another order. Each of the two float64 sums of float32 terms is within
     ``(n - 1) 2**-53 sum|terms|`` of the exact one, so they differ by at most twice
     that, per feature; a fold that mixed features up would be off by O(sqrt(n) * 100).
@@ -163,17 +163,26 @@ def test_folded_float64_sums_are_the_plain_sums(shape, reduce_axes, folded):
 
 
 def test_the_numpy_layer_folds_its_sums_and_the_jax_one_does_not():
-    """NumPy's layer lends the core ``fold_rows`` in training, inference and sync (its
-    speed at small shapes depends on it, docs/performance.md); the plain ``Layer`` and
-    JAX's (XLA reduces without casting loops) do not."""
+    """NumPy's layer sets the core's private ``Tuning.fold_rows`` for every call (its speed
+    at small shapes depends on it, docs/performance.md), synced ones too; the plain
+    ``Layer`` and JAX's (XLA reduces without casting loops; it recomputes ``x - K``
+    instead) do not. The folded sums are counted: a training call sums folded shapes."""
     import array_api_strict
 
-    from bn1d import Layer
+    from bn1d import Layer, algorithm
 
     layer, synced = BatchNorm1d(3), BatchNorm1d(3, axis_name="i")
-    assert layer._hooks(True).fold_rows and layer._hooks(False).fold_rows
-    hooks = run_replicas(lambda i: synced._hooks(True), 2)
-    assert all(h.fold_rows and h.synced for h in hooks)
-    assert not Layer(3, xp=array_api_strict)._hooks(True).fold_rows
+    assert layer._tuning.fold_rows and synced._tuning.fold_rows
+    assert all(h.synced for h in run_replicas(lambda i: synced._hooks(True), 2))
+    assert not Layer(3, xp=array_api_strict)._tuning.fold_rows
+    folds = []
+    original = algorithm._feature_sums
+    try:
+        algorithm._feature_sums = lambda xp, v, axes, acc, fold: folds.append(fold) or original(xp, v, axes, acc, fold)
+        layer(np.ones((64, 4096, 3), np.float32), training=True)
+    finally:
+        algorithm._feature_sums = original
+    assert folds and all(folds)
     jax_backend = pytest.importorskip("bn1d.backends.jax")
-    assert not jax_backend.BatchNorm1d(3)._hooks(True).fold_rows
+    tuning = jax_backend.BatchNorm1d(3)._tuning
+    assert not tuning.fold_rows and tuning.recompute_shifted

@@ -331,7 +331,7 @@ def test_without_running_statistics_one_value_per_feature_is_an_error_in_inferen
 
 
 def test_the_core_function_names_its_arguments():
-    from bn1d import batch_norm
+    from bn1d import batch_norm, batch_norm_vjp
 
     config = BatchNorm1d(3).config
     params, state = {"scale": np.ones(3), "bias": np.zeros(3)}, {"running_mean": np.zeros(3), "running_var": np.ones(3)}
@@ -341,6 +341,11 @@ def test_the_core_function_names_its_arguments():
         batch_norm(X, params, state, config, training="no")
     with pytest.raises(ValueError, match=r"^state: expected a mapping with exactly the keys"):
         batch_norm(X, params, {"running_mean": np.zeros(3)}, config, training=True)
+    # None is no array (array_namespace skips it): named, not an AttributeError later
+    with pytest.raises(TypeError, match=r"^params\['scale'\]: expected an array of the same library as x, got 'None'"):
+        batch_norm(X, {**params, "scale": None}, state, config, training=True)
+    with pytest.raises(TypeError, match=r"^dy: expected an array of the same library as x, got 'None'"):
+        batch_norm_vjp(X, None, params, state, config, training=True)
 
 
 def test_the_generic_layer_names_a_wrong_library():

@@ -217,6 +217,7 @@ def measure(devices: int, group: int | None, features: int, rows: bool = False) 
     from jax.sharding import PartitionSpec as P
 
     import bn1d.backends.jax as backend
+    from bn1d.backends import jax_collectives
 
     groups = None if group is None else blocks(devices, group)
     layer = backend.BatchNorm1d(features, axis_name="i", axis_index_groups=groups)
@@ -234,7 +235,8 @@ def measure(devices: int, group: int | None, features: int, rows: bool = False) 
     x = jax.ShapeDtypeStruct((2 * devices, 5, features), jnp.float32, sharding=NamedSharding(mesh, P("i")))
     original = backend.replica_all_sum
     if rows and groups is not None:
-        backend.replica_all_sum = lambda name, groups: backend._rows_all_sum(name, tuple(map(tuple, groups)), devices)
+        rows_all_sum = jax_collectives._rows_all_sum
+        backend.replica_all_sum = lambda name, groups: rows_all_sum(name, tuple(map(tuple, groups)), devices)
     try:
         return collective_bytes(step.lower(layer.params, x).compile().as_text())
     finally:

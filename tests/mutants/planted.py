@@ -19,6 +19,7 @@ import array_api_compat.numpy as compat_numpy
 import numpy as np
 
 import bn1d.algorithm as spec_algorithm
+from bn1d import validation
 from bn1d.backends.numpy import BatchNorm1d
 from bn1d.conformance.builtin import ArrayApiBackend
 from bn1d.replicas import replica_hooks
@@ -47,7 +48,8 @@ class MutantLayer(BatchNorm1d):
 
     def _forward(self, params: Any, state: Any, x: Any, mask: Any, training: bool) -> Any:
         algorithm = self.algorithm
-        xp = algorithm.check_inputs(x, mask, num_features=self.config.num_features, reduce_axes=self.config.reduce_axes)
+        config = self.config
+        xp = validation.check_inputs(x, mask, num_features=config.num_features, reduce_axes=config.reduce_axes)
         return algorithm.forward(
             xp, x, params, state, self._config(), training=training, mask=mask, hooks=self._hooks(training)
         )
@@ -235,7 +237,7 @@ class ChannelsLastOnly(MutantLayer):
         x = np.asarray(x)
         moved = np.moveaxis(x, self.config.feature_axis, -1)
         config = dataclasses.replace(self.config, reduce_axes=tuple(range(x.ndim - 1)))
-        xp = self.algorithm.check_inputs(moved, None, num_features=config.num_features, reduce_axes=config.reduce_axes)
+        xp = validation.check_inputs(moved, None, num_features=config.num_features, reduce_axes=config.reduce_axes)
         y, new_state = self.algorithm.forward(xp, np.ascontiguousarray(x.reshape(moved.shape)), params, state, config,
                                               training=training, mask=None, hooks=self._hooks(training))  # fmt: skip
         return np.moveaxis(y.reshape(moved.shape), -1, self.config.feature_axis), new_state
