@@ -404,10 +404,24 @@ def _moments(
 
 
 def combine_moments(counts: Array, means: Array, squares: Array) -> tuple[Array, Array, Array]:
-    r"""The count, mean and biased variance of a union of batches, from each
-    batch's count ``counts`` ``(R,)``, mean ``means`` ``(R, C)`` and sum of squared
-    deviations from its own mean ``squares`` ``(R, C)`` (Chan, Golub and LeVeque):
+    r"""The count, mean and biased variance of a union of batches (Chan, Golub and LeVeque).
 
+    Parameters
+    ----------
+    counts : array, shape (R,)
+        Each batch's count.
+    means : array, shape (R, C)
+        Each batch's mean.
+    squares : array, shape (R, C)
+        Each batch's sum of squared deviations from its own mean.
+
+    Returns
+    -------
+    n, mean, var : arrays, shapes () and (C,)
+        The union's count, mean and biased variance.
+
+    Notes
+    -----
     .. math::
 
         n = \sum_r n_r, \quad \mu = \frac{1}{n}\sum_r n_r\mu_r, \quad
@@ -428,11 +442,26 @@ def combine_moments(counts: Array, means: Array, squares: Array) -> tuple[Array,
 
 
 def combine_shifted(counts: Array, shifts: Array, sums: Array, squares: Array) -> tuple[Array, Array, Array, Array]:
-    """The gathered rows of every replica, each replica's count ``(R,)``, shift
-    ``K_r``, sum ``S1_r = sum(x - K_r)`` and centred squares ``M_r`` ``(R, C)``,
-    combined: ``(n, mean - K_0, var, K_0)``, in the frame of replica 0's shift,
-    where ``K_r - K_0`` is small (and exact when the shifts are within a factor 2
-    of each other) while ``K_r`` alone may be ``>> sigma``."""
+    """Every replica's shifted moments combined, in the frame of replica 0's shift.
+
+    Parameters
+    ----------
+    counts : array, shape (R,)
+        Each replica's count.
+    shifts : array, shape (R, C)
+        Each replica's shift ``K_r``.
+    sums : array, shape (R, C)
+        ``S1_r = sum(x - K_r)``.
+    squares : array, shape (R, C)
+        The centred squares ``M_r``, around each replica's own mean.
+
+    Returns
+    -------
+    n, offset, var, frame : arrays, shapes () and (C,)
+        The count, ``mean - K_0``, the biased variance and ``K_0``. ``K_r - K_0`` is
+        small (and exact when the shifts are within a factor 2 of each other) while
+        ``K_r`` alone may be ``>> sigma``: nothing cancels (:func:`combine_moments`).
+    """
     xp = array_namespace(counts, shifts)
     frame = shifts[0, ...]
     safe_counts = xp.where(counts > 0, counts, xp.ones_like(counts))
@@ -451,12 +480,41 @@ def batch_norm(
     mask: Array | None = None,
     hooks: Hooks = Hooks(),
 ) -> BatchNormResult:
-    """Normalise ``x`` as ``config`` says, with ``params`` (``scale``, ``bias``, or
-    none when not affine) and ``state`` (the running statistics, see
-    ``config.state_keys``); return ``y`` and the new state. Checks its arguments
-    (``ValueError``/``TypeError``, at trace time under ``jax.jit``); a backend
-    that checked them at its own boundary calls :func:`forward`. See the module
-    docstring for the maths."""
+    """Batch normalization of ``x`` as ``config`` says (the maths: this module's docstring).
+
+    Parameters
+    ----------
+    x : array
+        Input of ``config.ndim`` dimensions, ``num_features`` on the axis that
+        ``config.reduce_axes`` leaves; any Array API library, real floating point.
+    params : mapping
+        ``{"scale", "bias"}`` of shape ``(num_features,)``, or empty when not affine
+        (``config.param_keys``).
+    state : mapping
+        The running statistics, exactly ``config.state_keys`` (``num_batches_tracked``, a
+        scalar, with ``momentum=None``; empty without ``track_running_stats``).
+    config : BatchNormConfig
+        The validated configuration (``BatchNormConfig.from_arguments``).
+    training : bool
+        Normalise with the batch's statistics and update the state (R2, R3), or with
+        the running statistics (inference).
+    mask : array of bool, optional
+        ``x``'s shape without the feature axis; positions where it is False are
+        normalised but not counted in the statistics (R5).
+    hooks : Hooks, optional
+        The backend's cross-replica hook and ``stop_gradient`` (R4).
+
+    Returns
+    -------
+    BatchNormResult
+        ``y`` (``x``'s dtype and shape) and the new state (the same mapping in inference).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument, what was expected and what was given (R7.1), before
+        anything is computed; under ``jax.jit`` at trace time.
+    """
     xp = check_call(x, mask, params, state, config, training, hooks)
     return forward(xp, x, params, state, config, training=training, mask=mask, hooks=hooks)
 
@@ -601,6 +659,27 @@ def batch_norm_vjp(
 ) -> dict[str, Array]:
     r"""The analytic backward pass: gradients of ``sum(y * dy)`` with respect to ``x``
     and (when affine) ``scale`` and ``bias``, at the given parameters and state.
+
+    Parameters
+    ----------
+    x, params, state, config, training, mask, hooks
+        As :func:`batch_norm`'s.
+    dy : array
+        The cotangent of ``y``: ``x``'s library and shape, real floating point.
+
+    Returns
+    -------
+    dict
+        ``{"x"}`` in ``x``'s dtype, with ``"scale"`` and ``"bias"`` in the parameters'
+        dtype when affine. The state is not updated.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batch_norm`, and for ``dy``.
+
+    Notes
+    -----
 
     With ``inv = 1 / sqrt(var + epsilon)``, ``xhat = (x - mean) * inv`` and
     ``g = dy * scale`` (``dy`` when not affine), summing over the reduced axes::
