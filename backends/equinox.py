@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -34,7 +33,7 @@ import numpy as np
 from bn1d import algorithm
 from bn1d.backends import jax as jax_backend
 from bn1d.config import BatchNormConfig, argument_error
-from bn1d.initializers import Ones, Zeros
+from bn1d.layer import brainpy_signature
 
 from . import jax_modules
 
@@ -56,28 +55,9 @@ class BatchNorm1d(eqx.nn.StatefulLayer):
     config: BatchNormConfig = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
 
-    def __init__(
-        self,
-        num_features: int,
-        axis: int | Sequence[int] = (0, 1),
-        epsilon: float = 1e-5,
-        momentum: float | None = 0.99,
-        affine: bool = True,
-        bias_initializer: Any = Zeros(),
-        scale_initializer: Any = Ones(value=1.0),
-        axis_name: str | Sequence[str] | None = None,
-        axis_index_groups: Sequence[Sequence[int]] | None = None,
-        mode: str | None = None,
-        name: str | None = None,
-        *,
-        dtype: Any = None,
-        inference: bool | None = None,
-        **options: Any,
-    ):
-        layer = jax_modules.new_layer(
-            num_features, axis, epsilon, momentum, affine, bias_initializer, scale_initializer,
-            axis_name, axis_index_groups, mode, name, dtype=dtype, **options,
-        )  # fmt: skip
+    @brainpy_signature
+    def __init__(self, *args: Any, dtype: Any = None, inference: bool | None = None, **kwargs: Any):
+        layer = jax_modules.new_layer(*args, dtype=dtype, **kwargs)
         self.config = layer.config
         self.dtype = layer.dtype
         self.inference = not jax_modules.resolve_training(inference, None, layer.config, "inference")

@@ -24,7 +24,6 @@ NNX's conventions, so it sits where ``nnx.BatchNorm`` sits:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -33,7 +32,7 @@ from flax import nnx
 from flax.nnx.module import first_from
 
 from bn1d.config import BatchNormConfig, argument_error
-from bn1d.initializers import Ones, Zeros
+from bn1d.layer import brainpy_signature
 
 from . import jax_modules
 from .jax_modules import FLAX_NAMES
@@ -52,30 +51,13 @@ class BatchNorm1d(nnx.Module):
     bn1d's, ``(shape, dtype) -> array``, arrays or scalars.
     """
 
+    @brainpy_signature
     def __init__(
-        self,
-        num_features: int,
-        axis: int | Sequence[int] = (0, 1),
-        epsilon: float = 1e-5,
-        momentum: float | None = 0.99,
-        affine: bool = True,
-        bias_initializer: Any = Zeros(),
-        scale_initializer: Any = Ones(value=1.0),
-        axis_name: str | Sequence[str] | None = None,
-        axis_index_groups: Sequence[Sequence[int]] | None = None,
-        mode: str | None = None,
-        name: str | None = None,
-        *,
-        dtype: Any = None,
-        use_running_average: bool | None = None,
-        rngs: nnx.Rngs | None = None,
-        **options: Any,
-    ):
+        self, *args: Any, dtype: Any = None, use_running_average: bool | None = None, rngs: nnx.Rngs | None = None,
+        **kwargs: Any,
+    ):  # fmt: skip
         del rngs  # no randomness: the initializers are deterministic
-        layer = jax_modules.new_layer(
-            num_features, axis, epsilon, momentum, affine, bias_initializer, scale_initializer,
-            axis_name, axis_index_groups, mode, name, dtype=dtype, **options,
-        )  # fmt: skip
+        layer = jax_modules.new_layer(*args, dtype=dtype, **kwargs)
         training = jax_modules.resolve_training(use_running_average, None, layer.config)
         self.config = layer.config
         self.dtype = layer.dtype

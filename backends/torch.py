@@ -29,9 +29,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from bn1d import validation
 from bn1d.backends.formats import from_torch_state_dict, to_torch_state_dict, torch_momentum
-from bn1d.config import OPTIONS, BatchNormConfig, argument_error
+from bn1d.config import OPTIONS, argument_error
 from bn1d.initializers import Ones, Zeros
-from bn1d.layer import initial_state
+from bn1d.layer import brainpy_arguments, brainpy_signature, initial_state
 from bn1d.protocol import resolve_training
 from bn1d.state import check_state
 
@@ -95,30 +95,12 @@ class BatchNorm1d(nn.Module):
     running_var: torch.Tensor | None
     num_batches_tracked: torch.Tensor | None
 
+    @brainpy_signature
     def __init__(
-        self,
-        num_features: int,
-        axis: int | Sequence[int] = (0, 1),
-        epsilon: float = 1e-5,
-        momentum: float | None = 0.99,
-        affine: bool = True,
-        bias_initializer: Any = Zeros(),
-        scale_initializer: Any = Ones(1.0),
-        axis_name: str | Sequence[str] | None = None,
-        axis_index_groups: Sequence[Sequence[int]] | None = None,
-        mode: str | None = None,
-        name: str | None = None,
-        *,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        timeout: float | None = None,
-        native_kernel: bool = True,
-        **options: Any,
-    ):
-        config = BatchNormConfig.from_arguments(
-            num_features, axis, epsilon, momentum, affine, axis_name, axis_index_groups, mode, name, **options
-        )
+        self, *args: Any, process_group: Any = None, device: Any = None, dtype: torch.dtype | None = None,
+        timeout: float | None = None, native_kernel: bool = True, **kwargs: Any,
+    ):  # fmt: skip
+        config, scale_initializer, bias_initializer = brainpy_arguments(*args, **kwargs)
         dtype = torch.float32 if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or dtype not in _PARAM_DTYPES:
             raise argument_error("dtype", "None, torch.float32 or torch.float64", dtype, TypeError)
@@ -133,7 +115,7 @@ class BatchNorm1d(nn.Module):
             raise argument_error("native_kernel", "a bool", native_kernel, TypeError)
         values = initial_state(config, scale_initializer, bias_initializer, _PARAM_DTYPES[dtype])
         super().__init__()
-        self.config, self.name, self.process_group = config, name, process_group
+        self.config, self.name, self.process_group = config, config.name, process_group
         self.timeout = timeout
         factory = {"device": device, "dtype": dtype}
         for key in config.param_keys:  # not affine: no scale/bias attributes at all, not None ones

@@ -22,6 +22,7 @@ contract every layer meets is ``docs/spec.md``.)
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from .protocol import TrainingSwitch
 from .replicas import replica_hooks
 from .state import check_state
 
-__all__ = ["Layer", "initial_state"]
+__all__ = ["Layer", "brainpy_arguments", "brainpy_signature", "initial_state"]
 
 
 def initial_state(config: BatchNormConfig, scale_initializer: Any, bias_initializer: Any, dtype: Any) -> dict[str, Any]:
@@ -242,3 +243,35 @@ class Layer(TrainingSwitch):
             f"momentum={c.momentum}, affine={c.affine}, axis_name={c.axis_name!r}{options}, "
             f"training={self.training}, dtype={getattr(self.dtype, 'name', self.dtype)})"
         )
+
+
+#: BrainPy's positional constructor parameters, written once: :class:`Layer`'s.
+_BRAINPY_PARAMETERS = [
+    p for p in inspect.signature(Layer.__init__).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD
+]
+_BRAINPY = inspect.Signature([*_BRAINPY_PARAMETERS, inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD)])
+
+
+def brainpy_arguments(*args: Any, **kwargs: Any) -> tuple[BatchNormConfig, Any, Any]:
+    """BrainPy's constructor arguments (:class:`Layer`'s, and the options) for a module that
+    forwards them: the validated config, the ``scale_initializer`` and the ``bias_initializer``."""
+    try:
+        bound = _BRAINPY.bind(None, *args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"BatchNorm1d: {error}") from None
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    options = arguments.pop("options")
+    del arguments["self"]
+    scale, bias = arguments.pop("scale_initializer"), arguments.pop("bias_initializer")
+    return BatchNormConfig.from_arguments(**arguments, **options), scale, bias
+
+
+def brainpy_signature(init: Any) -> Any:
+    """``init(self, *args, <its keywords>, **kwargs)``, which forwards BrainPy's arguments,
+    shown (``inspect.signature``, ``help``, IDEs) with them: :class:`Layer`'s positional
+    parameters, then ``init``'s own keyword-only ones and ``**options``."""
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    options = inspect.Parameter("options", inspect.Parameter.VAR_KEYWORD)
+    init.__signature__ = inspect.Signature([*_BRAINPY_PARAMETERS, *own, options])
+    return init

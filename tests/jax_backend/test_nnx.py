@@ -337,3 +337,28 @@ def test_nested_nnx_vmap_over_two_named_axes_and_an_empty_batch():
     assert np.isfinite(np.asarray(y)).all()
     for key, value in local.state_dict().items():  # docs/spec.md R3.6: unchanged
         np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
+def test_the_brainpy_signature_modules_forward_the_one_written_out_signature():
+    """NNX's and Equinox's ``BatchNorm1d`` forward BrainPy's arguments to the JAX layer (written
+    once, ``bn1d.Layer``'s) and show them: ``inspect.signature`` and ``help`` list BrainPy's
+    parameters with their defaults, then the module's own keywords; a bad argument is the
+    layer's error."""
+    import inspect
+
+    from bn1d import Layer
+    from bn1d.backends import equinox as bn_eqx
+
+    brainpy = [p for p in inspect.signature(Layer.__init__).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    for cls, own in (
+        (BatchNorm1d, ["dtype", "use_running_average", "rngs"]),
+        (bn_eqx.BatchNorm1d, ["dtype", "inference"]),
+    ):
+        parameters = list(inspect.signature(cls.__init__).parameters.values())
+        assert parameters[: len(brainpy)] == brainpy
+        assert [p.name for p in parameters[len(brainpy) :]] == [*own, "options"]
+        layer = cls(3, 0, 1e-3, 0.9, False, name="bn", fast_variance=True)
+        assert (layer.config.reduce_axes, layer.config.epsilon, layer.config.momentum, layer.config.affine,
+                layer.config.name, layer.config.fast_variance) == ((0,), 1e-3, 0.9, False, "bn", True)  # fmt: skip
+        with pytest.raises(ValueError, match=r"^epsilon: expected"):
+            cls(3, epsilon=-1.0)

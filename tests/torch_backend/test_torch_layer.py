@@ -680,3 +680,27 @@ def test_a_non_finite_input_gives_the_specifications_non_finite_results_without_
         assert np.array_equal(np.isposinf(got), np.isposinf(expected)), name
         assert np.array_equal(np.isneginf(got), np.isneginf(expected)), name
     assert np.isinf(reference.running_mean[0]) == (not np.isnan(value))
+
+
+def test_the_brainpy_signature_is_forwarded_and_shown():
+    """PyTorch's BrainPy-signature layer forwards BrainPy's arguments (written once,
+    ``bn1d.Layer``'s, bound by ``bn1d.layer.brainpy_arguments``) and shows them, then its
+    own keywords; positional and keyword arguments land where BrainPy's signature puts
+    them, initializers included, and a missing or surplus one is a ``TypeError``."""
+    import inspect
+
+    from bn1d import Constant, Layer
+
+    brainpy = [p for p in inspect.signature(Layer.__init__).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    parameters = list(inspect.signature(BatchNorm1d.__init__).parameters.values())
+    assert parameters[: len(brainpy)] == brainpy
+    own = ["process_group", "device", "dtype", "timeout", "native_kernel", "options"]
+    assert [p.name for p in parameters[len(brainpy) :]] == own
+    layer = BatchNorm1d(3, (0, 2), 1e-3, None, True, Constant(2.0), Constant(3.0), None, None, "inference", "bn")
+    assert (layer.config.reduce_axes, layer.config.epsilon, layer.config.momentum, layer.training, layer.name) == (
+        (0, 2), 1e-3, None, False, "bn")  # fmt: skip
+    assert layer.bias.tolist() == [2.0] * 3 and layer.scale.tolist() == [3.0] * 3
+    with pytest.raises(TypeError, match=r"missing a required argument: 'num_features'"):
+        BatchNorm1d()
+    with pytest.raises(TypeError, match=r"too many positional arguments"):
+        BatchNorm1d(3, 0, 1e-5, 0.9, True, None, None, None, None, None, None, "surplus")
