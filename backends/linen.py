@@ -46,8 +46,8 @@ class BatchNorm1d(nn.Module):
 
     Fields are ``bn1d.backends.jax.BatchNorm1d``'s arguments (BrainPy's, linen's own
     ``name``), then ``use_running_average``, ``dtype`` (of the parameters and
-    statistics) and the options ``fast_variance``, ``unbiased_running_var`` and
-    ``track_running_stats``. They are validated when the module is bound (at ``init``
+    statistics) and the options of ``bn1d.config.OPTIONS`` (``fast_variance``,
+    ``unbiased_running_var``, ``track_running_stats``). They are validated when the module is bound (at ``init``
     or ``apply``), with the project's errors.
     """
 
@@ -63,9 +63,11 @@ class BatchNorm1d(nn.Module):
     mode: str | None = None
     use_running_average: bool | None = None
     dtype: Any = None
-    fast_variance: bool = False
-    unbiased_running_var: bool = True
-    track_running_stats: bool = True
+    # Then one field per option of bn1d.config.OPTIONS, with its default: written there only.
+    for _option, _default in OPTIONS.items():
+        locals()[_option] = _default  # the class body's namespace
+        __annotations__[_option] = "bool"
+    del _option, _default
 
     def initial_layer(self) -> Any:
         """The JAX backend's layer for these fields: the validated ``config``, the

@@ -128,6 +128,9 @@ class BatchNorm1d(nn.Module):
         self.train(config.training)
         self._sync = Sync(process_group, config.axis_index_groups, timeout) if config.synced else None
         self._native_kernel = native_kernel
+        # the options away from their defaults (the running statistics say track_running_stats)
+        self._options = {k: getattr(config, k) for k, default in OPTIONS.items() if getattr(config, k) != default}
+        self._options.pop("track_running_stats", None)
         self._factor = None if config.momentum is None else _torch_factor(config.momentum)
         self._layout = (config.num_features, config.feature_axis, config.ndim)  # read on every call
 
@@ -161,8 +164,7 @@ class BatchNorm1d(nn.Module):
             view, buffers["running_mean"], buffers["running_var"], parameters.get("scale"), parameters.get("bias"),
             training or not tracked, self._factor, config.epsilon,
             num_batches_tracked=buffers["num_batches_tracked"] if training and tracked else None, mask=view_mask,
-            sync=sync if training else None, fast_variance=config.fast_variance,
-            unbiased_running_var=config.unbiased_running_var, native_kernel=self._native_kernel,
+            sync=sync if training else None, native_kernel=self._native_kernel, **self._options,
         )  # fmt: skip
         if fa == 1:
             return y

@@ -8,12 +8,14 @@ weight), and computes what ``bn1d.algorithm`` states under the contract
 ``docs/spec.md`` (R2.7: within 1e-5 of the float64 computation on raw data). bn1d's extras
 are keyword-only: ``mask`` (R5), ``sync`` (R4, over ``torch.distributed``),
 ``num_batches_tracked`` (counted as PyTorch counts it; with ``momentum=None`` it is the
-cumulative average's count, R3.7), ``fast_variance`` and ``unbiased_running_var``.
+cumulative average's count, R3.7) and the options of ``bn1d.config.OPTIONS``
+(``fast_variance``, ``unbiased_running_var``; ``track_running_stats`` is whether running
+statistics are given), passed on to the core whatever they are.
 
 Which computation runs is decided by facts of the call, never by its data on a device:
 
 * **PyTorch's kernels, checked** (``"kernels"``): a real tensor on the CPU, outside
-  tracing, compilation and ``torch.func`` transforms, no mask, the default options.
+  tracing, compilation and ``torch.func`` transforms, no mask, every option at its default.
   The fused training kernel runs where ``torch_kernels``' error model accepts its result
   (judged from its own statistics, on the host, which on the CPU is no synchronisation),
   else the split and shifted statistics of :class:`torch_kernels.NativeBatchNorm`;
@@ -45,7 +47,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bn1d import algorithm, validation
 from bn1d.algorithm import Hooks, compute_dtype
-from bn1d.config import BatchNormConfig, argument_error
+from bn1d.config import OPTIONS, BatchNormConfig, argument_error
 
 from . import torch_kernels
 from .torch_distributed import Sync, make_all_gather
@@ -63,20 +65,23 @@ recording = threading.local()
 recording.recorder = None
 
 
+#: The options a call may give (``track_running_stats`` is whether it gives running statistics).
+_CALL_OPTIONS = frozenset(OPTIONS) - {"track_running_stats"}
+
+
 @functools.lru_cache(maxsize=256)
 def _config(
     num_features: int, ndim: int, epsilon: float, momentum: float | None, tracked: bool, synced: bool,
-    groups: Any, fast_variance: bool, unbiased_running_var: bool,
+    groups: Any, options: tuple[tuple[str, bool], ...],
 ) -> BatchNormConfig:  # fmt: skip
     """The core's config of a call on ``(N, C, *)`` input of ``ndim`` dimensions, from
     arguments :func:`batch_norm` has checked (so built directly: under ``torch.compile``
-    the floats may be symbolic, which ``BatchNormConfig.from_arguments``' checks cannot
-    take); ``momentum`` is bn1d's (the old statistic's weight). Cached: a call's arguments
-    are few."""
+    take); ``momentum`` is bn1d's (the old statistic's weight), ``options`` the call's
+    (name, value) pairs. Cached: a call's arguments are few."""
     return BatchNormConfig(
         num_features=num_features, reduce_axes=(0, *range(2, ndim)), epsilon=epsilon, momentum=momentum,
         affine=True, axis_name="batch" if synced else None, axis_index_groups=groups, training=True, name=None,
-        fast_variance=fast_variance, unbiased_running_var=unbiased_running_var, track_running_stats=tracked,
+        track_running_stats=tracked, **dict(options),
     )  # fmt: skip
 
 
@@ -106,7 +111,7 @@ def _vector(name: str, value: Any, x: torch.Tensor, c: int, floating: bool = Tru
 
 def _check(
     x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: Any, momentum: Any,
-    eps: Any, mask: Any, num_batches_tracked: Any,
+    eps: Any, mask: Any, num_batches_tracked: Any, options: Any = (),
 ) -> None:  # fmt: skip
     """Every argument of :func:`batch_norm` checked (R7.1), before any state changes."""
     if not isinstance(x, torch.Tensor):
@@ -136,6 +141,11 @@ def _check(
         isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.dim() == 0
     ):
         raise argument_error("num_batches_tracked", "None or a 0-d tensor", num_batches_tracked, TypeError)
+    for name, value in options:
+        if name not in _CALL_OPTIONS:
+            raise argument_error(name, f"one of the options {sorted(_CALL_OPTIONS)}", value, TypeError)
+        if not isinstance(value, bool):
+            raise argument_error(name, "a bool", value, TypeError)
     if mask is not None:
         validation.check_inputs(x, mask, num_features=c, reduce_axes=(0, *range(2, x.dim())))
 
@@ -174,14 +184,14 @@ def _eager(x: torch.Tensor) -> bool:
 
 def path(
     x: torch.Tensor, running_mean: torch.Tensor | None, weight: torch.Tensor | None, training: bool,
-    mask: Any = None, sync: Any = None, fast_variance: bool = False, unbiased_running_var: bool = True,
-    native_kernel: bool = True,
+    mask: Any = None, sync: Any = None, native_kernel: bool = True, options: tuple[tuple[str, bool], ...] = (),
 ) -> str:  # fmt: skip
     """The computation a call takes: ``"kernels"`` (PyTorch's, checked) or ``"core"``; the
-    module docstring says when. Unsynced training also needs a dtype pair that the fused
-    kernel takes (equal, or half input with float32 statistics) and more than one value
-    per feature (the core raises R3.5's error)."""
-    if not native_kernel or fast_variance or not unbiased_running_var or (training and mask is not None):
+    module docstring says when. ``options``: the call's (name, value) pairs; PyTorch's
+    kernels implement every option's default and nothing else. Unsynced training also
+    needs a dtype pair that the fused kernel takes (equal, or half input with float32
+    statistics) and more than one value per feature (the core raises R3.5's error)."""
+    if not native_kernel or (training and mask is not None) or any(OPTIONS[k] != v for k, v in options):
         return "core"
     if not _eager(x):
         return "core"
@@ -221,9 +231,8 @@ def batch_norm(
     num_batches_tracked: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     sync: Sync | None = None,
-    fast_variance: bool = False,
-    unbiased_running_var: bool = True,
     native_kernel: bool = True,
+    **options: bool,
 ) -> torch.Tensor:
     """Batch normalization of ``input`` ``(N, C, *)``, features on axis 1, exact (R2.7).
 
@@ -235,8 +244,9 @@ def batch_norm(
     ``momentum=None``, the cumulative average, the count of calls that saw data, R3.7).
     ``mask``: boolean, ``x``'s shape without axis 1; masked positions are normalised but
     not counted (R5). ``sync``: a :class:`Sync`; the statistics of training calls are
-    those of every rank's batch (R4). ``fast_variance``/``unbiased_running_var``: bn1d's
-    options (R2.2, R3.4); ``native_kernel=False`` always runs the core. Returns ``y``,
+    those of every rank's batch (R4). ``options``: bn1d's (``fast_variance``, R2.2;
+    ``unbiased_running_var``, R3.4; any option of ``bn1d.config.OPTIONS`` but
+    ``track_running_stats``); ``native_kernel=False`` always runs the core. Returns ``y``,
     of ``x``'s dtype. Raises ``TypeError``/``ValueError`` naming a bad argument before any
     state changes (R7.1).
     """
@@ -245,12 +255,15 @@ def batch_norm(
         return handle_torch_function(
             batch_norm, (x, running_mean, running_var, weight, bias, mask), x, running_mean, running_var,
             weight, bias, training, momentum, eps, num_batches_tracked=num_batches_tracked, mask=mask, sync=sync,
-            fast_variance=fast_variance, unbiased_running_var=unbiased_running_var, native_kernel=native_kernel,
+            native_kernel=native_kernel, **options,
         )  # fmt: skip
-    if mask is not None or not (
-        type(x) is torch.Tensor and x.dtype in _FLOAT_DTYPES and x.dim() >= 2 and isinstance(training, bool)
+    given = tuple(sorted(options.items())) if options else ()
+    if (
+        mask is not None
+        or given
+        or not (type(x) is torch.Tensor and x.dtype in _FLOAT_DTYPES and x.dim() >= 2 and isinstance(training, bool))
     ):
-        _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked)
+        _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked, given)
     elif not (
         _vectors(x.shape[1], running_mean, running_var, weight, bias)
         and (running_mean is None) == (running_var is None)
@@ -268,22 +281,21 @@ def batch_norm(
     if training and mask is None and sync is None and x.numel() == x.shape[1]:
         # R3.5 from the shape, naming this function's argument (the core names its own)
         raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
-    options = (fast_variance, unbiased_running_var)
-    route = path(x, running_mean, weight, training, mask, sync, fast_variance, unbiased_running_var, native_kernel)
+    route = path(x, running_mean, weight, training, mask, sync, native_kernel, given)
     if not training:
         if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
-        return _core(x, running_mean, running_var, weight, bias, False, momentum, eps, None, mask, None, options)
+        return _core(x, running_mean, running_var, weight, bias, False, momentum, eps, None, mask, None, given)
     exchange = None
     if sync is not None:
         float64 = _compute_dtype(x, running_mean, weight) == torch.float64
-        config = _call_config(x, running_mean, momentum, eps, True, sync, options)
+        config = _call_config(x, running_mean, momentum, eps, True, sync, given)
         exchange = sync.exchange(x, config, float64, group)
     if route == "kernels":
         y = _kernel_training(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, exchange)
     else:
         y = _core(x, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked, mask,
-                  exchange, options, sync)  # fmt: skip
+                  exchange, given, sync)  # fmt: skip
     if exchange is not None:  # the next call's agreed shift (torch_distributed.Reduce; None for Gather)
         sync.agreed_shift = exchange.next_shift  # type: ignore[union-attr]
     return y
@@ -291,7 +303,7 @@ def batch_norm(
 
 def _call_config(
     x: torch.Tensor, running_mean: Any, momentum: float | None, eps: float, training: bool, sync: Sync | None,
-    options: tuple[bool, bool],
+    options: tuple[tuple[str, bool], ...],
 ) -> BatchNormConfig:  # fmt: skip
     """The core's config of a call: a momentum of ``None`` is the cumulative average where
     there is a count to keep (tracked training), else irrelevant; any other is PyTorch's,
@@ -303,7 +315,7 @@ def _call_config(
         bn1d_momentum = 1.0 - momentum
     groups = None if sync is None else sync.axis_index_groups
     build = _config.__wrapped__ if torch.compiler.is_compiling() else _config  # Dynamo traces, never caches
-    return build(x.shape[1], x.dim(), eps, bn1d_momentum, running_mean is not None, sync is not None, groups, *options)
+    return build(x.shape[1], x.dim(), eps, bn1d_momentum, running_mean is not None, sync is not None, groups, options)
 
 
 def _write(target: torch.Tensor, value: torch.Tensor) -> None:
@@ -335,7 +347,7 @@ def _count(num_batches_tracked: torch.Tensor | None) -> None:
 def _core(
     x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
     momentum: float | None, eps: float, num_batches_tracked: Any, mask: Any, exchange: Any,
-    options: tuple[bool, bool], sync: Sync | None = None,
+    options: tuple[tuple[str, bool], ...], sync: Sync | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """:func:`bn1d.algorithm.forward` under autograd, writing the new running statistics."""
     tracked = running_mean is not None
@@ -446,7 +458,7 @@ def _kernel_training(
         if momentum is None:
             state["num_batches_tracked"] = num_batches_tracked
     dtype = _compute_dtype(x, running_mean, weight)
-    config = _call_config(x, running_mean, momentum, eps, True, None, (False, True))
+    config = _call_config(x, running_mean, momentum, eps, True, None, ())
     y, *new_values = torch_kernels.NativeBatchNorm.apply(view.to(dtype).contiguous(), weight, bias, state, exchange,
                                                          config)  # fmt: skip
     if tracked:

@@ -492,6 +492,10 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
         (dict(momentum="0.1"), TypeError, r"^momentum: expected None or a float"),
         (dict(momentum=None), TypeError, r"^num_batches_tracked: expected its count with momentum=None"),
         (dict(eps=True), TypeError, r"^eps: expected a finite float > 0, got True$"),
+        (dict(fast_variance=1), TypeError, r"^fast_variance: expected a bool, got 1$"),
+        (dict(track_running_stats=False), TypeError,
+         r"^track_running_stats: expected one of the options \['fast_variance', 'unbiased_running_var'\], got False$"),
+        (dict(centred=True), TypeError, r"^centred: expected one of the options"),
     ):  # fmt: skip
         stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
         arguments = {**stats, "weight": None, "bias": None, "momentum": 0.1, "eps": 1e-5, **kwargs}
@@ -791,3 +795,29 @@ def test_the_drop_in_passes_every_conformance_case_pytorchs_signature_can_expres
     not_applicable = {c.case for c in checks if c.passed is None}
     assert not_applicable == {"fast_variance", "biased_running_var", "synced_layer_inference"}, not_applicable
     assert sum(c.passed is True for c in checks) == len(CASES) - 3
+
+
+def test_the_functional_form_passes_any_option_to_the_core():
+    """``torch_functional.batch_norm(..., **options)``: every option of ``bn1d.config.OPTIONS``
+    but ``track_running_stats`` (given by the running statistics) reaches the core, and any
+    option away from its default leaves PyTorch's kernels (which implement the defaults
+    only): the biased running variance and BrainPy's one-pass variance equal the NumPy
+    specification's, on raw data the one-pass variance visibly cancels (so a kernel that
+    ignored it would be caught)."""
+    rng = np.random.default_rng(0)
+    for loc in (0.0, 3000.0):
+        x64 = rng.standard_normal((256, 3, 8)) * 0.5 + loc
+        x = torch.from_numpy(x64.astype(np.float32))
+        exact = x64.var(axis=(0, 2), ddof=1)
+        for options in ({}, {"unbiased_running_var": False}, {"fast_variance": True}):
+            route = torch_functional.path(x, torch.zeros(3), None, True, options=tuple(options.items()))
+            assert route == ("kernels" if not options else "core"), options
+            mean, var = torch.zeros(3), torch.ones(3)
+            y = torch_functional.batch_norm(x, mean, var, None, None, True, 1.0, 1e-5, **options)
+            reference = spec.BatchNorm1d(3, axis=(0, 2), momentum=0.0, **options)
+            want = reference(x.numpy())
+            if options.get("fast_variance") and loc:  # the one-pass variance cancels at |mean| / std = 6000
+                assert np.max(np.abs(var.numpy() / exact - 1)) > 1e-3, "the kernels' exact variance: option lost"
+                continue
+            np.testing.assert_allclose(var.numpy(), reference.running_var, rtol=1e-5, err_msg=str(options))
+            np.testing.assert_allclose(y.numpy(), want, rtol=0, atol=1e-5, err_msg=str(options))
