@@ -30,6 +30,7 @@ from bn1d.backends import numpy as spec  # noqa: E402
 from bn1d.backends import torch_distributed, torch_functional, torch_nn  # noqa: E402
 from bn1d.backends.torch import BatchNorm1d as BrainPyBatchNorm1d  # noqa: E402
 from bn1d.backends.torch_nn import convert_batchnorm, revert_batchnorm, sync_running_statistics  # noqa: E402
+from bn1d.config import OPTIONS  # noqa: E402
 
 TOL = 2e-6
 DROP_INS = {
@@ -484,6 +485,7 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
     with pytest.raises(TypeError, match=r"^sync: expected not given \(SyncBatchNorm syncs over its process_group\)"):
         torch_nn.SyncBatchNorm(3, sync=True)
     x = torch.randn(8, 3)
+    call_options = set(OPTIONS) - {"track_running_stats"}
     for kwargs, exception, pattern in (
         (dict(running_var=torch.ones(4)), ValueError, r"^running_var: expected shape \(3,\)"),
         (dict(bias=torch.ones(4)), ValueError, r"^bias: expected shape \(3,\)"),
@@ -494,7 +496,7 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
         (dict(eps=True), TypeError, r"^eps: expected a finite float > 0, got True$"),
         (dict(fast_variance=1), TypeError, r"^fast_variance: expected a bool, got 1$"),
         (dict(track_running_stats=False), TypeError,
-         r"^track_running_stats: expected one of the options \['fast_variance', 'unbiased_running_var'\], got False$"),
+         rf"^track_running_stats: expected one of the options \[{', '.join(map(repr, sorted(call_options)))}\], got"),
         (dict(centred=True), TypeError, r"^centred: expected one of the options"),
     ):  # fmt: skip
         stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
@@ -753,8 +755,8 @@ def test_the_drop_in_passes_every_conformance_case_pytorchs_signature_can_expres
     """The conformance suite's cases (``bn1d.conformance``, golden vectors from the float64
     specification, bound-derived tolerances) on ``torch_nn.BatchNorm1d`` through the peers'
     PyTorch adapter, masks included: every case PyTorch's signature can express passes
-    (bn1d's options ``fast_variance`` and ``unbiased_running_var``, BrainPy's initializers
-    and sync over simulated replicas it cannot)."""
+    (bn1d's options away from their defaults but ``track_running_stats``, BrainPy's
+    initializers and sync over simulated replicas it cannot)."""
     from bn1d.conformance import golden, peers
     from bn1d.conformance.cases import CASES
     from bn1d.conformance.registry import NotApplicable
@@ -762,9 +764,10 @@ def test_the_drop_in_passes_every_conformance_case_pytorchs_signature_can_expres
 
     class DropInLayer(peers._TorchLayer):
         def __init__(self, arguments, dtype):
-            if arguments.get("fast_variance", False) or not arguments.get("unbiased_running_var", True):
-                raise NotApplicable("no fast_variance or biased running variance in PyTorch's signature")
-            arguments = {k: v for k, v in arguments.items() if k not in ("fast_variance", "unbiased_running_var")}
+            options = set(OPTIONS) - {"track_running_stats"}  # PyTorch's signature has that one
+            if any(arguments.get(option, OPTIONS[option]) != OPTIONS[option] for option in options):
+                raise NotApplicable("bn1d's options other than track_running_stats are not in PyTorch's signature")
+            arguments = {k: v for k, v in arguments.items() if k not in options}
             original = nn.BatchNorm1d
             nn.BatchNorm1d = torch_nn.BatchNorm1d  # the adapter builds torch.nn.BatchNorm1d: bn1d's for this call
             try:
