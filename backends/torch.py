@@ -36,7 +36,7 @@ from bn1d.protocol import resolve_training
 from bn1d.state import check_state
 
 from .torch_distributed import Sync, check_process_group, check_timeout
-from .torch_functional import batch_norm
+from .torch_functional import dispatch
 from .torch_nn import convert_batchnorm, revert_batchnorm, sync_running_statistics
 
 __all__ = [
@@ -129,8 +129,8 @@ class BatchNorm1d(nn.Module):
         self._sync = Sync(process_group, config.axis_index_groups, timeout) if config.synced else None
         self._native_kernel = native_kernel
         # the options away from their defaults (the running statistics say track_running_stats)
-        self._options = {k: getattr(config, k) for k, default in OPTIONS.items() if getattr(config, k) != default}
-        self._options.pop("track_running_stats", None)
+        self._options = tuple((k, getattr(config, k)) for k in sorted(OPTIONS) if k != "track_running_stats"
+                              and getattr(config, k) != OPTIONS[k])  # fmt: skip
         self._factor = None if config.momentum is None else _torch_factor(config.momentum)
         self._layout = (config.num_features, config.feature_axis, config.ndim)  # read on every call
 
@@ -138,7 +138,8 @@ class BatchNorm1d(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, training: bool | None = None) -> torch.Tensor:
         """``y`` for ``x``; in training also updates the running statistics. The input is
         seen in PyTorch's layout, features on axis 1, and normalised by
-        :func:`~bn1d.backends.torch_functional.batch_norm`."""
+        :func:`~bn1d.backends.torch_functional.batch_norm`'s trusted entry, ``dispatch``
+        (the inputs are checked here, and bn1d's momentum reaches the core exactly)."""
         training = resolve_training(training, self.training)
         config, (c, fa, ndim) = self.config, self._layout
         if mask is not None or not (
@@ -160,11 +161,11 @@ class BatchNorm1d(nn.Module):
             view, view_mask = x.reshape(-1, c), None if mask is None else mask.reshape(-1)
         else:
             view, view_mask = x.movedim(fa, 1), mask
-        y = batch_norm(
+        y = dispatch(
             view, buffers["running_mean"], buffers["running_var"], parameters.get("scale"), parameters.get("bias"),
             training or not tracked, self._factor, config.epsilon,
-            num_batches_tracked=buffers["num_batches_tracked"] if training and tracked else None, mask=view_mask,
-            sync=sync if training else None, native_kernel=self._native_kernel, **self._options,
+            buffers["num_batches_tracked"] if training and tracked else None, view_mask,
+            sync if training else None, self._native_kernel, self._options, config.momentum,
         )  # fmt: skip
         if fa == 1:
             return y

@@ -273,6 +273,22 @@ def batch_norm(
         and (training or running_mean is not None)
     ):  # the common call's checks, cheaply; the full check finds and names what is wrong  # fmt: skip
         _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked)
+    keep = None if momentum is None else 1.0 - momentum
+    return dispatch(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, mask,
+                    sync, native_kernel, given, keep)  # fmt: skip
+
+
+def dispatch(
+    x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
+    momentum: float | None, eps: float, num_batches_tracked: Any, mask: Any, sync: Sync | None,
+    native_kernel: bool, options: tuple[tuple[str, bool], ...], keep: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`batch_norm` on checked arguments (a layer's trusted entry): ``momentum`` is
+    PyTorch's (the new batch's weight, which its kernels take), ``keep`` bn1d's (the
+    running statistics' weight, which the core takes), ``None`` both for the cumulative
+    average; ``options`` the (name, value) pairs of the options given. The
+    BrainPy-signature layer gives its own ``keep``: ``1 - (1 - m)`` is not ``m`` for every
+    float (off by up to ``2**-53`` absolute, which at ``m = 1e-10`` is a relative 1e-6)."""
     group = None
     if training and sync is not None:
         group = sync.group()
@@ -281,38 +297,37 @@ def batch_norm(
     if training and mask is None and sync is None and x.numel() == x.shape[1]:
         # R3.5 from the shape, naming this function's argument (the core names its own)
         raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
-    route = path(x, running_mean, weight, training, mask, sync, native_kernel, given)
+    route = path(x, running_mean, weight, training, mask, sync, native_kernel, options)
     if not training:
         if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
-        return _core(x, running_mean, running_var, weight, bias, False, momentum, eps, None, mask, None, given)
+        return _core(x, running_mean, running_var, weight, bias, False, keep, eps, None, mask, None, options)
     exchange = None
     if sync is not None:
         float64 = _compute_dtype(x, running_mean, weight) == torch.float64
-        config = _call_config(x, running_mean, momentum, eps, True, sync, given)
+        config = _call_config(x, running_mean, keep, eps, True, sync, options)
         exchange = sync.exchange(x, config, float64, group)
     if route == "kernels":
-        y = _kernel_training(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, exchange)
+        y = _kernel_training(x, running_mean, running_var, weight, bias, momentum, keep, eps, num_batches_tracked,
+                             exchange)  # fmt: skip
     else:
-        y = _core(x, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked, mask,
-                  exchange, given, sync)  # fmt: skip
+        y = _core(x, running_mean, running_var, weight, bias, True, keep, eps, num_batches_tracked, mask,
+                  exchange, options, sync)  # fmt: skip
     if exchange is not None:  # the next call's agreed shift (torch_distributed.Reduce; None for Gather)
         sync.agreed_shift = exchange.next_shift  # type: ignore[union-attr]
     return y
 
 
 def _call_config(
-    x: torch.Tensor, running_mean: Any, momentum: float | None, eps: float, training: bool, sync: Sync | None,
+    x: torch.Tensor, running_mean: Any, keep: float | None, eps: float, training: bool, sync: Sync | None,
     options: tuple[tuple[str, bool], ...],
 ) -> BatchNormConfig:  # fmt: skip
-    """The core's config of a call: a momentum of ``None`` is the cumulative average where
-    there is a count to keep (tracked training), else irrelevant; any other is PyTorch's,
-    the new batch's weight, whose exact complement is bn1d's (the core's ``1 - (1 - m)``
-    is ``m`` within one ulp)."""
-    if momentum is None:
+    """The core's config of a call: ``keep`` (bn1d's momentum) of ``None`` is the cumulative
+    average where there is a count to keep (tracked training), else irrelevant."""
+    if keep is None:
         bn1d_momentum = None if training and running_mean is not None else 0.0
     else:
-        bn1d_momentum = 1.0 - momentum
+        bn1d_momentum = keep
     groups = None if sync is None else sync.axis_index_groups
     build = _config.__wrapped__ if torch.compiler.is_compiling() else _config  # Dynamo traces, never caches
     return build(x.shape[1], x.dim(), eps, bn1d_momentum, running_mean is not None, sync is not None, groups, options)
@@ -346,12 +361,12 @@ def _count(num_batches_tracked: torch.Tensor | None) -> None:
 # -- the core --------------------------------------------------------------------------------------
 def _core(
     x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
-    momentum: float | None, eps: float, num_batches_tracked: Any, mask: Any, exchange: Any,
+    keep: float | None, eps: float, num_batches_tracked: Any, mask: Any, exchange: Any,
     options: tuple[tuple[str, bool], ...], sync: Sync | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """:func:`bn1d.algorithm.forward` under autograd, writing the new running statistics."""
     tracked = running_mean is not None
-    config = _call_config(x, running_mean, momentum, eps, training, sync, options)
+    config = _call_config(x, running_mean, keep, eps, training, sync, options)
     state: dict[str, torch.Tensor] = {}
     if tracked:
         state = {"running_mean": _current(running_mean), "running_var": _current(running_var)}
@@ -368,7 +383,7 @@ def _core(
         targets = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
         for key, value in new_state.items():
             _write(targets[key], value)
-        if momentum is not None:
+        if keep is not None:
             _count(num_batches_tracked)
     elif training:
         _count(num_batches_tracked)
@@ -442,12 +457,13 @@ def _kernel_inference(
 
 def _kernel_training(
     x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: float | None,
-    eps: float, num_batches_tracked: Any, exchange: Any,
+    keep: float | None, eps: float, num_batches_tracked: Any, exchange: Any,
 ) -> torch.Tensor:  # fmt: skip
-    """PyTorch's fused training kernel where its result meets the rule (unsynced), else
-    :class:`torch_kernels.NativeBatchNorm` (exact; synced with ``exchange``)."""
+    """PyTorch's fused training kernel where its result meets the rule (unsynced, and its
+    ``1 - momentum`` is ``keep``), else :class:`torch_kernels.NativeBatchNorm` (exact;
+    synced with ``exchange``)."""
     view = _as_input(x)
-    if exchange is None:
+    if exchange is None and (keep is None or 1.0 - momentum == keep):  # type: ignore[operator]
         y = _fused(view, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
         if y is not None:
             return _as_output(_with_gradient_hook(y), x)
@@ -455,17 +471,17 @@ def _kernel_training(
     state: dict[str, torch.Tensor] = {}
     if tracked:
         state = {"running_mean": running_mean, "running_var": running_var}
-        if momentum is None:
+        if keep is None:
             state["num_batches_tracked"] = num_batches_tracked
     dtype = _compute_dtype(x, running_mean, weight)
-    config = _call_config(x, running_mean, momentum, eps, True, None, ())
+    config = _call_config(x, running_mean, keep, eps, True, None, ())
     y, *new_values = torch_kernels.NativeBatchNorm.apply(view.to(dtype).contiguous(), weight, bias, state, exchange,
                                                          config)  # fmt: skip
     if tracked:
         with torch.no_grad():
             for key, value in zip(config.state_keys, new_values):
                 state[key].copy_(value)
-    if not tracked or momentum is not None:
+    if not tracked or keep is not None:
         _count(num_batches_tracked)
     return _as_output(y.to(x.dtype), x)
 
