@@ -1,61 +1,23 @@
-r"""Cross-replica statistics for ``bn1d.backends.torch`` over ``torch.distributed``.
+r"""Cross-replica statistics for PyTorch over ``torch.distributed``, device-agnostic (gloo on
+CPU, NCCL on GPU): one exchange per synced training call forward, one backward when the
+input needs a gradient (``docs/torch-models.md`` counts their rounds and bytes).
 
-One exchange per synced training call, device-agnostic (gloo on CPU, NCCL on
-GPU), forward and (when the input needs a gradient) backward. Two exchanges,
-chosen by the group's size (:func:`make_exchange`; the cost model and the bytes
-counted by ``bn1d.backends.torch_exchange_cost`` are in ``docs/torch-models.md``):
+* :class:`Gather` (groups of at most :data:`ALL_GATHER_MAX_RANKS` ranks) all-gathers every
+  rank's row, merged by :func:`bn1d.algorithm.combine_shifted`; :class:`Reduce` (larger
+  groups) all-reduces sums around a shift every rank holds bitwise, checksummed, falling
+  back to :class:`Gather`. Both look to the algorithm like its ``all_gather`` hook, so the
+  core (:func:`make_all_gather`, differentiable) and PyTorch's kernels around the exchange
+  (``torch_kernels.NativeBatchNorm``) use either, and ranks may take different paths.
+* :class:`Sync` is what a synced layer keeps between calls: its group (:func:`sync_group`,
+  with ``axis_index_groups`` subgroups created once by every rank, in the same order), the
+  first call's check that every rank agrees on what sizes the exchanges
+  (:func:`check_peers`: a ``ValueError`` naming every disagreeing rank, not a hang; sizes
+  that differ later are reported by ``TORCH_DISTRIBUTED_DEBUG=DETAIL``), and the agreed shift.
 
-* :class:`Gather`, for groups of at most :data:`ALL_GATHER_MAX_RANKS` ranks: one
-  all-gather of every rank's row (header, count, shift ``K_r``, shifted sum
-  ``sum(x - K_r)`` and centred squares), merged by
-  :func:`bn1d.algorithm.combine_shifted` in the frame of rank 0's shift (Chan,
-  Golub and LeVeque: no cancellation), or, with ``fast_variance``, its count, sum
-  and sum of squares, which are added. Its backward all-reduces the ``(ranks,
-  row)`` cotangents: for a loss :math:`L = \sum_q L_q` summed over ranks,
-  :math:`\partial L/\partial a_r = \sum_q \partial L_q/\partial \mathrm{rows}[r]`.
-  ``O(ranks x C)`` bytes per rank, one round; the headers are compared on every
-  call and a mismatch names every rank.
-* :class:`Reduce`, for larger groups: one all-reduce of each rank's count and its
-  sums re-centred on a shift that every rank holds bitwise (the previous call's
-  global mean, :attr:`Reduce.next_shift`), with a checksum of the header and of
-  that shift. ``O(C)`` bytes per rank, one round; the backward all-reduces the
-  ``2C`` cotangents of the combined row. A checksum that differs between ranks
-  (which every rank sees, the reduced sums being identical) makes that call fall
-  back to :class:`Gather`, which names disagreeing ranks or, when only the shift
-  differed, gives the exact statistics and a new agreed shift.
-
-Both look to the algorithm like the core's ``all_gather`` hook (:class:`Reduce`
-returns one combined row), so both paths use either: the core
-(:func:`make_all_gather`, differentiable) and PyTorch's kernels around the exchange
-(:class:`bn1d.backends.torch_kernels.NativeBatchNorm`). The collectives of a call
-depend only on the group, so ranks may take different paths (e.g. a mask on some
-ranks only).
-
-* :func:`sync_group` resolves the group of this rank: ``process_group`` (WORLD by
-  default), or, with ``axis_index_groups``, the subgroup (``dist.new_group``) that
-  holds this rank. Subgroups are created once per (process group, groups) and
-  cached while the process group lives; ``dist.new_group`` must be entered by every rank of the default group,
-  in the same order, so the first synced training call must run on every rank.
-* :func:`check_peers` all-gathers a small header (:func:`make_header`:
-  num_features, rank of the input, feature axis, compute dtype, variance
-  formula, groups and options) on a layer's first synced call and raises a ``ValueError``
-  naming every disagreeing rank: the exchanges' sizes depend on num_features,
-  so a mismatch must be an error before them, not a hang or garbage. Exchanges
-  whose sizes differ later (e.g. layers called in a rank-dependent order) cannot
-  be reported on every rank from inside one collective (gloo aborts the rank that
-  receives the longer row): ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` (PyTorch's check of
-  every collective's shapes) reports them on every rank.
-* ``bn1d.backends.torch_models.sync_running_statistics`` (built on
-  :func:`all_reduce_sum`) makes the running statistics of a model's layers
-  identical across ranks (their mean, or one rank's) before evaluation.
-
-Every collective waits at most ``timeout`` seconds (``None``: the process group's
-own timeout): a rank that died or never calls the layer gives a ``RuntimeError``
-on the others instead of a hang. Under ``torch.compile`` the collectives are
-PyTorch's functional collectives (traced into the graph, the same messages; the
-process group's timeout applies) and a header or checksum that differs between
-ranks is a ``RuntimeError`` from ``torch._assert_async`` (no fallback, no rank
-names: those need the host).
+Every collective waits at most ``timeout`` seconds (``None``: the group's): a rank that died
+or never calls gives the others a ``RuntimeError``. Under ``torch.compile`` the collectives
+are PyTorch's functional ones and a disagreement is ``torch._assert_async``'s error (no
+fallback, no rank names: those need the host).
 """
 
 from __future__ import annotations
