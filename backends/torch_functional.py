@@ -191,7 +191,7 @@ def path(
     kernels implement every option's default and nothing else. Unsynced training also
     needs a dtype pair that the fused kernel takes (equal, or half input with float32
     statistics) and more than one value per feature (the core raises R3.5's error)."""
-    if not native_kernel or (training and mask is not None) or any(OPTIONS[k] != v for k, v in options):
+    if not native_kernel or (training and mask is not None) or (options and any(OPTIONS[k] != v for k, v in options)):
         return "core"
     if not _eager(x):
         return "core"
