@@ -75,7 +75,7 @@ print(sorted(f for f in {frameworks!r} if f in sys.modules))
 @pytest.mark.parametrize(
     "modules, allowed",
     [
-        (("bn1d", "bn1d.algorithm", "bn1d.validation", "bn1d.layer", "bn1d.replicas", "bn1d.state",
+        (("bn1d", "bn1d.algorithm", "bn1d.validation", "bn1d.population", "bn1d.layer", "bn1d.replicas", "bn1d.state",
           "bn1d.backends.formats", "bn1d.backends.numpy", "bn1d.conformance", "bn1d.conformance.checks"), ()),
         (("bn1d.backends.jax", "bn1d.backends.jax_collectives", "bn1d.backends.jax_modules"), ("jax",)),
         (("bn1d.backends.nnx", "bn1d.backends.linen"), ("jax", "flax")),
