@@ -80,7 +80,8 @@ print(sorted(f for f in {frameworks!r} if f in sys.modules))
         (("bn1d.backends.jax", "bn1d.backends.jax_collectives", "bn1d.backends.jax_modules"), ("jax",)),
         (("bn1d.backends.nnx", "bn1d.backends.linen"), ("jax", "flax")),
         (("bn1d.backends.equinox",), ("jax", "equinox")),
-        (("bn1d.backends.torch_nn", "bn1d.backends.torch", "bn1d.backends.torch_func"), ("torch",)),
+        (("bn1d.backends.torch_nn", "bn1d.backends.torch", "bn1d.backends.torch_func",
+          "bn1d.backends.torch_population"), ("torch",)),
     ],
     ids=["core", "jax", "flax", "equinox", "torch"],
 )  # fmt: skip

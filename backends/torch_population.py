@@ -1,0 +1,182 @@
+"""Exact population statistics for a PyTorch model's batch norms (PreciseBN, done exactly).
+
+:func:`recompute_statistics` runs a model over batches of data and writes, as every batch
+norm's running statistics, the pooled mean and (unbiased, R3.3) variance of everything
+that layer saw: ``bn1d.population.PopulationStatistics``, count-weighted with the spread
+between batch means counted (``docs/population.md``). Every batch norm is found by what
+it is: PyTorch's (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, the lazy ones once
+initialised), bn1d's drop-ins (their subclasses) and bn1d's BrainPy-signature
+``BatchNorm1d``; a stock model gains without converting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from bn1d.config import argument_error
+from bn1d.population import PopulationStatistics
+
+__all__ = ["recompute_statistics"]
+
+
+def _norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The batch norms of ``model`` with running statistics, by name (each module once)."""
+    found = []
+    for name, module in model.named_modules():
+        tracked = module._buffers.get("running_mean") is not None and module._buffers.get("running_var") is not None
+        if tracked and (isinstance(module, _NormBase) or hasattr(module, "config")):
+            found.append((name or "model", module))
+    return found
+
+
+def _reduce_axes(module: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    """The axes a layer's statistics reduce on input ``x``: features on axis 1 for
+    PyTorch's signature, the config's for BrainPy's."""
+    config = getattr(module, "config", None)
+    if config is not None and not isinstance(module, _NormBase):
+        return tuple(config.reduce_axes)
+    return (0, *range(2, x.dim()))
+
+
+def _picker(input: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    if input is not None:
+        return input
+
+    def pick(batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            return batch[0]
+        raise argument_error(
+            "batches", "tensors or (input, ...) tuples; pass input= to pick the input of other batches",
+            type(batch).__name__, TypeError,
+        )  # fmt: skip
+
+    return pick
+
+
+def _progress(progress: bool | Callable[[int], None], total: int | None) -> tuple[Callable[[int], None], Any]:
+    """A per-batch callback: ``progress`` itself, a ``tqdm`` bar (``True``, when tqdm is
+    installed; else nothing), or nothing."""
+    if callable(progress):
+        return progress, None
+    if progress is True:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return lambda done: None, None
+        bar = tqdm(total=total, desc="recompute_statistics", unit="batch")
+        return lambda done: bar.update(1), bar
+    return lambda done: None, None
+
+
+def recompute_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    input: Callable[[Any], Any] | None = None,
+    limit: int | None = None,
+    device: Any = None,
+    progress: bool | Callable[[int], None] = False,
+) -> nn.Module:
+    """Set every batch norm's running statistics of ``model`` to the exact statistics of
+    its inputs over ``batches``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any model; its batch norms are found by class (module docstring).
+    batches : iterable
+        A ``DataLoader`` or any iterable: tensors, ``(input, ...)`` tuples, or anything
+        ``input`` picks the model's input from.
+    input : callable, optional
+        ``batch -> model input`` (e.g. ``lambda b: b["image"]``).
+    limit : int, optional
+        At most this many batches.
+    device : optional
+        Where each input is moved before the forward pass (as ``update_bn``'s).
+    progress : bool or callable, optional
+        ``True``: a ``tqdm`` bar when tqdm is installed; a callable: called with the
+        number of batches done after each.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``, its running statistics replaced: the mean and unbiased variance (R3.3)
+        of every value each layer saw, pooled over the batches (``docs/population.md``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad argument, a batch it cannot take, or no batch at all, before any
+        statistic changes.
+
+    Notes
+    -----
+    The model runs in training mode, as ``torch.optim.swa_utils.update_bn`` and PreciseBN
+    run it: each batch norm sees the activations of earlier layers normalised by that
+    batch's statistics, and all layers are recomputed in one pass. Nothing else changes:
+    the parameters, each module's ``training`` flag, ``num_batches_tracked`` and the
+    momentum are as they were; no gradient is taken.
+    """
+    if not isinstance(model, nn.Module):
+        raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise argument_error("limit", "None or a positive int", limit)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise argument_error("progress", "a bool or a callable", progress, TypeError)
+    pick = _picker(input)
+    norms = _norms(model)
+    stats: dict[str, PopulationStatistics] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0]
+            mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+            if name not in stats:
+                features = x.shape[1] if isinstance(module, _NormBase) else cast(Any, module).config.num_features
+                stats[name] = PopulationStatistics(int(features), _reduce_axes(module, x))
+            stats[name].update(x.detach(), None if mask is None else mask.detach())
+
+        return hook
+
+    saved = {m: {k: v.clone() for k, v in m._buffers.items() if v is not None} for _, m in norms}
+    modes = {m: m.training for m in model.modules()}
+    handles = [module.register_forward_pre_hook(capture(name), with_kwargs=True) for name, module in norms]
+    step, bar = _progress(progress, limit)
+    done = 0
+    try:
+        model.train()
+        with torch.no_grad():
+            for batch in batches:
+                if limit is not None and done >= limit:
+                    break
+                x = pick(batch)
+                model(x if device is None else x.to(device))
+                done += 1
+                step(done)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+        with torch.no_grad():  # the pass's own updates undone: only the pooled statistics are written
+            for module, buffers in saved.items():
+                for key, value in buffers.items():
+                    module._buffers[key].copy_(value)  # type: ignore[union-attr]
+        if bar is not None:
+            bar.close()
+    if done == 0:
+        raise argument_error("batches", "at least one batch", "none")
+    with torch.no_grad():
+        for name, module in norms:
+            if name in stats:
+                mean, var = module._buffers["running_mean"], module._buffers["running_var"]
+                mean.copy_(stats[name].mean.to(mean.dtype))  # type: ignore[union-attr]
+                var.copy_(stats[name].running_var.to(var.dtype))  # type: ignore[union-attr]
+    return model
