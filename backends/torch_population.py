@@ -15,11 +15,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
+from array_api_compat import array_namespace
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from bn1d.config import argument_error
 from bn1d.population import PopulationStatistics
+
+from . import torch_distributed
 
 __all__ = ["recompute_statistics"]
 
@@ -83,6 +86,8 @@ def recompute_statistics(
     limit: int | None = None,
     device: Any = None,
     progress: bool | Callable[[int], None] = False,
+    sync: Any = False,
+    timeout: float | None = None,
 ) -> nn.Module:
     """Set every batch norm's running statistics of ``model`` to the exact statistics of
     its inputs over ``batches``.
@@ -103,6 +108,13 @@ def recompute_statistics(
     progress : bool or callable, optional
         ``True``: a ``tqdm`` bar when tqdm is installed; a callable: called with the
         number of batches done after each.
+    sync : bool or ProcessGroup, optional
+        ``True`` (WORLD) or a process group: every rank passes its own batches and all get
+        the statistics of every rank's batches, from one all-gather of every layer's
+        accumulated row at the end (none per batch). Every rank of the group must call
+        it; a rank may have no batch.
+    timeout : float, optional
+        Seconds that all-gather may wait (``None``: the group's).
 
     Returns
     -------
@@ -130,6 +142,8 @@ def recompute_statistics(
         raise argument_error("limit", "None or a positive int", limit)
     if not (isinstance(progress, bool) or callable(progress)):
         raise argument_error("progress", "a bool or a callable", progress, TypeError)
+    group = _group(sync)
+    seconds = torch_distributed.check_timeout(timeout)
     pick = _picker(input)
     norms = _norms(model)
     stats: dict[str, PopulationStatistics] = {}
@@ -171,8 +185,10 @@ def recompute_statistics(
                     module._buffers[key].copy_(value)  # type: ignore[union-attr]
         if bar is not None:
             bar.close()
-    if done == 0:
-        raise argument_error("batches", "at least one batch", "none")
+    if group is not None:
+        stats = _gathered(norms, stats, group, seconds)
+    if not stats:
+        raise argument_error("batches", "at least one batch" + (" on some rank" if group is not None else ""), "none")
     with torch.no_grad():
         for name, module in norms:
             if name in stats:
@@ -180,3 +196,50 @@ def recompute_statistics(
                 mean.copy_(stats[name].mean.to(mean.dtype))  # type: ignore[union-attr]
                 var.copy_(stats[name].running_var.to(var.dtype))  # type: ignore[union-attr]
     return model
+
+
+def _group(sync: Any) -> Any:
+    """The process group to pool over, or ``None`` (no sync, or nothing to sync with)."""
+    if sync is False:
+        return None
+    if sync is not True:
+        torch_distributed.check_process_group(sync)
+        if sync is None:
+            raise argument_error("sync", "False, True or a torch.distributed.ProcessGroup", sync, TypeError)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    group = torch.distributed.group.WORLD if sync is True else sync
+    return group if torch_distributed.group_size(group) > 1 else None
+
+
+def _gathered(
+    norms: list[tuple[str, nn.Module]], stats: dict[str, PopulationStatistics], group: Any, timeout: float | None
+) -> dict[str, PopulationStatistics]:
+    """Every rank's accumulators, merged in rank order: one all-gather of each layer's row
+    ``(count, shift, mean - shift, squared deviations)`` in float64 (a layer a rank never
+    called sends a count of 0)."""
+    parts = []
+    for name, module in norms:
+        c = module._buffers["running_mean"].numel()  # type: ignore[union-attr]
+        row = stats[name]._total() if name in stats else None
+        if row is None:
+            parts.append(torch.zeros(1 + 3 * c, dtype=torch.float64))
+        else:
+            parts.append(torch.cat([torch.as_tensor(v, dtype=torch.float64).reshape(-1).cpu() for v in row]))
+    device = next((b.device for _, m in norms for b in m.buffers()), torch.device("cpu"))
+    local = torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    rows = torch_distributed.all_gather_rows(local, group, timeout, "the gather of population statistics").cpu()
+    merged: dict[str, PopulationStatistics] = {}
+    start = 0
+    for name, module in norms:
+        c = module._buffers["running_mean"].numel()  # type: ignore[union-attr]
+        width = 1 + 3 * c
+        for rank_row in rows[:, start : start + width]:
+            if float(rank_row[0]) > 0:
+                count, per_feature = rank_row[0], rank_row[1:].reshape(3, c)
+                single = PopulationStatistics(c, axis=0)
+                single._push(array_namespace(count), (count, per_feature[0], per_feature[1], per_feature[2]), 0)
+                single.batches = 1
+                merged[name] = merged[name].merge(single) if name in merged else single
+        start += width
+    return merged

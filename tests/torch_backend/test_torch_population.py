@@ -149,3 +149,24 @@ def test_errors_name_the_argument_and_change_nothing():
         for key, value in net.state_dict().items():
             assert torch.equal(value, before[key]), key
         assert not net.training
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_pool_as_one_process_over_all_their_batches(world, tmp_path):
+    """Each rank recomputes over its own uneven share of batches (a rank may have none), one
+    all-gather at the end: every rank gets the statistics one process computes over all of
+    them (R2.7's float32 bound; the merge order differs)."""
+    from torch_backend import worker_launch
+
+    g = torch.Generator().manual_seed(world)
+    shares = {2: [3, 1], 4: [2, 0, 3, 1]}[world]
+    batches = [[torch.randn(int(n), 2, 8, generator=g) * 3 + 100.0 * r for n in torch.randint(2, 9, (k,), generator=g)]
+               for r, k in enumerate(shares)]  # fmt: skip
+    results = worker_launch.launch("population_worker.py", {"batches": batches}, world, tmp_path / "run", timeout_s=120)
+    want = results[0]["one_process"]
+    for rank, result in enumerate(results):
+        for key, value in result["synced"].items():
+            scale = want[key.replace("running_mean", "running_var")].sqrt() if key.endswith("mean") else want[key]
+            ulp = torch.finfo(torch.float32).eps * want[key].abs()
+            assert torch.all((value - want[key]).abs() <= RULE * scale + ulp), (rank, key, value - want[key])
