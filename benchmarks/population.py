@@ -67,11 +67,11 @@ def convnet() -> nn.Module:
                          nn.BatchNorm1d(10))  # fmt: skip
 
 
-def speed(repeats: int = 5) -> tuple[float, float]:
+def speed(repeats: int = 5, count: int = 20) -> tuple[float, float]:
     """Median seconds of a recompute and of a plain training-mode forward pass over the same
-    batches (20 of (32, 3, 32, 32)), alternated."""
+    batches (``count`` of (32, 3, 32, 32)), alternated."""
     g = torch.Generator().manual_seed(0)
-    data = [torch.randn(32, 3, 32, 32, generator=g) for _ in range(20)]
+    data = [torch.randn(32, 3, 32, 32, generator=g) for _ in range(count)]
     net = convnet()
 
     def plain() -> None:
@@ -97,14 +97,16 @@ def speed(repeats: int = 5) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 20 batches, 2 for the timing, 1 repeat")
     args = parser.parse_args()
+    count, timed_batches, repeats = (20, 2, 1) if args.quick else (200, 20, args.repeats)
     print("| |mean| / std | method | mean error / std | variance error (relative) |")
     print("|---|---|---|---|")
     for ratio in (1.0, 1e2, 1e4):
-        for name, (mean_error, var_error) in errors(batches(ratio)).items():
+        for name, (mean_error, var_error) in errors(batches(ratio, count)).items():
             print(f"| {ratio:g} | {name} | {mean_error:.1e} | {var_error:.1e} |")
-    ours, plain = speed(args.repeats)
-    print(f"\nrecompute over 20 batches of (32, 3, 32, 32), a small convnet: {ours * 1e3:.1f} ms; "
+    ours, plain = speed(repeats, timed_batches)
+    print(f"\nrecompute over {timed_batches} batches of (32, 3, 32, 32), a small convnet: {ours * 1e3:.1f} ms; "
           f"a plain training-mode forward pass: {plain * 1e3:.1f} ms; ratio {ours / plain:.2f}")  # fmt: skip
 
 
