@@ -56,9 +56,6 @@ __all__ = ["batch_norm", "path"]
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
-#: Below this many elements a hook making the gradient contiguous costs more than it
-#: saves (``docs/performance.md``).
-_CONTIGUOUS_GRAD_MIN_NUMEL = 1 << 17
 #: ``torch_func.functional_call``'s recorder while it runs in this thread (``recorder`` is
 #: ``None`` otherwise): new running statistics are recorded there instead of written.
 recording = threading.local()
@@ -440,10 +437,13 @@ def _as_output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _with_gradient_hook(y: torch.Tensor) -> torch.Tensor:
-    """``y`` whose gradient reaches PyTorch's backward kernel contiguous: on large inputs
-    (its strided kernel is several times slower) and on half inputs (its strided kernel
-    rounds the parameters' gradients to half precision)."""
-    if y.requires_grad and (y.numel() >= _CONTIGUOUS_GRAD_MIN_NUMEL or y.dtype in _HALF_DTYPES):
+    """``y`` whose gradient reaches PyTorch's backward kernel contiguous, always: its CPU
+    kernel permutes the gradient of a gradient strided like channels-last with a size-1
+    spatial axis (torch 2.13: ``(1, 2, 2, 1)`` input, gradient strides ``(4, 1, 2, 1)``;
+    found by the suite's hypothesis cases), its strided kernel is several times slower on
+    large inputs, and rounds the parameters' gradients to half precision on half inputs.
+    A contiguous gradient passes through (``Tensor.contiguous`` returns it)."""
+    if y.requires_grad:
         y.register_hook(_contiguous_gradient)
     return y
 

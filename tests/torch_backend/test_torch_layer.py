@@ -725,3 +725,21 @@ def test_bn1d_momentum_reaches_the_core_exactly(momentum, native):
         for key in ("running_mean", "running_var"):
             want, got = getattr(reference, key), getattr(layer, key).numpy()
             assert np.all(np.abs(got - want) <= rule64 * np.abs(want) + np.spacing(want)), (step, key, got - want)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_gradient_strided_like_channels_last_reaches_the_kernels_contiguous(training):
+    """Features on axis 2 of a ``(1, 2, 2, 1)`` input: the layer moves them to axis 1, and the
+    gradient comes back strided ``(4, 1, 2, 1)``, on which PyTorch 2.13's CPU batch-norm
+    backward permutes ``dx`` (found by the suite's hypothesis cases). The kernels' path gives
+    the NumPy specification's gradient, as the core's does."""
+    x64 = np.random.default_rng(0).standard_normal((1, 2, 2, 1)).astype(np.float32)
+    dy = np.random.default_rng(1).standard_normal((1, 2, 2, 1)).astype(np.float32)
+    reference = spec.BatchNorm1d(2, axis=(0, 1, 3), epsilon=1.0, affine=False, mode=None if training else "inference")
+    want = reference.vjp(x64, dy)["x"]
+    for native in (True, False):
+        layer = BatchNorm1d(2, axis=(0, 1, 3), epsilon=1.0, affine=False, native_kernel=native)
+        layer.train(training)
+        x = torch.from_numpy(x64).requires_grad_(True)
+        layer(x).backward(torch.from_numpy(dy))
+        np.testing.assert_allclose(x.grad.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=f"native={native}")
