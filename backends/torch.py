@@ -18,7 +18,6 @@ contract's keys (``config.keys``). ``.train()``/``.eval()`` set the mode and eac
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -49,13 +48,6 @@ __all__ = [
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _PARAM_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-@functools.lru_cache(maxsize=64)
-def _torch_factor(momentum: float) -> float:
-    """PyTorch's momentum (the new batch's weight) for a config's (a Python float,
-    ``BatchNormConfig`` makes it one), computed once per value."""
-    return torch_momentum(momentum)
 
 
 def converted_momentum(momentum: float | None, remembered: float | None) -> float | None:
@@ -131,7 +123,10 @@ class BatchNorm1d(nn.Module):
         # the options away from their defaults (the running statistics say track_running_stats)
         self._options = tuple((k, getattr(config, k)) for k in sorted(OPTIONS) if k != "track_running_stats"
                               and getattr(config, k) != OPTIONS[k])  # fmt: skip
-        self._factor = None if config.momentum is None else _torch_factor(config.momentum)
+        # PyTorch's factor for its kernels: the exact complement where there is one (m >= 0.5,
+        # Sterbenz), not torch_momentum's shortest decimal; the kernels run only where
+        # 1 - factor is m (torch_functional.dispatch), the core takes m itself
+        self._factor = None if config.momentum is None else 1.0 - config.momentum
         self._layout = (config.num_features, config.feature_axis, config.ndim)  # read on every call
 
     # -- the uniform layer protocol -------------------------------------------------

@@ -707,12 +707,14 @@ def test_the_brainpy_signature_is_forwarded_and_shown():
 
 
 @pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("momentum", [1e-10, 3e-7, 1 / 3, 0.99])
+@pytest.mark.parametrize("momentum", [1e-10, 3e-7, 1 / 3, 0.99, 1 - 2**-53])
 def test_bn1d_momentum_reaches_the_core_exactly(momentum, native):
     """The BrainPy-signature layer gives the core its own momentum ``m``, not ``1 - (1 - m)``
     (PyTorch's factor and back: off by up to ``2**-53`` absolute, a relative 1e-6 at
     ``m = 1e-10``, which hypothesis found as a float64 running variance 4x over R2.7's
-    bound). Float64, a batch variance of 1e-6 beside the old 1 (the lost ``m`` multiplies
+    bound); and PyTorch's kernels get the exact complement ``1 - m`` (the shortest decimal
+    of ``torch_momentum``, 1e-16 for ``1 - 2**-53``, is 10% off it). Float64, a batch
+    variance of 1e-6 beside the old 1 (the lost ``m`` multiplies
     their difference): the running statistics equal the NumPy specification's within
     float64's rule (``1e-5 * 2**-29`` relative, R2.7), on the kernels' path and the core's."""
     x = np.random.default_rng(5).standard_normal((64, 3, 16)) * 1e-3
