@@ -388,10 +388,10 @@ def _core(
 
 
 # -- PyTorch's kernels, checked ------------------------------------------------------------------
-def _contiguous_gradient(grad: torch.Tensor) -> torch.Tensor:
-    """PyTorch's CPU batch-norm backward is several times slower on a non-contiguous
-    gradient (e.g. from ``y.sum()``)."""
-    return grad.contiguous()
+def _contiguous_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """``grad`` contiguous for PyTorch's CPU batch-norm backward (:func:`_with_gradient_hook`
+    says why); an undefined gradient (``None``, as ``gradcheck`` sends) stays ``None``."""
+    return None if grad is None else grad.contiguous()
 
 
 def _channels_last(x: torch.Tensor) -> torch.memory_format | None:

@@ -745,3 +745,15 @@ def test_a_gradient_strided_like_channels_last_reaches_the_kernels_contiguous(tr
         x = torch.from_numpy(x64).requires_grad_(True)
         layer(x).backward(torch.from_numpy(dy))
         np.testing.assert_allclose(x.grad.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=f"native={native}")
+
+
+def test_gradcheck_with_undefined_gradients_passes_on_the_kernels_path():
+    """``torch.autograd.gradcheck`` sends an undefined (``None``) gradient through the hook
+    that makes gradients contiguous (PyTorch's test_modules ``test_grad_*``): it stays
+    ``None``, and the gradients check in training and inference."""
+    from bn1d.backends import torch_nn
+
+    for training in (True, False):
+        layer = torch_nn.BatchNorm1d(3, dtype=torch.float64).train(training)
+        x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(layer, (x,), check_undefined_grad=True)
