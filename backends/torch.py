@@ -1,19 +1,9 @@
 """The PyTorch backend: ``BatchNorm1d`` with BrainPy's signature, as a ``torch.nn.Module``.
 
-It computes what ``bn1d.algorithm`` states (the maths) and the NumPy backend
-specifies, under the contract ``docs/spec.md``; where it departs from PyTorch's ``nn.BatchNorm1d``, BrainPy and Flax is
-the table in the README. PyTorch's own classes, computing the same, are the drop-ins of
-``bn1d.backends.torch_nn``; both reach :func:`bn1d.backends.torch_functional.batch_norm`,
-the one dispatch point of the PyTorch backend.
-
-PyTorch idioms: ``scale``/``bias`` are ``nn.Parameter`` (absent, not ``None``,
-when not affine), ``running_mean``/``running_var`` buffers (``None`` without
-``track_running_stats``, as in PyTorch). ``num_batches_tracked`` is a buffer: with
-a float momentum it counts training calls as PyTorch does and is not part of
-``state_dict()``; with ``momentum=None`` it is state, the count of training calls
-that saw data (the cumulative average's ``k``). So ``state_dict()`` has exactly the
-contract's keys (``config.keys``). ``.train()``/``.eval()`` set the mode and each call's
-``training=`` overrides it.
+It computes what ``bn1d.algorithm`` states and the NumPy backend specifies (``docs/spec.md``;
+README's table lists where it departs from PyTorch, BrainPy and Flax). PyTorch's own
+classes computing the same are the drop-ins of ``bn1d.backends.torch_nn``; both reach
+:func:`bn1d.backends.torch_functional.batch_norm`, the PyTorch backend's one dispatch point.
 """
 
 from __future__ import annotations
@@ -34,17 +24,11 @@ from bn1d.layer import brainpy_arguments, brainpy_signature, initial_state
 from bn1d.protocol import resolve_training
 from bn1d.state import check_state
 
-from .torch_distributed import Sync, check_process_group, check_timeout
+from .torch_distributed import Sync, check_timeout
 from .torch_functional import dispatch
 from .torch_nn import convert_batchnorm, revert_batchnorm, sync_running_statistics
 
-__all__ = [
-    "BatchNorm1d",
-    "check_timeout",
-    "convert_batchnorm",
-    "revert_batchnorm",
-    "sync_running_statistics",
-]
+__all__ = ["BatchNorm1d", "convert_batchnorm", "revert_batchnorm", "sync_running_statistics"]
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _PARAM_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -66,21 +50,22 @@ def converted_momentum(momentum: float | None, remembered: float | None) -> floa
 class BatchNorm1d(nn.Module):
     """1-D batch normalization with BrainPy's signature, as a ``torch.nn.Module``.
 
-    ``layer(x, mask=None, training=None) -> y``. The keyword-only options of
-    ``bn1d.config.OPTIONS`` (``fast_variance``, ``unbiased_running_var``,
-    ``track_running_stats``) and:
+    ``layer(x, mask=None, training=None) -> y``; ``.train()``/``.eval()`` set the mode and a
+    call's ``training=`` overrides it. The keyword-only options of ``bn1d.config.OPTIONS`` and:
 
-    * ``process_group``: the ``torch.distributed`` group to sync over when
-      ``axis_name`` is set (``None``: WORLD). ``axis_name`` is only a label here;
-      setting it turns syncing on. ``axis_index_groups`` partitions the group's
-      ranks into subgroups that sync separately (created with ``dist.new_group``
-      on the first synced training call, which every rank must make). Without an
-      initialised ``torch.distributed``, a synced layer uses its local batch.
-    * ``device``, ``dtype`` (float32 by default, or float64) of parameters and
-      running statistics.
-    * ``timeout``: seconds each collective may wait (``None``: the process
-      group's timeout); past it, a ``RuntimeError``.
+    * ``process_group``: the ``torch.distributed`` group to sync over when ``axis_name`` (here
+      only a label) is set (``None``: WORLD); ``axis_index_groups`` partitions its ranks into
+      subgroups, created on the first synced training call, which every rank must make.
+      Without an initialised ``torch.distributed``, a synced layer uses its local batch.
+    * ``device``, ``dtype`` (float32 by default, or float64) of parameters and statistics.
+    * ``timeout``: seconds each collective may wait (``None``: the group's), then a ``RuntimeError``.
     * ``native_kernel``: use PyTorch's kernels where their semantics are ours.
+
+    ``scale``/``bias`` are parameters (absent, not ``None``, when not affine),
+    ``running_mean``/``running_var`` buffers (``None`` without ``track_running_stats``).
+    ``num_batches_tracked`` counts training calls as PyTorch does; it is state (in
+    ``state_dict()``, which has exactly the contract's keys) only with ``momentum=None``,
+    as the cumulative average's count of calls that saw data.
     """
 
     running_mean: torch.Tensor | None
@@ -96,13 +81,12 @@ class BatchNorm1d(nn.Module):
         dtype = torch.float32 if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or dtype not in _PARAM_DTYPES:
             raise argument_error("dtype", "None, torch.float32 or torch.float64", dtype, TypeError)
-        if process_group is not None:
-            if not config.synced:
-                raise argument_error(
-                    "process_group", "None when axis_name is None (axis_name turns sync on)", process_group
-                )
-            check_process_group(process_group)
+        if process_group is not None and not config.synced:
+            raise argument_error(
+                "process_group", "None when axis_name is None (axis_name turns sync on)", process_group
+            )
         timeout = check_timeout(timeout)
+        sync = Sync(process_group, config.axis_index_groups, timeout) if config.synced else None  # checks process_group
         if not isinstance(native_kernel, bool):
             raise argument_error("native_kernel", "a bool", native_kernel, TypeError)
         values = initial_state(config, scale_initializer, bias_initializer, _PARAM_DTYPES[dtype])
@@ -118,7 +102,7 @@ class BatchNorm1d(nn.Module):
         count = torch.tensor(0, dtype=torch.long, device=device) if tracked else None
         self.register_buffer("num_batches_tracked", count, persistent="num_batches_tracked" in config.state_keys)
         self.train(config.training)
-        self._sync = Sync(process_group, config.axis_index_groups, timeout) if config.synced else None
+        self._sync = sync
         self._native_kernel = native_kernel
         # the options away from their defaults (the running statistics say track_running_stats)
         self._options = tuple((k, getattr(config, k)) for k in sorted(OPTIONS) if k != "track_running_stats"
@@ -223,39 +207,26 @@ class BatchNorm1d(nn.Module):
         self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:  # fmt: skip
-        """Loading as part of a parent module, with PyTorch's documented semantics: the
-        entries present are loaded, absent ones are reported as ``missing_keys`` and
-        unknown ones as ``unexpected_keys`` (the parent raises for either only when
-        ``strict``). The entries present are checked together first (``check_state``;
-        an error is reported to the parent and nothing of this layer is loaded)."""
+        """Loading as part of a parent module, with PyTorch's semantics: the entries present
+        are loaded, absent ones reported as ``missing_keys`` and unknown ones as
+        ``unexpected_keys`` (the parent raises for either when ``strict``). The entries
+        present are checked together first, absent ones as placeholders of the right shape;
+        an error, naming each entry by its full key, is reported to the parent (which raises
+        it as PyTorch's ``RuntimeError``) and nothing of this layer is loaded."""
         local = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-        try:
-            missing, unexpected = self._load_present(local, prefix, local_metadata)
-        except (TypeError, ValueError) as error:
-            error_msgs.append(str(error))  # the parent raises them, as PyTorch's RuntimeError
-            return
-        missing_keys.extend(missing)
-        unexpected_keys.extend(unexpected)
-
-    def _load_present(
-        self, local: dict[str, Any], prefix: str, local_metadata: Mapping[str, Any]
-    ) -> tuple[list[str], list[str]]:
-        """Load the entries of ``local`` (this layer's, without ``prefix``) that are
-        state, checked together first (an error names each entry by its full key,
-        ``prefix`` + the key it was given under; nothing is then loaded); return the
-        missing and unexpected keys, with ``prefix``."""
-        names = {key: prefix + key for key in local}
         keys = self.config.keys
-        missing = [prefix + key for key in keys if key not in local]
-        unexpected = [prefix + key for key in local if key not in keys]
         present = {key: local[key] for key in keys if key in local}
         if present:
-            # Absent entries are checked as placeholders of the right shape and never assigned.
             placeholders = initial_state(self.config, Ones(1.0), Zeros(), np.float64)
-            checked = self._checked_state({**placeholders, **present}, names)
+            try:
+                checked = self._checked_state({**placeholders, **present}, {key: prefix + key for key in local})
+            except (TypeError, ValueError) as error:
+                error_msgs.append(str(error))
+                return
             assign = bool(local_metadata.get("assign_to_params_buffers", False))
             self._set_state({key: checked[key] for key in present}, present, assign)
-        return missing, unexpected
+        missing_keys.extend(prefix + key for key in keys if key not in local)
+        unexpected_keys.extend(prefix + key for key in local if key not in keys)
 
     # -- interop with torch.nn.BatchNorm1d -------------------------------------------
     @classmethod

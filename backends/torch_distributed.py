@@ -1,23 +1,16 @@
-r"""Cross-replica statistics for PyTorch over ``torch.distributed``, device-agnostic (gloo on
-CPU, NCCL on GPU): one exchange per synced training call forward, one backward when the
-input needs a gradient (``docs/torch-models.md`` counts their rounds and bytes).
+r"""Cross-replica statistics for PyTorch over ``torch.distributed``, on any device (gloo on
+the CPU, NCCL on GPUs): one exchange forward per synced training call, and one backward
+when the input needs a gradient (``docs/torch-models.md`` counts their rounds and bytes).
 
-* :class:`Gather` (groups of at most :data:`ALL_GATHER_MAX_RANKS` ranks) all-gathers every
-  rank's row, merged by :func:`bn1d.algorithm.combine_shifted`; :class:`Reduce` (larger
-  groups) all-reduces sums around a shift every rank holds bitwise, checksummed, falling
-  back to :class:`Gather`. Both look to the algorithm like its ``all_gather`` hook, so the
-  core (:func:`make_all_gather`, differentiable) and PyTorch's kernels around the exchange
-  (``torch_kernels.NativeBatchNorm``) use either, and ranks may take different paths.
-* :class:`Sync` is what a synced layer keeps between calls: its group (:func:`sync_group`,
-  with ``axis_index_groups`` subgroups created once by every rank, in the same order), the
-  first call's check that every rank agrees on what sizes the exchanges
-  (:func:`check_peers`: a ``ValueError`` naming every disagreeing rank, not a hang; sizes
-  that differ later are reported by ``TORCH_DISTRIBUTED_DEBUG=DETAIL``), and the agreed shift.
-
-Every collective waits at most ``timeout`` seconds (``None``: the group's): a rank that died
-or never calls gives the others a ``RuntimeError``. Under ``torch.compile`` the collectives
-are PyTorch's functional ones and a disagreement is ``torch._assert_async``'s error (no
-fallback, no rank names: those need the host).
+:class:`Gather` (groups of at most :data:`ALL_GATHER_MAX_RANKS` ranks) all-gathers every
+rank's row; :class:`Reduce` (larger groups) all-reduces sums around a shift that every rank
+holds bitwise, checksummed, and falls back to :class:`Gather`. Both serve the core's
+``all_gather`` hook (:func:`make_all_gather`, differentiable) and PyTorch's kernels
+(``torch_kernels.NativeBatchNorm``), so ranks may take different paths. :class:`Sync` is
+what a synced layer keeps between calls. Every collective waits at most ``timeout``
+seconds: a rank that died or never calls gives the others a ``RuntimeError``. Compiled,
+the collectives are PyTorch's functional ones and a disagreement is
+``torch._assert_async``'s error (no fallback, no rank names: those need the host).
 """
 
 from __future__ import annotations
@@ -40,22 +33,14 @@ from bn1d.config import OPTIONS, BatchNormConfig, argument_error, check_partitio
 
 __all__ = [
     "ALL_GATHER_MAX_RANKS",
-    "Sync",
     "FLOAT64_REDUCE_MAX_RATIO",
     "Gather",
     "Reduce",
-    "all_gather_rows",
-    "all_reduce_sum",
-    "check_peers",
+    "Sync",
     "check_process_group",
+    "check_sync",
     "check_timeout",
-    "fingerprint",
-    "group_rank",
-    "group_size",
     "make_all_gather",
-    "make_exchange",
-    "make_header",
-    "sync_group",
 ]
 
 #: The largest group that exchanges with :class:`Gather` (one round, ``O(ranks x C)``
@@ -121,27 +106,21 @@ def all_reduce_sum(buffer: torch.Tensor, group: Any, timeout: float | None, what
     return buffer
 
 
-# -- groups and headers ----------------------------------------------------------------------
-def sync_group(process_group: Any, axis_index_groups: tuple[tuple[int, ...], ...] | None, timeout: float | None) -> Any:
-    """The process group whose ranks this rank's statistics are summed over."""
-    parent = dist.group.WORLD if process_group is None else process_group
-    if axis_index_groups is None:
-        return parent
-    check_partition(axis_index_groups, dist.get_world_size(parent), " (the ranks of the process group)")
-    cached = _subgroups.setdefault(parent, {})
-    if axis_index_groups not in cached:  # every rank creates every subgroup, in the same order
-        ranks = dist.get_process_group_ranks(parent)
-        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
-        cached[axis_index_groups] = [dist.new_group([ranks[i] for i in g], **kwargs) for g in axis_index_groups]
-    me = dist.get_rank(parent)
-    return next(sub for g, sub in zip(axis_index_groups, cached[axis_index_groups]) if me in g)
-
-
-def fingerprint(axis_index_groups: Any, options: tuple[bool, ...]) -> int:
-    """One number for what else the ranks must share: ``axis_index_groups`` and the values
-    of every option of ``bn1d.config.OPTIONS``, in its order (an option may change what is
-    exchanged)."""
+# -- headers ----------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result
+def _digest(axis_index_groups: Any, options: tuple[bool, ...]) -> int:
+    """One number for what else the ranks must share: ``axis_index_groups`` and every option
+    of ``bn1d.config.OPTIONS``, in its order (an option may change what is exchanged).
+    ``torch.compile`` takes it as a constant, calling this at trace time (it cannot trace ``zlib``)."""
     return zlib.crc32(repr((axis_index_groups, options)).encode())
+
+
+def make_header(shape: Sequence[int], config: BatchNormConfig, *, float64: bool) -> list[int]:
+    """What every rank of a group must agree on (all but the batch sizes), then the input's ``shape``."""
+    ndim = len(shape)
+    dims = list(shape[:_MAX_HEADER_DIMS]) + [-1] * (_MAX_HEADER_DIMS - min(ndim, _MAX_HEADER_DIMS))
+    digest = _digest(config.axis_index_groups, tuple(getattr(config, option) for option in OPTIONS))
+    return [config.num_features, ndim, config.feature_axis, int(float64), int(config.fast_variance), digest, *dims]
 
 
 def _describe(ranks: list[int], header: Sequence[int]) -> str:
@@ -154,29 +133,6 @@ def _describe(ranks: list[int], header: Sequence[int]) -> str:
     )
 
 
-def make_header(
-    shape: Sequence[int], config: BatchNormConfig, *, float64: bool, digest: int | None = None
-) -> list[int]:
-    """What every rank of a group must agree on (all but the batch sizes), then the input's
-    ``shape``; ``digest``: :func:`fingerprint` of ``config``, if known (a layer computes it
-    once: ``torch.compile`` cannot trace ``zlib``)."""
-    ndim = len(shape)
-    dims = list(shape[:_MAX_HEADER_DIMS]) + [-1] * (_MAX_HEADER_DIMS - min(ndim, _MAX_HEADER_DIMS))
-    agreed = [config.num_features, ndim, config.feature_axis, int(float64), int(config.fast_variance)]
-    if digest is None:
-        digest = fingerprint(config.axis_index_groups, tuple(getattr(config, option) for option in OPTIONS))
-    return [*agreed, digest, *dims]
-
-
-def _raise_on_mismatch(headers: list[list[int]]) -> None:
-    signatures: dict[tuple[int, ...], list[int]] = {}
-    for rank, h in enumerate(headers):  # the batch sizes (dims other than the feature axis) may differ
-        signatures.setdefault(tuple(h[:_AGREED]), []).append(rank)
-    if len(signatures) > 1:
-        given = "; ".join(_describe(ranks, headers[ranks[0]]) for ranks in signatures.values())
-        raise argument_error("x", "the same num_features, input rank, dtype and options on every rank", given)
-
-
 _COMPILED_MISMATCH = (
     "x: expected the same num_features, input rank, dtype and options on every rank, got ranks that differ "
     "(under torch.compile the ranks are not named: run the call eagerly to see them)"
@@ -184,18 +140,24 @@ _COMPILED_MISMATCH = (
 
 
 def _check_headers(headers: torch.Tensor) -> None:
-    """Raise unless the rows of ``headers`` (integers) share their agreed entries."""
+    """Raise unless the rows of ``headers`` (integers) share their agreed entries; eagerly
+    a ``ValueError`` naming every group of ranks that agree (the batch sizes may differ)."""
     if torch.compiler.is_compiling():  # no host round trip in a graph: an assertion on the device
         agreed = headers[:, :_AGREED]
         torch._assert_async((agreed == agreed[0]).all(), _COMPILED_MISMATCH)
         return
-    _raise_on_mismatch(headers.long().tolist())
+    rows = headers.long().tolist()
+    signatures: dict[tuple[int, ...], list[int]] = {}
+    for rank, row in enumerate(rows):
+        signatures.setdefault(tuple(row[:_AGREED]), []).append(rank)
+    if len(signatures) > 1:
+        given = "; ".join(_describe(ranks, rows[ranks[0]]) for ranks in signatures.values())
+        raise argument_error("x", "the same num_features, input rank, dtype and options on every rank", given)
 
 
 def check_peers(header: list[int], *, device: Any, group: Any, timeout: float | None) -> None:
     """Raise ``ValueError`` on every rank unless all ranks of ``group`` have the same
-    header (:func:`make_header`): run before the first exchange of statistics, whose
-    size depends on num_features."""
+    header: run before the first exchange of statistics, whose size depends on num_features."""
     local = torch.tensor(header, dtype=torch.int64, device=device)
     _check_headers(all_gather_rows(local, group, timeout, "the all_gather of shapes"))
 
@@ -209,20 +171,10 @@ def _split(values: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.
 
 # -- the two exchanges ------------------------------------------------------------------------
 class Gather:
-    """The exchange of small groups: one all-gather of every rank's row.
-
-    Each rank all-gathers its row (the header, then the arrays flattened) in
-    float64: every rank gets every row, exactly (float32 and float64 values and
-    the integer header are exact in float64). An all-gather is one round of
-    messages; the all-reduce of a zero ``(ranks, row)`` buffer that gives the
-    same rows takes two with gloo (measured in ``docs/performance.md``). Every
-    synced training call, on either path, makes this same exchange for its
-    ``(count, shift, shifted sum, centred squares)`` (or ``(count, sum, sum of
-    squares)``), and its backward pass one all-reduce of the ``(ranks, values)``
-    cotangents (each rank needs the sum over ranks of its row: a reduce-scatter,
-    which gloo runs slower than the all-reduce). The headers are compared on
-    every call.
-    """
+    """The exchange of small groups: one all-gather of every rank's row (the header, then
+    the arrays), in float64, which holds float32 and float64 values and the integer header
+    exactly; the headers are compared on every call. Its backward is one all-reduce of the
+    ``(ranks, values)`` cotangents (each rank needs the sum over ranks of its own row)."""
 
     def __init__(self, group: Any, header: list[int], timeout: float | None):
         self.group, self.header, self.timeout = group, header, timeout
@@ -283,35 +235,23 @@ def _next_shift(shift: torch.Tensor, count: torch.Tensor, mean: torch.Tensor) ->
 class Reduce:
     r"""The exchange of large groups: one all-reduce of sums around an agreed shift.
 
-    ``shift`` is the agreed shift ``K`` ``(C,)`` (float64), the same bits on every
-    rank: zeros on a layer's first synced call, then :attr:`next_shift`, the
-    global mean of the previous call (computed here, from the reduced sums, with
-    the same operations on every rank). Rank ``r``, with count ``n_r``, local
-    shift ``K_r``, ``S1_r = sum(x - K_r)`` and centred squares ``M_r``, sends in
-    float64, with ``e_r = S1_r / n_r + (K_r - K)`` (its mean minus ``K``)::
+    ``shift`` ``K`` ``(C,)`` (float64) holds the same bits on every rank: zeros on a layer's
+    first synced call, then :attr:`next_shift`, the previous call's global finite mean.
+    Rank ``r`` (count ``n_r``, local shift ``K_r``, ``S1_r = sum(x - K_r)``, centred squares
+    ``M_r``) sends, with ``e_r = S1_r / n_r + (K_r - K)``::
 
         n_r,   n_r * e_r,   M_r + n_r * e_r**2,   checksum nibbles c,   c**2
 
-    and the sums give ``n``, ``A = n (mean - K)`` and ``B``, the squares around
-    ``K``; the centred squares of the whole group are ``B - A**2 / n``. That
-    difference cancels only as much as ``|mean - K| / std`` is large: ``K`` is the
-    previous call's mean, so little after the first call, and in float64 the
-    relative error ``u64 (|mean - K| / std)**2`` is 1e-8 even at the contract's
-    ``|mean| / std = 1e4`` with ``K = 0``: within float32's bound of R2.7, not
-    within float64's (``1e-5 * 2**-29``). So with float64 statistics a call whose
-    ``|mean - K| / std`` exceeds :data:`FLOAT64_REDUCE_MAX_RATIO` (a first call on raw
-    data, or a mean that moved) falls back to :class:`Gather`: every rank sees the
-    same sums and header, so every rank falls back (compiled, where nothing can
-    depend on the data, float64 calls always do). A shift is agreed only from
-    finite means. :meth:`rows` returns the one combined
-    row ``(n, K, A, B - A**2 / n)``, which :func:`~bn1d.algorithm.combine_shifted`
-    takes as any gathered rows. The checksum covers the agreed header entries
-    and ``K``'s bits; ``R sum(c**2) == (sum c)**2`` holds (exactly, in float64)
-    only when every rank sent the same ``c``. When it fails, the call falls back
-    to :class:`Gather`. The backward all-reduces the cotangents of ``A`` and of
-    the centred squares; rank ``r``'s own are ``dA + 2 (mean_r - mean) dM`` and
-    ``dM`` (the derivative of the combined row; counts and shifts get none, as
-    both paths detach them).
+    whose sums are ``n``, ``A = n (mean - K)`` and ``B``; the group's centred squares are
+    ``B - A**2 / n``, off by ``u64 (|mean - K| / std)**2`` relative: within float32's bound
+    of R2.7 at any shift, so float64 statistics fall back to :class:`Gather` beyond
+    :data:`FLOAT64_REDUCE_MAX_RATIO` (every rank sees the same sums, so every rank falls
+    back; compiled, float64 calls always do). ``R sum(c**2) == (sum c)**2`` holds only when
+    every rank sent the same checksum of the agreed header and ``K``; else the call falls
+    back too. :meth:`rows` gives the combined row ``(n, K, A, B - A**2 / n)`` for
+    :func:`~bn1d.algorithm.combine_shifted`; the backward all-reduces the cotangents of
+    ``A`` and ``M``, rank ``r``'s own being ``dA + 2 (mean_r - mean) dM`` and ``dM``.
+    ``docs/torch-models.md`` has the costs.
     """
 
     def __init__(
@@ -406,10 +346,8 @@ def make_exchange(
     shift: torch.Tensor | None,
     device: Any,
 ) -> Gather | Reduce:
-    """The exchange of one synced call for ``group``: :class:`Gather` up to
-    :data:`ALL_GATHER_MAX_RANKS` ranks, else :class:`Reduce` around ``shift`` (the
-    layer's agreed shift; zeros when ``None`` or on another device). The choice
-    depends on the group alone, so every rank makes the same collectives."""
+    """:class:`Gather` up to :data:`ALL_GATHER_MAX_RANKS` ranks, else :class:`Reduce` around
+    ``shift`` (zeros when ``None`` or on another device): every rank of a group chooses alike."""
     if group_size(group) <= ALL_GATHER_MAX_RANKS:
         return Gather(group, header, timeout)
     if shift is None or shift.device != torch.device(device):
@@ -419,9 +357,8 @@ def make_exchange(
 
 # -- a layer's sync, kept between its calls ----------------------------------------------------
 def check_timeout(timeout: Any) -> float | None:
-    """``timeout`` (seconds each collective may wait) checked, as a float, or ``None``.
-    Any real number but a bool is a number; a non-number is a ``TypeError``, a number
-    that is not finite and > 0 a ``ValueError`` (R7.1)."""
+    """``timeout`` (seconds each collective may wait, a real number but a bool) checked, as a
+    float, or ``None`` (R7.1)."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
@@ -433,8 +370,7 @@ def check_timeout(timeout: Any) -> float | None:
 
 
 def check_process_group(process_group: Any) -> Any:
-    """``process_group`` checked: ``None`` or a ``torch.distributed.ProcessGroup``, else a
-    ``TypeError`` (R7.1)."""
+    """``process_group`` checked: ``None`` or a ``torch.distributed.ProcessGroup`` (R7.1)."""
     if process_group is not None and not (
         torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
     ):
@@ -442,13 +378,21 @@ def check_process_group(process_group: Any) -> Any:
     return process_group
 
 
+def check_sync(sync: Any) -> Any:
+    """A ``sync`` argument: ``False``, ``True`` (over WORLD) or a process group (R7.1)."""
+    if not isinstance(sync, bool):
+        check_process_group(sync)
+        if sync is None:
+            raise argument_error("sync", "False, True or a torch.distributed.ProcessGroup", sync, TypeError)
+    return sync
+
+
 class Sync:
-    """What a synced layer keeps between its calls: the group it syncs over
-    (``process_group``, WORLD by default; ``axis_index_groups`` splits it into subgroups),
-    the collectives' ``timeout``, whether its ranks agreed on what sizes the exchanges (the
-    first call checks it) and the shift the next call's exchange is centred on
-    (``torch_distributed.Reduce``). Without an initialised ``torch.distributed`` a synced
-    call uses its local batch (as ``nn.SyncBatchNorm``)."""
+    """What a synced layer keeps between its calls: its group (``process_group``, WORLD by
+    default, split by ``axis_index_groups``), the collectives' ``timeout``, whether its
+    ranks agreed on what sizes the exchanges (checked by the first call: a ``ValueError``
+    naming every disagreeing rank, not a hang) and the shift of :class:`Reduce`. Without an
+    initialised ``torch.distributed`` a synced call uses its local batch (as ``nn.SyncBatchNorm``)."""
 
     def __init__(self, process_group: Any = None, axis_index_groups: Any = None, timeout: Any = None):
         self.process_group = check_process_group(process_group)
@@ -456,37 +400,38 @@ class Sync:
         self.timeout = check_timeout(timeout)
         self.peers_checked = False
         self.agreed_shift: torch.Tensor | None = None
-        #: The input shape and config the ranks' headers describe, where the layer's own
-        #: differ from the call's (``bn1d.backends.torch.BatchNorm1d`` sees its input in
-        #: PyTorch's layout; a mismatch names the user's shapes): set by the layer before each call.
+        #: The input shape and config the headers describe where the call's view differs from
+        #: the user's input (the BrainPy-signature layer's), set by the layer before each call.
         self.described: tuple[tuple[int, ...], BatchNormConfig] | None = None
 
     def group(self) -> Any:
-        """The process group to sum statistics over, or ``None`` without ``torch.distributed``."""
-        if self.process_group is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        """The process group to sum statistics over, or ``None`` without ``torch.distributed``.
+        ``axis_index_groups`` subgroups are created once, by every rank in the same order."""
+        if self.process_group is None and not (dist.is_available() and dist.is_initialized()):
             return None
-        return sync_group(self.process_group, self.axis_index_groups, self.timeout)
+        parent, groups = dist.group.WORLD if self.process_group is None else self.process_group, self.axis_index_groups
+        if groups is None:
+            return parent
+        check_partition(groups, dist.get_world_size(parent), " (the ranks of the process group)")
+        cached = _subgroups.setdefault(parent, {})
+        if groups not in cached:
+            ranks = dist.get_process_group_ranks(parent)
+            timeout = None if self.timeout is None else datetime.timedelta(seconds=self.timeout)
+            cached[groups] = [dist.new_group([ranks[i] for i in g], timeout=timeout) for g in groups]
+        me = dist.get_rank(parent)
+        return next(sub for g, sub in zip(groups, cached[groups]) if me in g)
 
     def exchange(self, x: torch.Tensor, config: BatchNormConfig, float64: bool, group: Any) -> Any:
         """The exchange of one synced training call over ``group`` (:meth:`group`)."""
-        options = tuple(getattr(config, option) for option in OPTIONS)
-        digest = _digest(config.axis_index_groups, options)
         shape, layout = (tuple(x.shape), config) if self.described is None else self.described
-        header = make_header(shape, layout, float64=float64, digest=digest)
+        header = make_header(shape, layout, float64=float64)
         if not self.peers_checked:  # the exchanges' sizes depend on num_features: agree on it first
-            parent = torch.distributed.group.WORLD if self.process_group is None else self.process_group
+            parent = dist.group.WORLD if self.process_group is None else self.process_group
             check_peers(header, device=x.device, group=parent, timeout=self.timeout)
             self.peers_checked = True
         return make_exchange(
             group, header, self.timeout, fast_variance=config.fast_variance, shift=self.agreed_shift, device=x.device
         )
-
-
-@torch.compiler.assume_constant_result
-def _digest(axis_index_groups: Any, options: tuple[bool, ...]) -> int:
-    """:func:`fingerprint` of a call's groups and options: constants, which
-    ``torch.compile`` takes by calling this at trace time (it cannot trace ``zlib``)."""
-    return fingerprint(axis_index_groups, options)
 
 
 class _AllGather(torch.autograd.Function):

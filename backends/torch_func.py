@@ -1,23 +1,15 @@
 """``torch.func`` with bn1d's layers: the running statistics come back, nothing is mutated.
 
-PyTorch's batch norms update their buffers in place, which ``torch.func.vmap`` rejects
-(PyTorch's advice is to drop the running statistics). :func:`functional_call` is
-``torch.func.functional_call`` for models holding bn1d layers (``BatchNorm1d``, and so
-every converted batch norm) that returns the buffers after the call instead::
+PyTorch's batch norms update their buffers in place, which ``torch.func.vmap`` rejects.
+:func:`functional_call` is ``torch.func.functional_call`` for models holding bn1d's layers
+(convert PyTorch's first) that returns the buffers after the call instead::
 
     y, new_buffers = functional_call(model, {**params, **buffers}, (x,))
 
-It composes with ``torch.func.grad`` (``has_aux=True`` for the buffers) and with
-``torch.func.vmap`` over an ensemble stacked by ``torch.func.stack_module_state``
-(see ``docs/torch-models.md``). Within it each bn1d layer runs the core,
-:func:`bn1d.algorithm.forward`, which is pure (``y`` and the new state from the
-parameters, state and input): a training call gives what the layer's own call gives
-(the same maths; PyTorch's kernels differ from the core only by rounding), an
-inference call returns the buffers unchanged. PyTorch's own batch norms inside the
-model still update their buffers in place: convert them first
-(``convert_batchnorm``). Synced layers exchange as in their own call (a collective
-per training call); ``vmap`` over synced layers is not supported (one collective
-would have to serve a batch of models).
+Within it each bn1d layer runs the core, :func:`bn1d.algorithm.forward` (pure), so it
+composes with ``torch.func.grad`` (``has_aux=True``) and with ``vmap`` over an ensemble
+from ``torch.func.stack_module_state``; synced layers exchange as in their own call, but
+not under ``vmap`` (``docs/torch-models.md``).
 """
 
 from __future__ import annotations

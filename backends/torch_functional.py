@@ -1,36 +1,23 @@
-"""bn1d's batch norm as one PyTorch function: :func:`batch_norm`, the dispatch point of
-every PyTorch layer of bn1d (the drop-ins of ``bn1d.backends.torch_nn`` and BrainPy's
-signature in ``bn1d.backends.torch``).
+"""bn1d's batch norm as one PyTorch function, :func:`batch_norm`: the dispatch point of every
+PyTorch layer of bn1d (the drop-ins of ``bn1d.backends.torch_nn`` and BrainPy's signature
+in ``bn1d.backends.torch``).
 
-It takes ``torch.nn.functional.batch_norm``'s arguments, in PyTorch's layout (features on
-axis 1 of ``(N, C, *)``) and momentum convention (``momentum`` is the new batch's
-weight), and computes what ``bn1d.algorithm`` states under the contract
-``docs/spec.md`` (R2.7: within 1e-5 of the float64 computation on raw data). bn1d's extras
-are keyword-only: ``mask`` (R5), ``sync`` (R4, over ``torch.distributed``),
-``num_batches_tracked`` (counted as PyTorch counts it; with ``momentum=None`` it is the
-cumulative average's count, R3.7) and the options of ``bn1d.config.OPTIONS``
-(``fast_variance``, ``unbiased_running_var``; ``track_running_stats`` is whether running
-statistics are given), passed on to the core whatever they are.
+It takes ``torch.nn.functional.batch_norm``'s arguments, layout (features on axis 1 of
+``(N, C, *)``) and momentum (the new batch's weight), and computes what ``bn1d.algorithm``
+states under ``docs/spec.md`` (R2.7: within 1e-5 of float64 on raw data). bn1d's extras are
+keyword-only: ``mask`` (R5), ``sync`` (R4), ``num_batches_tracked`` (PyTorch's count; with
+``momentum=None`` the cumulative average's, R3.7) and the options of ``bn1d.config.OPTIONS``.
 
-Which computation runs is decided by facts of the call, never by its data on a device:
-
-* **PyTorch's kernels, checked** (``"kernels"``): a real tensor on the CPU, outside
-  tracing, compilation and ``torch.func`` transforms, no mask, every option at its default.
-  The fused training kernel runs where ``torch_kernels``' error model accepts its result
-  (judged from its own statistics, on the host, which on the CPU is no synchronisation),
-  else the split and shifted statistics of :class:`torch_kernels.NativeBatchNorm`;
-  inference uses the inference kernel where the running statistics allow it.
-* **The core** (``"core"``): :func:`bn1d.algorithm.forward` on torch operations,
-  everywhere else: other devices (CUDA: no host synchronisation in a training call, by
-  construction), ``torch.compile``/``torch.export``/``torch.jit.trace`` (operations
-  that trace and compile; Inductor fuses them), ``torch.func``, masks and options.
-
-Called on a ``torch.fx`` proxy, :func:`batch_norm` records itself as one node (it
-dispatches ``__torch_function__`` as ``torch.nn.functional.batch_norm`` does); the drop-ins
-record themselves as ``call_module`` nodes, as PyTorch's layers are.
-``docs/decisions.md`` says why this is a Python function over PyTorch's operations and
-not a ``torch.library`` custom operator (its dispatch alone costs more than a small call's
-latency budget: ``docs/performance.md``).
+Which computation runs is decided by facts of the call, never by its data on a device
+(:func:`path`): **PyTorch's kernels, checked**, for a real CPU tensor outside tracing,
+compilation and ``torch.func``, with no mask and every option at its default (the fused
+training kernel where ``torch_kernels``' error model accepts its result, judged on the
+host, which on the CPU is no synchronisation; else :class:`torch_kernels.NativeBatchNorm`),
+and **the core**, :func:`bn1d.algorithm.forward` on torch operations, everywhere else
+(CUDA, with no host synchronisation in a training call by construction; ``torch.compile``,
+``torch.export``, ``torch.jit.trace``, ``torch.func``, masks, options). On a ``torch.fx``
+proxy it records one node (``__torch_function__``, as ``F.batch_norm``). ``docs/decisions.md``
+says why this is a Python function and not a ``torch.library`` custom operator.
 """
 
 from __future__ import annotations
@@ -39,6 +26,7 @@ import functools
 import math
 import numbers
 import threading
+from collections.abc import Mapping
 from typing import Any, cast
 
 import array_api_compat.torch as xp
@@ -82,7 +70,9 @@ def _config(
     )  # fmt: skip
 
 
-def _check_number(name: str, value: Any, expected: str, low: float, high: float, open_low: bool = False) -> float:
+def check_number(name: str, value: Any, expected: str, low: float, high: float, open_low: bool = False) -> float:
+    """``value`` a real number (not a bool) in ``[low, high]`` (``(low, high]`` with
+    ``open_low``) and below inf, else R7.1's error naming ``name`` and ``expected``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise argument_error(name, expected, value, TypeError)
     # Comparisons only (NaN fails them, inf fails the finite bounds): under torch.compile the
@@ -132,8 +122,8 @@ def _check(
         if training and running_mean is not None and num_batches_tracked is None:
             raise argument_error("num_batches_tracked", "its count with momentum=None", None, TypeError)
     else:
-        _check_number("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
-    _check_number("eps", eps, "a finite float > 0", 0.0, math.inf, open_low=True)
+        check_number("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
+    check_number("eps", eps, "a finite float > 0", 0.0, math.inf, open_low=True)
     if num_batches_tracked is not None and not (
         isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.dim() == 0
     ):
@@ -321,10 +311,7 @@ def _call_config(
 ) -> BatchNormConfig:  # fmt: skip
     """The core's config of a call: ``keep`` (bn1d's momentum) of ``None`` is the cumulative
     average where there is a count to keep (tracked training), else irrelevant."""
-    if keep is None:
-        bn1d_momentum = None if training and running_mean is not None else 0.0
-    else:
-        bn1d_momentum = keep
+    bn1d_momentum = keep if keep is not None else (None if training and running_mean is not None else 0.0)
     groups = None if sync is None else sync.axis_index_groups
     build = _config.__wrapped__ if torch.compiler.is_compiling() else _config  # Dynamo traces, never caches
     return build(x.shape[1], x.dim(), eps, bn1d_momentum, running_mean is not None, sync is not None, groups, options)
@@ -346,6 +333,21 @@ def _current(value: torch.Tensor) -> torch.Tensor:
     return value if recorder is None else recorder.current(value)
 
 
+def _targets(config: BatchNormConfig, running_mean: Any, running_var: Any, num_batches_tracked: Any) -> dict[str, Any]:
+    """The tensors of a call's state (``config.state_keys``: none untracked, the count only
+    for the cumulative average), by key."""
+    given = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
+    return {key: given[key] for key in config.state_keys}
+
+
+def _update(targets: dict[str, Any], new_state: Mapping[str, Any], count: bool, num_batches_tracked: Any) -> None:
+    """A training call's new state written into ``targets``, then PyTorch's count where ``count``."""
+    for key, value in new_state.items():
+        _write(targets[key], value)
+    if count:
+        _count(num_batches_tracked)
+
+
 def _count(num_batches_tracked: torch.Tensor | None) -> None:
     """PyTorch's count of training calls (with a float momentum: every tracked call)."""
     if num_batches_tracked is not None:
@@ -362,28 +364,18 @@ def _core(
     options: tuple[tuple[str, bool], ...], sync: Sync | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """:func:`bn1d.algorithm.forward` under autograd, writing the new running statistics."""
-    tracked = running_mean is not None
     config = _call_config(x, running_mean, keep, eps, training, sync, options)
-    state: dict[str, torch.Tensor] = {}
-    if tracked:
-        state = {"running_mean": _current(running_mean), "running_var": _current(running_var)}
-        if "num_batches_tracked" in config.state_keys:
-            state["num_batches_tracked"] = _current(num_batches_tracked)
-        if training:  # copies: under torch.compile with graph breaks, a graph may save them for backward
-            state = {key: value.clone() for key, value in state.items()}  # before the writes below
+    targets = _targets(config, running_mean, running_var, num_batches_tracked)
+    state = {key: _current(target) for key, target in targets.items()}
+    if training:  # copies: under torch.compile with graph breaks, a graph may save them for backward
+        state = {key: value.clone() for key, value in state.items()}  # before the writes below
     params = {key: value for key, value in (("scale", weight), ("bias", bias)) if value is not None}
     hooks = Hooks(stop_gradient=torch.Tensor.detach)
     if exchange is not None:
         hooks = hooks._replace(all_gather=make_all_gather(exchange))
     y, new_state = algorithm.forward(xp, x, params, state, config, training=training, mask=mask, hooks=hooks)
-    if training and tracked:
-        targets = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
-        for key, value in new_state.items():
-            _write(targets[key], value)
-        if keep is not None:
-            _count(num_batches_tracked)
-    elif training:
-        _count(num_batches_tracked)
+    if training:
+        _update(targets, new_state, running_mean is None or keep is not None, num_batches_tracked)
     return y
 
 
@@ -467,28 +459,14 @@ def _kernel_training(
         y = _fused(view, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
         if y is not None:
             return _as_output(_with_gradient_hook(y), x)
-    tracked = running_mean is not None
-    state: dict[str, torch.Tensor] = {}
-    if tracked:
-        state = {"running_mean": running_mean, "running_var": running_var}
-        if keep is None:
-            state["num_batches_tracked"] = num_batches_tracked
-    dtype = _compute_dtype(x, running_mean, weight)
     config = _call_config(x, running_mean, keep, eps, True, None, ())
-    y, *new_values = torch_kernels.NativeBatchNorm.apply(view.to(dtype).contiguous(), weight, bias, state, exchange,
-                                                         config)  # fmt: skip
-    if tracked:
-        with torch.no_grad():
-            for key, value in zip(config.state_keys, new_values):
-                state[key].copy_(value)
-    if not tracked or keep is not None:
-        _count(num_batches_tracked)
+    state = _targets(config, running_mean, running_var, num_batches_tracked)
+    y, *new_values = torch_kernels.NativeBatchNorm.apply(
+        view.to(_compute_dtype(x, running_mean, weight)).contiguous(), weight, bias, state, exchange, config
+    )
+    _update(state, dict(zip(config.state_keys, new_values)), running_mean is None or keep is not None,
+            num_batches_tracked)  # fmt: skip
     return _as_output(y.to(x.dtype), x)
-
-
-def _host_copy(t: torch.Tensor) -> Any:
-    """A NumPy copy of a CPU tensor's values (the kernels' path has float32 or float64 statistics)."""
-    return (t.detach() if t.requires_grad else t).numpy().copy()
 
 
 def _fused(
@@ -509,7 +487,7 @@ def _fused(
     # PyTorch's factor is the new batch's weight; the cumulative average's is 1 / k.
     factor = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else momentum
     # The statistics as they were, to restore: NumPy copies of the CPU buffers (a third of a clone's cost).
-    saved = _host_copy(running_mean), _host_copy(running_var)
+    saved = torch_kernels.numpy_view(running_mean).copy(), torch_kernels.numpy_view(running_var).copy()
     y, save_mean, save_invstd = torch.native_batch_norm(
         view, weight, bias, running_mean, running_var, True, factor, eps
     )

@@ -1,32 +1,16 @@
 r"""PyTorch's batch-norm kernels, used only where the contract's accuracy rule holds.
 
-PyTorch's CPU kernels accumulate channel-first ``(N, C, L)`` input in float64,
-but channel-last input (``(N, C)``, and so bn1d's ``(B, L, C)`` seen as
-``(B*L, C)``) in float32 partial sums of ``N / threads`` rows each, and they
-store the mean in the input's precision and form ``y = x * a + b``: beyond the rule's
-1e-5 already at moderate ``|mean| / std`` (``docs/numerics.md`` has the measurements). So:
-
-* **Split statistics.** ``batch_norm_update_stats`` runs on the contiguous
-  ``(N, C)`` data seen as ``(N / k, k * C)``: each float32 partial sum then
-  accumulates at most :data:`CHAIN_ROWS` rows, and the ``k`` partial means and
-  variances of each feature are combined in float64 (Chan's formula). Same
-  passes as the fused kernel, and faster on narrow ``C``.
-* **A shift when needed.** Where :func:`predicted_error` says the kernels'
-  result would miss the rule (``|mean| / std`` beyond ~10), the data are
-  shifted by the float32 mean first (``x - K`` is exact there) and the
-  statistics and ``y`` are computed on ``x - K``.
-* **Backward** from float64 sums of ``dy`` and ``dy * xhat`` taken the same
-  split way (``native_batch_norm_backward`` for the two sums), then ``dx``.
-
-:class:`NativeBatchNorm` does this for unsynced and synced training alike (synced:
-one exchange of the rows that the core's ``all_gather`` path sends too, so ranks
-may take either path). The fused training kernel stays where
-:func:`predicted_error` accepts it: channel-first input (float64 sums) with a
-small ``|mean| / std``, and small channel-last batches. The model is
-probabilistic (independent rounding errors of at most ``u`` each, ``LAMBDA``
-standard deviations), for data whose ``|x - mean| / std`` stays below
-:data:`MAX_XHAT`; ``docs/numerics.md`` derives it and compares it with
-measurements.
+PyTorch's CPU kernels sum channel-first ``(N, C, L)`` float32 input in float64, but
+channel-last input (``(N, C)``, and bn1d's ``(B, L, C)`` seen as ``(B*L, C)``) in float32
+partial sums of ``N / threads`` rows, store the mean in the input's precision and form
+``y = x * a + b``: beyond the rule's 1e-5 already at moderate ``|mean| / std``. So the fused
+training kernel runs where :func:`predicted_error` accepts its result, and otherwise
+:class:`NativeBatchNorm` (unsynced and synced alike) takes the statistics split (partial
+sums of at most :data:`CHAIN_ROWS` rows, combined in float64 by Chan's formula), shifted by
+the float32 mean where the model asks for it, and the backward from float64 sums taken the
+same way. The model is probabilistic (independent roundings of at most ``u`` each,
+``LAMBDA`` standard deviations, ``|x - mean| / std`` below :data:`MAX_XHAT`);
+``docs/numerics.md`` derives it and compares it with measurements.
 """
 
 from __future__ import annotations
@@ -40,17 +24,7 @@ import torch
 
 from bn1d.algorithm import combine_shifted, running_statistics
 
-__all__ = [
-    "CHAIN_ROWS",
-    "NativeBatchNorm",
-    "fused_accumulation",
-    "fused_is_accurate",
-    "inference_is_accurate",
-    "largest_ratio",
-    "local_moments",
-    "local_sums",
-    "predicted_error",
-]
+__all__ = ["NativeBatchNorm", "fused_accumulation", "fused_is_accurate", "inference_is_accurate", "predicted_error"]
 
 #: The contract's accuracy rule (on y, mean / std and var) in each compute dtype: float64's
 #: is float32's times the ratio of their unit roundoffs.
@@ -110,7 +84,7 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
+def numpy_view(t: torch.Tensor) -> np.ndarray:
     """A CPU tensor's NumPy view (the kernels' statistics take no gradient: no detach to pay)."""
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
@@ -149,8 +123,8 @@ def fused_is_accurate(
     ``invstd``) bounds ``|mean| / std``."""
     # On the host: the callers run it on the CPU only (no device to synchronise), where NumPy's
     # views of the two vectors cost less than any torch reduction.
-    invstd_values = _numpy(save_invstd)
-    scaled_values = np.abs(_numpy(save_mean))
+    invstd_values = numpy_view(save_invstd)
+    scaled_values = np.abs(numpy_view(save_mean))
     scaled_values *= invstd_values
     scaled, invstd = scaled_values.max(), invstd_values.max()  # C >= 1 values each
     closeness = 1.0 - epsilon * invstd * invstd  # NaN statistics fail every comparison: not accurate
@@ -179,7 +153,7 @@ def inference_is_accurate(running_mean: torch.Tensor, running_var: torch.Tensor,
     every call (CPU tensors: NumPy views, a few microseconds): running statistics change
     behind every cache's back (``.data`` writes, ``torch.distributed.broadcast``, PyTorch's
     own kernels, none of which bumps a version)."""
-    mean, var = _numpy(running_mean), _numpy(running_var)
+    mean, var = numpy_view(running_mean), numpy_view(running_var)
     with np.errstate(invalid="ignore", over="ignore"):
         # ratio**2 <= limit with var + eps > 0, in the statistics' dtype: an overflow or a NaN
         # fails the comparison (the core then runs), and the limit has the model's margin
@@ -204,19 +178,18 @@ def _unit(dtype: torch.dtype) -> float:
 
 
 def _accumulation(x: torch.Tensor, split: int) -> tuple[int, int]:
-    """(rows per float32 partial sum, partial sums per feature) of PyTorch's
-    statistics kernel on ``x`` seen with ``split`` rows folded into the features;
-    rows = 0 where the kernel sums in float64 (float64 input, or float32
-    channel-first input on the CPU). Half inputs sum in float32: channel-first in
-    one sequential sum per feature, channel-last like float32. CUDA kernels
-    reduce in trees: counted as chains of 64 rows."""
+    """:func:`_accumulation_of` on ``x``."""
     return _accumulation_of(tuple(x.shape), x.dtype, x.device.type, _threads(x), split)
 
 
 def _accumulation_of(
     shape: tuple[int, ...], dtype: torch.dtype, device: str, threads: int, split: int
 ) -> tuple[int, int]:
-    """:func:`_accumulation` from what it depends on."""
+    """(rows per float32 partial sum, partial sums per feature) of PyTorch's statistics
+    kernel on ``shape`` seen with ``split`` rows folded into the features; rows = 0 where it
+    sums in float64 (float64 input, or float32 channel-first input on the CPU). Half inputs
+    sum in float32: channel-first in one sequential sum per feature, channel-last like
+    float32. CUDA kernels reduce in trees: counted as chains of 64 rows."""
     numel = math.prod(shape)
     positions = numel // shape[1] if numel else 0
     channel_first = len(shape) > 2 and math.prod(shape[2:]) > 1
@@ -290,24 +263,21 @@ def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: to
 
 
 class NativeBatchNorm(torch.autograd.Function):
-    """Training on PyTorch's kernels with the statistics of this module's docstring,
-    for input ``(N, C, ...)`` contiguous in the compute dtype, no mask, the default
-    variance; ``state``: the running statistics (``config.state_keys``), ``exchange``
-    (``torch_distributed.Gather`` or ``Reduce``, or ``None``) syncs it, ``config`` is the layer's.
-    Returns ``y`` and the new state's entries in ``config.state_keys`` order (the
-    core's :func:`~bn1d.algorithm.running_statistics`, so ``momentum=None`` too).
+    """Training on PyTorch's kernels, as the module docstring says, for input ``(N, C, ...)``
+    contiguous in the compute dtype (no mask, the default variance); ``state``: the running
+    statistics (``config.state_keys``), synced by ``exchange`` (``torch_distributed.Gather``
+    or ``Reduce``) unless ``None``. Returns ``y`` and the new state in ``config.state_keys``
+    order (the core's :func:`~bn1d.algorithm.running_statistics`).
 
-    Forward: local statistics, a shift by ``K`` (the float32 mean) when
-    :func:`predicted_error` asks for one, then (synced) one exchange of ``(count,
-    K, sum(x - K), centred squares)`` and :func:`bn1d.algorithm.combine_shifted`;
-    ``y`` from the inference kernel, or as ``(x - K) * f + (bias - d * f)`` when
-    shifted. Backward, with ``a = scale * invstd``, ``xhat`` the normalised input
-    and sums over this rank's values (float64, split as the statistics)::
+    Forward: local statistics, shifted by ``K`` (the float32 mean) where
+    :func:`predicted_error` asks for it, then (synced) one exchange of ``(count, K,
+    sum(x - K), centred squares)`` merged by :func:`bn1d.algorithm.combine_shifted`; ``y =
+    (x - K) * f + (bias - d * f)``. Backward, with ``a = scale * invstd`` and float64 sums
+    over this rank (synced: their global values from one all-reduce of the cotangents of
+    every rank's row, as on the core path)::
 
         dx = a * (dy - sum_all(dy) / n - xhat * sum_all(dy * xhat) / n)
 
-    Synced, the global sums come from one all-reduce of the cotangents of every
-    rank's row (the derivative of ``combine_shifted``), as on the core path.
     Parameter gradients are this rank's share (DDP all-reduces them). Not twice
     differentiable (as ``nn.SyncBatchNorm``).
     """

@@ -5,33 +5,21 @@ Change one import and a model computes with bn1d::
     from torch.nn import BatchNorm2d          # before
     from bn1d.backends.torch_nn import BatchNorm2d   # after
 
-:class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`, :class:`SyncBatchNorm`
-and the lazy variants are subclasses of ``torch.nn``'s: the same constructor, attributes,
-parameters, buffers, ``state_dict`` keys and checkpoint version, ``extra_repr``,
-``reset_parameters`` and ``reset_running_stats``, and each call reads ``momentum``,
-``eps``, ``track_running_stats`` and ``training`` as PyTorch's forward does (a momentum
-schedule, or ``track_running_stats = False`` set later, take effect). So every tool that
-finds batch norms by ``isinstance`` (``torch.optim.swa_utils.update_bn``, fusion, FX
-passes, timm, fvcore) sees them, and a checkpoint loads either way with ``strict=True``.
+:class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`, :class:`SyncBatchNorm` and
+the lazy variants subclass ``torch.nn``'s: the same constructor, attributes, parameters,
+buffers, ``state_dict`` keys and version, ``extra_repr`` and resets, and each call reads
+``momentum``, ``eps``, ``track_running_stats`` and ``training`` as PyTorch's does. Tools that
+find batch norms by ``isinstance`` see them, and checkpoints load either way with ``strict=True``.
 
-What differs is the arithmetic: :func:`bn1d.backends.torch_functional.batch_norm` (the
-contract ``docs/spec.md``, R2.7: within 1e-5 of float64 on raw data, which PyTorch's kernels
-miss at large ``|mean| / std``: ``docs/accuracy.md``). bn1d's extras: ``forward(input,
-mask=None)`` (R5); the keyword-only ``sync`` (``True`` or a process group) and ``timeout``
-of ``BatchNorm1d/2d/3d``, which then sync their statistics over ``torch.distributed``, on
-the CPU over gloo too (``SyncBatchNorm`` does so over its ``process_group``, on any device;
-DDP refuses any ``SyncBatchNorm`` in a CPU module, so CPU jobs use ``sync``). The
-constructors check their arguments (R7.1), which PyTorch's do not; ``docs/decisions.md``
-lists every deviation.
-
-Under ``torch.jit.script`` the forward is a TorchScript branch of the same arithmetic
-(float64 batch statistics; inference centred on the running mean), without masks or sync.
-
-:func:`convert_batchnorm` turns a model's PyTorch batch norms into these in place (the
-same module objects: tensors, hooks, optimizers and sharing carry over) and
-:func:`revert_batchnorm` turns them back. :func:`sync_running_statistics` makes the
-running statistics of every batch norm of a model identical across ranks.
-``docs/torch-models.md`` is the guide.
+The arithmetic is :func:`bn1d.backends.torch_functional.batch_norm`'s (R2.7: within 1e-5
+of float64 on raw data, which PyTorch's kernels miss at large ``|mean| / std``:
+``docs/accuracy.md``). bn1d's extras: ``forward(input, mask=None)`` (R5), and the
+keyword-only ``sync`` (``True`` or a process group) and ``timeout`` of ``BatchNorm1d/2d/3d``,
+syncing over ``torch.distributed`` on the CPU too (DDP refuses any ``SyncBatchNorm`` in a
+CPU module). The constructors check their arguments (R7.1), which PyTorch's do not;
+``docs/decisions.md`` lists every deviation. :func:`convert_batchnorm` and
+:func:`revert_batchnorm` swap a model's classes in place; :func:`sync_running_statistics`
+makes running statistics identical across ranks. ``docs/torch-models.md`` is the guide.
 """
 
 from __future__ import annotations
@@ -49,8 +37,9 @@ from torch.overrides import has_torch_function
 
 from bn1d.config import argument_error
 
-from .torch_distributed import Sync, check_process_group, check_timeout
-from .torch_functional import batch_norm
+from . import torch_distributed
+from .torch_distributed import Sync, check_process_group, check_sync, check_timeout
+from .torch_functional import batch_norm, check_number
 
 __all__ = [
     "BatchNorm1d",
@@ -66,15 +55,12 @@ __all__ = [
 ]
 
 
-_stock_classes: dict[type, Any] = {}
-_signatures: dict[type, inspect.Signature] = {}
-
-
 def _stock_class(cls: type) -> Any:
     """The ``torch.nn`` class a drop-in stands for (the first of ``torch.nn`` in its MRO)."""
-    if cls not in _stock_classes:
-        _stock_classes[cls] = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
-    return _stock_classes[cls]
+    return next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
+
+
+_signatures: dict[type, inspect.Signature] = {}
 
 
 def _signature(cls: type) -> inspect.Signature:
@@ -98,30 +84,13 @@ def check_arguments(arguments: dict[str, Any], lazy: bool = False) -> None:
             raise argument_error("num_features", "a positive int", c, TypeError)
         if int(c) < (0 if lazy else 1):
             raise argument_error("num_features", "a positive int", c)
-    eps = arguments.get("eps", 1e-5)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise argument_error("eps", "a finite float > 0", eps, TypeError)
-    if not (math.isfinite(eps) and float(eps) > 0):
-        raise argument_error("eps", "a finite float > 0", eps)
-    momentum = arguments.get("momentum", 0.1)
-    if momentum is not None:
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-            raise argument_error("momentum", "None or a float in [0, 1]", momentum, TypeError)
-        if not (math.isfinite(momentum) and 0 <= float(momentum) <= 1):
-            raise argument_error("momentum", "None or a float in [0, 1]", momentum)
+    check_number("eps", arguments.get("eps", 1e-5), "a finite float > 0", 0.0, math.inf, open_low=True)
+    if (momentum := arguments.get("momentum", 0.1)) is not None:
+        check_number("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
     for flag in ("affine", "track_running_stats", "bias"):
         if not isinstance(arguments.get(flag, True), bool):
             raise argument_error(flag, "a bool", arguments[flag], TypeError)
     check_process_group(arguments.get("process_group"))
-
-
-def check_sync(sync: Any) -> Any:
-    """A drop-in's ``sync``: ``False``, ``True`` (over WORLD) or a process group (R7.1)."""
-    if not isinstance(sync, bool):
-        check_process_group(sync)
-        if sync is None:
-            raise argument_error("sync", "False, True or a torch.distributed.ProcessGroup", sync, TypeError)
-    return sync
 
 
 #: The attributes a drop-in adds to its ``torch.nn`` class's: ``sync`` and ``timeout`` (its
@@ -162,12 +131,8 @@ class _Exact(_BatchNorm):
             self._check_input_dim(input)
         elif not has_torch_function((input,)):  # R7.1, before PyTorch's dimension check reads input.dim()
             raise argument_error("input", "a torch.Tensor", type(input).__name__, TypeError)
-        training, tracking, buffers, parameters = (
-            self.training,
-            self.track_running_stats,
-            self._buffers,
-            self._parameters,
-        )
+        training, tracking = self.training, self.track_running_stats
+        buffers, parameters = self._buffers, self._parameters
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         return batch_norm(
             input,
@@ -292,7 +257,7 @@ class SyncBatchNorm(_Exact, nn.SyncBatchNorm):
     :meth:`convert_sync_batchnorm` makes these (PyTorch's makes its own)."""
 
     def __init__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> None:
-        if "sync" in kwargs:
+        if "sync" in kwargs:  # even False: it would read as "no sync"
             raise argument_error(
                 "sync", "not given (SyncBatchNorm syncs over its process_group)", kwargs["sync"], TypeError
             )
@@ -441,8 +406,6 @@ def sync_running_statistics(
     variances, not the variance of all the data) and each count its mean, rounded;
     ``"broadcast"``: rank ``src`` of the group's. One collective per device; every rank must
     call it. Returns ``model``."""
-    from . import torch_distributed
-
     check_process_group(process_group)
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
@@ -451,9 +414,7 @@ def sync_running_statistics(
         raise argument_error("how", "'mean' or 'broadcast'", how)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise argument_error("process_group", "an initialised torch.distributed", process_group, RuntimeError)
-    group = cast(
-        torch.distributed.ProcessGroup, torch.distributed.group.WORLD if process_group is None else process_group
-    )
+    group = torch.distributed.group.WORLD if process_group is None else process_group
     size = torch_distributed.group_size(group)
     if not isinstance(src, int) or isinstance(src, bool) or not 0 <= src < size:
         raise argument_error("src", f"a rank of the group, in [0, {size})", src)
@@ -470,9 +431,8 @@ def sync_running_statistics(
             if how == "mean":
                 flat = torch_distributed.all_reduce_sum(flat, group, timeout, "the mean of running statistics") / size
             else:
-                work = torch.distributed.broadcast(
-                    flat, torch.distributed.get_global_rank(group, src), group=group, async_op=True
-                )
+                root = torch.distributed.get_global_rank(cast(Any, group), src)
+                work = torch.distributed.broadcast(flat, root, group=group, async_op=True)
                 torch_distributed._wait(work, timeout, "the broadcast of running statistics", group)
             for value, part in zip(values, flat.split([v.numel() for v in values])):
                 value.copy_((part.round() if not value.is_floating_point() else part).reshape(value.shape))

@@ -200,12 +200,8 @@ def recompute_statistics(
 
 def _group(sync: Any) -> Any:
     """The process group to pool over, or ``None`` (no sync, or nothing to sync with)."""
-    if sync is False:
+    if torch_distributed.check_sync(sync) is False:
         return None
-    if sync is not True:
-        torch_distributed.check_process_group(sync)
-        if sync is None:
-            raise argument_error("sync", "False, True or a torch.distributed.ProcessGroup", sync, TypeError)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     group = torch.distributed.group.WORLD if sync is True else sync
