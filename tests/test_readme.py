@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs as written.
+"""Every ```python block of README.md and docs/folding.md runs as written.
 
 A block that imports a framework that is not installed here is skipped (the
 tox envs `jax`, `torch` and `conformance` install them and run this file).
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKS = [block for page in (ROOT / "README.md", ROOT / "docs" / "folding.md")
+          for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]  # fmt: skip
 FRAMEWORKS = ("jax", "torch", "flax", "optax", "equinox", "array_api_strict")
 
 

@@ -75,13 +75,14 @@ print(sorted(f for f in {frameworks!r} if f in sys.modules))
 @pytest.mark.parametrize(
     "modules, allowed",
     [
-        (("bn1d", "bn1d.algorithm", "bn1d.validation", "bn1d.population", "bn1d.layer", "bn1d.replicas", "bn1d.state",
-          "bn1d.backends.formats", "bn1d.backends.numpy", "bn1d.conformance", "bn1d.conformance.checks"), ()),
+        (("bn1d", "bn1d.algorithm", "bn1d.validation", "bn1d.population", "bn1d.folding", "bn1d.layer",
+          "bn1d.replicas", "bn1d.state", "bn1d.backends.formats", "bn1d.backends.numpy", "bn1d.conformance",
+          "bn1d.conformance.checks"), ()),
         (("bn1d.backends.jax", "bn1d.backends.jax_collectives", "bn1d.backends.jax_modules"), ("jax",)),
         (("bn1d.backends.nnx", "bn1d.backends.linen"), ("jax", "flax")),
         (("bn1d.backends.equinox",), ("jax", "equinox")),
         (("bn1d.backends.torch_nn", "bn1d.backends.torch", "bn1d.backends.torch_func",
-          "bn1d.backends.torch_population"), ("torch",)),
+          "bn1d.backends.torch_population", "bn1d.backends.torch_fold"), ("torch",)),
     ],
     ids=["core", "jax", "flax", "equinox", "torch"],
 )  # fmt: skip
