@@ -288,6 +288,8 @@ def dispatch(
     if not training:
         if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
+        if route == "core" and _traced_kernel(x, running_mean, weight, mask, native_kernel, options):
+            return _centred_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
         return _core(x, running_mean, running_var, weight, bias, False, keep, eps, None, mask, None, options)
     exchange = None
     if sync is not None:
@@ -445,6 +447,35 @@ def _kernel_inference(
 ) -> torch.Tensor:
     y = torch.batch_norm(_as_input(x), weight, bias, running_mean, running_var, False, 0.0, eps, False)
     return _as_output(_with_gradient_hook(y), x)
+
+
+def _traced_kernel(x: torch.Tensor, running_mean: Any, weight: Any, mask: Any, native_kernel: bool,
+                   options: tuple[tuple[str, bool], ...]) -> bool:  # fmt: skip
+    """Whether a traced inference call (``torch.export``, ``torch.onnx.export``,
+    ``torch.compile``, ``torch.jit.trace``) runs :func:`_centred_inference`: what
+    :func:`path` asks of PyTorch's kernels but eager data, outside ``torch.func``."""
+    return (
+        (torch.compiler.is_compiling()  # (Dynamo cannot trace the functorch test: it handles transforms itself)
+         or torch.jit.is_tracing() and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+        and running_mean is not None and mask is None and native_kernel
+        and not any(OPTIONS[k] != v for k, v in options)
+        and getattr(recording, "recorder", None) is None
+        and _kernel_dtypes(x, running_mean, weight)
+    )  # fmt: skip
+
+
+def _centred_inference(
+    x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: Any, bias: Any, eps: float
+) -> torch.Tensor:
+    """Inference as a traced graph records it: ``x`` centred on the running mean, then
+    PyTorch's inference kernel with a zero mean, so an export holds a ``batch_norm``
+    (ONNX ``BatchNormalization``) that runtimes fuse, and meets R2.7 at any
+    ``|running_mean| / std``: the kernel's ``x * a + b`` rounds at ``|x - mean|``, not at
+    ``|mean|`` (``docs/folding.md``; TorchScript's forward does the same)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    centred = x + (-running_mean).view(shape)  # an Add of a constant: ONNX runtimes fold it into a Conv's bias
+    y = torch.batch_norm(centred, weight, bias, torch.zeros_like(running_mean), running_var, False, 0.0, eps, False)
+    return y.to(x.dtype)
 
 
 def _kernel_training(
