@@ -11,11 +11,11 @@ initialised), bn1d's drop-ins (their subclasses) and bn1d's BrainPy-signature
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
-from array_api_compat import array_namespace
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -132,9 +132,12 @@ def recompute_statistics(
     -----
     The model runs in training mode, as ``torch.optim.swa_utils.update_bn`` and PreciseBN
     run it: each batch norm sees the activations of earlier layers normalised by that
-    batch's statistics, and all layers are recomputed in one pass. Nothing else changes:
-    the parameters, each module's ``training`` flag, ``num_batches_tracked`` and the
-    momentum are as they were; no gradient is taken.
+    batch's statistics, and all layers are recomputed in one pass. For the pass, a batch
+    norm of PyTorch's signature computes each batch's moments once (:func:`_shifted_moments`
+    where PyTorch's kernel sums in float64, else the core's), accumulates them and
+    normalises with them, exactly and without syncing. Nothing else changes: the
+    parameters, each module's ``training`` flag and ``forward``, ``num_batches_tracked`` and
+    the momentum are as they were; no gradient is taken.
     """
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
@@ -148,20 +151,43 @@ def recompute_statistics(
     norms = _norms(model)
     stats: dict[str, PopulationStatistics] = {}
 
-    def capture(name: str) -> Callable[..., None]:
+    def accumulator(name: str, module: nn.Module, x: torch.Tensor) -> PopulationStatistics:
+        if name not in stats:
+            features = x.shape[1] if isinstance(module, _NormBase) else cast(Any, module).config.num_features
+            stats[name] = PopulationStatistics(int(features), _reduce_axes(module, x))
+        return stats[name]
+
+    def capture(name: str) -> Callable[..., None]:  # BrainPy's signature: a pre-hook, then its own forward
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0]
             mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
-            if name not in stats:
-                features = x.shape[1] if isinstance(module, _NormBase) else cast(Any, module).config.num_features
-                stats[name] = PopulationStatistics(int(features), _reduce_axes(module, x))
-            stats[name].update(x.detach(), None if mask is None else mask.detach())
+            accumulator(name, module, x).update(x.detach(), None if mask is None else mask.detach())
 
         return hook
 
+    def pooling(name: str, module: Any) -> Callable[..., torch.Tensor]:  # PyTorch's signature: moments once
+        forward = type(module).forward
+
+        def pooled(input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            if mask is None and _kernel_moments(input):
+                shifted, shift, offset, var = _shifted_moments(input)
+                n = input.numel() // input.shape[1]
+                wide = torch.float64
+                accumulator(name, module, input).add(n, shift.to(wide), offset.to(wide), var.to(wide) * n)
+                return torch.batch_norm(shifted, module.weight, module.bias, offset, var, False, 0.0, module.eps, False)
+            accumulator(name, module, input).update(input.detach(), None if mask is None else mask.detach())
+            return forward(module, input) if mask is None else forward(module, input, mask)
+
+        return pooled
+
     saved = {m: {k: v.clone() for k, v in m._buffers.items() if v is not None} for _, m in norms}
     modes = {m: m.training for m in model.modules()}
-    handles = [module.register_forward_pre_hook(capture(name), with_kwargs=True) for name, module in norms]
+    handles = [module.register_forward_pre_hook(capture(name), with_kwargs=True)
+               for name, module in norms if not isinstance(module, _NormBase)]  # fmt: skip
+    replaced = {module: module.__dict__.get("forward") for _, module in norms if isinstance(module, _NormBase)}
+    for name, module in norms:
+        if module in replaced:
+            module.__dict__["forward"] = pooling(name, module)
     step, bar = _progress(progress, limit)
     done = 0
     try:
@@ -177,6 +203,11 @@ def recompute_statistics(
     finally:
         for handle in handles:
             handle.remove()
+        for module, own in replaced.items():
+            if own is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = own
         for module, training in modes.items():
             module.training = training
         with torch.no_grad():  # the pass's own updates undone: only the pooled statistics are written
@@ -196,6 +227,28 @@ def recompute_statistics(
                 mean.copy_(stats[name].mean.to(mean.dtype))  # type: ignore[union-attr]
                 var.copy_(stats[name].running_var.to(var.dtype))  # type: ignore[union-attr]
     return model
+
+
+def _kernel_moments(x: Any) -> bool:
+    """Whether PyTorch's statistics kernel sums ``x`` in float64: a contiguous channel-first
+    float32 or float64 CPU tensor with a spatial extent (``torch_kernels``' accumulation
+    model; 2-D and channels-last input it sums in float32)."""
+    return (
+        type(x) is torch.Tensor and x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.dim() > 2
+        and x.numel() > 0 and math.prod(x.shape[2:]) > 1 and x.is_contiguous()
+    )  # fmt: skip
+
+
+def _shifted_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x - K`` for ``K`` each feature's first value, ``K``, and the mean and biased variance
+    of ``x - K`` by PyTorch's kernel: exact sums of values that do not cancel (``x - K`` is
+    exact where ``|mean| >> std``, Sterbenz), each rounded once to ``x``'s dtype, a relative
+    ``u`` of ``std``: within R2.7 at any ``|mean| / std``."""
+    c = x.shape[1]
+    shift = x[0].reshape(c, -1)[:, 0]
+    shifted = x - shift.view(1, c, *([1] * (x.dim() - 2)))
+    offset, var = torch.ops.aten.batch_norm_update_stats(shifted, None, None, 0.0)
+    return shifted, shift, offset, var
 
 
 def _group(sync: Any) -> Any:
@@ -231,11 +284,7 @@ def _gathered(
         c = module._buffers["running_mean"].numel()  # type: ignore[union-attr]
         width = 1 + 3 * c
         for rank_row in rows[:, start : start + width]:
-            if float(rank_row[0]) > 0:
-                count, per_feature = rank_row[0], rank_row[1:].reshape(3, c)
-                single = PopulationStatistics(c, axis=0)
-                single._push(array_namespace(count), (count, per_feature[0], per_feature[1], per_feature[2]), 0)
-                single.batches = 1
-                merged[name] = merged[name].merge(single) if name in merged else single
+            if float(rank_row[0]) > 0:  # a rank's total: one row, as a batch's moments
+                merged.setdefault(name, PopulationStatistics(c, axis=0)).add(rank_row[0], *rank_row[1:].reshape(3, c))
         start += width
     return merged

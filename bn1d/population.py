@@ -97,6 +97,21 @@ class PopulationStatistics:
         self.batches += 1
         return self
 
+    def add(self, count: Any, shift: Any, offset: Any, squares: Any) -> PopulationStatistics:
+        """Add one batch's moments computed elsewhere (a framework's own kernels, another
+        rank's total): its ``count`` (0-d), ``shift`` ``K``, ``offset`` (its mean minus ``K``)
+        and ``squares`` (its squared deviations from its mean), ``(C,)`` each, in the
+        accumulation dtype, exact to within R2.7; returns ``self``."""
+        xp = array_namespace(shift, offset, squares)
+        for name, value in (("shift", shift), ("offset", offset), ("squares", squares)):
+            if tuple(value.shape) != (self.num_features,):
+                raise argument_error(name, f"shape ({self.num_features},)", tuple(value.shape))
+        if self._levels:
+            self._require_library(xp, "shift")
+        self._push(xp, (xp.asarray(count, dtype=offset.dtype), shift, offset, squares), 0)
+        self.batches += 1
+        return self
+
     def merge(self, other: PopulationStatistics) -> PopulationStatistics:
         """Add what ``other`` has seen (another rank's or chunk's accumulator, of the same
         features and axes); returns ``self``."""

@@ -142,6 +142,25 @@ def test_bad_input_is_named_before_anything_changes():
     assert stats.batches == 1 and float(stats.count) == 8
 
 
+def test_moments_computed_elsewhere_add_as_a_batch():
+    """``add`` takes a batch's row (count, shift, mean - shift, squared deviations) as a
+    framework's kernels or another rank give it: the same statistics as ``update`` on the
+    batches, within the rule; a row of the wrong shape is named before anything changes."""
+    rng = np.random.default_rng(5)
+    batches = [(rng.standard_normal((n, 3)) * 0.5 + 1e3).astype(np.float32) for n in (7, 40, 2)]
+    stats = PopulationStatistics(3, axis=0)
+    for x in batches:
+        wide = x.astype(np.float64)
+        shift = wide[0]
+        offset = (wide - shift).mean(axis=0)
+        stats.add(len(x), shift, offset, ((wide - shift - offset) ** 2).sum(axis=0))
+    assert stats.batches == 3
+    assert_pooled(stats, *pooled(batches, axis=(0,)))
+    with pytest.raises(ValueError, match=r"^offset: expected shape \(3,\), got \(2,\)$"):
+        stats.add(4, np.zeros(3), np.zeros(2), np.zeros(3))
+    assert stats.batches == 3
+
+
 def test_the_docs_example_runs_and_gives_the_pooled_statistics():
     """``docs/population.md``'s example runs as written, and its numbers are the pooled ones."""
     import re
