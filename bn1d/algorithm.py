@@ -57,8 +57,11 @@ receives no gradient (the statistics do not depend on it). With
 catastrophically when ``|mu| >> sigma``.
 
 Edge cases: ``n == 1`` raises where the batch's statistics normalise (training, or
-no running statistics) and the input's shape alone says so (no mask, no sync); when
-``n`` is only known at run time and is 1, the Bessel factor is 1. ``n == 0`` makes
+no running statistics) and the input's shape alone says so (no mask, no sync, every
+reduced dimension known); when ``n`` is only known at run time and is 1, the Bessel
+factor is 1. A reduced dimension unknown at trace time (``None`` in the Array API, a
+symbolic one under ``jax.export``) makes ``n`` a run-time count: the known sizes times
+the others counted from the data (:func:`static_count`). ``n == 0`` makes
 the call behave as inference: the running statistics are returned unchanged and
 nothing is NaN (without running statistics, mean 0 and variance 1 normalise).
 
@@ -71,6 +74,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -208,9 +212,38 @@ def accumulation_dtype(xp: Any, dtype: Any, where: Any) -> Any:
     return xp.float64 if "float64" in available else dtype
 
 
-def static_count(shape: Sequence[int], reduce_axes: Sequence[int]) -> int:
-    """Values per feature that a shape alone implies (no mask, no sync)."""
-    return math.prod([shape[a] for a in reduce_axes])  # a list: a generator breaks torch.compile graphs
+def _known(size: Any) -> bool:
+    """Whether a dimension is a number at trace time: not ``None`` (the Array API's unknown
+    dimension, ndonnx's symbolic ones) nor a symbolic expression (``jax.export``'s)."""
+    return isinstance(size, int) or isinstance(size, numbers.Integral)  # int first: torch.compile traces it
+
+
+def static_count(shape: Sequence[Any], reduce_axes: Sequence[int]) -> int | None:
+    """Values per feature that a shape alone implies (no mask, no sync); ``None`` when a
+    reduced dimension is unknown until run time (:func:`_known`) and no known one is 0."""
+    sizes = [shape[a] for a in reduce_axes]  # lists: a generator breaks torch.compile graphs
+    known = math.prod([size for size in sizes if _known(size)])
+    return known if known == 0 or all([_known(size) for size in sizes]) else None
+
+
+def _size(xp: Any, v: Array, axis: int, dtype: Any) -> Any:
+    """``v.shape[axis]``: the int where it is known, else counted from the data at run
+    time, an array of ``dtype`` (a sum of ones along one line of ``v``: exact while the
+    size is an integer of ``dtype``)."""
+    size = v.shape[axis]
+    if _known(size):
+        return size
+    line = v[tuple(slice(None) if a == axis else 0 for a in range(v.ndim))]
+    return xp.sum(xp.ones_like(line, dtype=dtype), dtype=dtype)
+
+
+def _run_time_count(xp: Any, v: Array, reduce_axes: Sequence[int], dtype: Any) -> Any:
+    """Values per feature of ``v`` over ``reduce_axes`` when :func:`static_count` is ``None``:
+    the known sizes times the others counted at run time (:func:`_size`), an array of ``dtype``."""
+    count: Any = 1
+    for axis in reduce_axes:
+        count = count * _size(xp, v, axis, dtype)
+    return count
 
 
 @functools.lru_cache(maxsize=64)
@@ -233,7 +266,8 @@ def _first_kept(xp: Any, xc: Array, mask: Array | None, reduce_axes: tuple[int, 
         return xc[_layout(reduce_axes)[2]]
     position = xp.argmax(xp.astype(xp.reshape(mask, (-1,)), xp.int8))  # the first True
     picked = xc
-    for axis, size in zip(reversed(sorted(reduce_axes)), reversed(tuple(mask.shape))):  # unravel the position
+    for axis, mask_axis in zip(reversed(sorted(reduce_axes)), reversed(range(mask.ndim))):  # unravel the position
+        size = _size(xp, mask, mask_axis, position.dtype)
         picked = xp.take(picked, xp.reshape(position % size, (1,)), axis=axis)
         position = position // size
     return xp.reshape(picked, (-1,))
@@ -336,6 +370,8 @@ def _moments(
     static_n = static_count(xc.shape, reduce_axes)
     count_dtype = xc.dtype if fast else acc
     n: Any = static_n if mask is None else xp.sum(xp.astype(mask, count_dtype))
+    if n is None:  # a dimension known only at run time (unknown or symbolic): counted there
+        n = _run_time_count(xp, xc, reduce_axes, count_dtype)
     if hooks.synced and isinstance(n, int):
         n = xp.asarray(n, dtype=count_dtype, device=where)
 
@@ -572,8 +608,8 @@ def forward(
     moments = _moments(xp, xc, mask, reduce_axes, config.fast_variance, hooks, mean0, acc, tuning)
     count, offset, var = moments.count, moments.offset, moments.var
     # Synced without a mask, this replica's values alone make the global count >= its
-    # static count, so it cannot be 0: no run-time fallback.
-    may_be_empty = not isinstance(count, int) and (mask is not None or static_count(x.shape, reduce_axes) == 0)
+    # static count, so it cannot be 0 (unless that is 0, or unknown): no run-time fallback.
+    may_be_empty = not isinstance(count, int) and (mask is not None or n is None or n == 0)
     new_state = dict(state)
     if training and tracked:
         new_state.update(
@@ -733,7 +769,7 @@ def backward(
         hooks = Hooks(stop_gradient=hooks.stop_gradient)
     mean0, var0 = _fallback_statistics(xp, state, config, dtype, where)
     weight: Any = 0.0
-    if batch and (n_static > 0 or mask is not None or hooks.synced):
+    if batch and (n_static is None or n_static > 0 or mask is not None or hooks.synced):
         moments = _moments(xp, xc, mask, axes, config.fast_variance, hooks, mean0, acc, tuning)
         n, offset, var = moments.count, moments.offset, moments.var
         xhat = moments.centered

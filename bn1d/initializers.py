@@ -9,9 +9,11 @@ so one initializer works on every backend.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
 from .config import argument_error
 
@@ -55,7 +57,8 @@ class Ones(Constant):
 
 
 def _to_host(value: Any) -> np.ndarray:
-    """An array of any backend as a NumPy array (via ``__array__``).
+    """An array of any backend as a NumPy array (via ``__array__``; an Array API array that
+    NumPy cannot read, such as ndonnx's, through :func:`_from_array_api`).
 
     torch tensors are detached and moved to the CPU first, and a bfloat16 tensor
     (which NumPy cannot represent) is widened to float32, exactly.
@@ -65,11 +68,47 @@ def _to_host(value: Any) -> np.ndarray:
     if hasattr(value, "cpu"):
         value = value.cpu()
     try:
-        return np.asarray(value)
+        host = np.asarray(value)
     except TypeError:
         if hasattr(value, "float"):  # torch.bfloat16
             return np.asarray(value.float())
         raise
+    if host.dtype != object:
+        return host
+    try:
+        array_namespace(value)
+    except TypeError:
+        return host  # no array: the caller names its dtype (object)
+    return _from_array_api(value)
+
+
+def _from_array_api(value: Any) -> np.ndarray:
+    """An Array API array as NumPy by the standard's means only: DLPack, else one element
+    at a time through the 0-D conversions (``__float__``, ``__int__``, ...: a call per
+    element, slow but exact), with the NumPy dtype of the same kind and size
+    (bfloat16's values, exactly, as float32). Raises for an array without values (a
+    lazy or symbolic one)."""
+    try:
+        return np.from_dlpack(value)
+    except Exception:  # DLPack is optional (ndonnx raises BufferError), and NumPy lacks some dtypes
+        pass
+    xp, dtype = array_namespace(value), value.dtype
+    convert: Any
+    host: np.dtype[Any]
+    if xp.isdtype(dtype, "bool"):
+        convert, host = bool, np.dtype(bool)
+    elif xp.isdtype(dtype, "integral"):
+        info = xp.iinfo(dtype)
+        convert, host = int, np.dtype(f"{'i' if info.min < 0 else 'u'}{info.bits // 8}")
+    else:
+        info = xp.finfo(dtype)  # real or complex floating
+        complex_ = xp.isdtype(dtype, "complex floating")
+        half = info.bits == 16 and float(info.eps) == 2.0**-10
+        convert = complex if complex_ else float
+        host = np.dtype(np.float16 if half else f"{'c' if complex_ else 'f'}{max(info.bits, 32) // 8}")
+    flat = xp.reshape(value, (-1,))
+    values = [convert(flat[i]) for i in range(math.prod(value.shape))]
+    return np.asarray(values, dtype=host).reshape(tuple(value.shape))
 
 
 def initial_value(initializer: Any, name: str, num_features: int, dtype: Any = np.float32) -> np.ndarray:

@@ -39,9 +39,11 @@ def check_state(
 ) -> dict[str, np.ndarray]:
     """Validate a whole state mapping against ``config.keys``; return it as NumPy
     arrays of ``dtype`` (``num_batches_tracked``: a scalar of ``count_dtype``, the
-    layer's integer dtype). ``names``: the key by which an error names an entry
-    (``state_dict['<name>']``), where it is not the entry's own (a parent's full key
-    ``prefix + key``, or PyTorch's ``weight`` for ``scale``).
+    layer's integer dtype). Entries: arrays of any Array API library, ndonnx's included
+    (read through ``__array__``, DLPack or the standard's 0-D conversions). ``names``:
+    the key by which an error names an entry (``state_dict['<name>']``), where it is
+    not the entry's own (a parent's full key ``prefix + key``, or PyTorch's ``weight``
+    for ``scale``).
 
     Raises ``TypeError`` for a non-mapping or non-numeric entry and ``ValueError``
     for a missing, unexpected or wrongly shaped entry, a finite value that ``dtype``

@@ -109,7 +109,14 @@ def check_variables(params: Any, state: Any, config: BatchNormConfig, x: Array) 
 
 def refuse_one_value(x: Array, training: bool) -> None:
     """The batch's statistics of one value per feature, known from the shape: a
-    variance of 0, which normalises everything to ``bias`` (PyTorch raises too)."""
+    variance of 0, which normalises everything to ``bias`` (PyTorch raises too).
+
+    R3.5 refuses ``n == 1`` only where the shape alone says so, which a shape with an
+    unknown reduced dimension does not (``None`` in the Array API, a symbolic dimension
+    of ``jax.export.symbolic_shape``: ``bn1d.algorithm.static_count`` is ``None``). The
+    count is then taken from the data at run time and ``n == 1`` is decided there, as
+    R3.5 says for counts only known at run time (a mask, sync): no Bessel factor and no
+    error. A concrete shape with ``n == 1`` still raises this ``ValueError``, at trace time."""
     when = "when training" if training else "without running statistics (the batch's normalise)"
     raise argument_error("x", f"more than 1 value per feature {when}", tuple(x.shape))
 
