@@ -48,7 +48,7 @@ from array_api_compat import array_namespace
 
 from bn1d.config import argument_error, normalize_reduce_axes
 from bn1d.layer import Layer
-from bn1d.population import PopulationStatistics
+from bn1d.population import PopulationStatistics, check_pass, input_picker, progress_step
 
 from . import jax_modules
 
@@ -128,44 +128,7 @@ def _check(batches: Any, input: Any, limit: Any, progress: Any, sync: Any) -> No
         raise argument_error("sync", "a bool", sync, TypeError)
     if not isinstance(batches, Iterable):
         raise argument_error("batches", "an iterable of batches", type(batches).__name__, TypeError)
-    if input is not None and not callable(input):
-        raise argument_error("input", "None or a callable batch -> model input", type(input).__name__, TypeError)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise argument_error("limit", "None or a positive int", limit)
-    if not (isinstance(progress, bool) or callable(progress)):
-        raise argument_error("progress", "a bool or a callable", progress, TypeError)
-
-
-def _picker(input: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
-    if input is not None:
-        return input
-
-    def pick(batch: Any) -> Any:
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (jax.Array, np.ndarray)):
-            return batch[0]
-        if isinstance(batch, (jax.Array, np.ndarray)):
-            return batch
-        raise argument_error(
-            "batches", "arrays or (input, ...) tuples; pass input= to pick the input of other batches",
-            type(batch).__name__, TypeError,
-        )  # fmt: skip
-
-    return pick
-
-
-def _progress(progress: bool | Callable[[int], None], total: int | None) -> tuple[Callable[[int], None], Any]:
-    """A per-batch callback: ``progress`` itself, a ``tqdm`` bar (``True``, when tqdm is
-    installed; else nothing), or nothing (as ``torch_population``'s)."""
-    if callable(progress):
-        return progress, None
-    if progress is True:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return lambda done: None, None
-        bar = tqdm(total=total, desc="recompute_statistics", unit="batch")
-        return lambda done: bar.update(1), bar
-    return lambda done: None, None
+    check_pass(input, limit, progress)
 
 
 def _run(
@@ -174,8 +137,8 @@ def _run(
 ) -> int:  # fmt: skip
     """The pass: ``forward`` on each batch's input (at most ``limit``), its records accumulated;
     the number of batches."""
-    pick = _picker(input)
-    step, bar = _progress(progress, limit)
+    pick = input_picker(input, (jax.Array, np.ndarray), "arrays")
+    step, bar = progress_step(progress, limit)
     done = 0
     try:
         for batch in batches:

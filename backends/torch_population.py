@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from bn1d.config import argument_error
-from bn1d.population import PopulationStatistics
+from bn1d.population import PopulationStatistics, check_pass, input_picker, progress_step
 
 from . import torch_distributed
 
@@ -44,38 +44,6 @@ def _reduce_axes(module: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
     if config is not None and not isinstance(module, _NormBase):
         return tuple(config.reduce_axes)
     return (0, *range(2, x.dim()))
-
-
-def _picker(input: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
-    if input is not None:
-        return input
-
-    def pick(batch: Any) -> Any:
-        if isinstance(batch, torch.Tensor):
-            return batch
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-            return batch[0]
-        raise argument_error(
-            "batches", "tensors or (input, ...) tuples; pass input= to pick the input of other batches",
-            type(batch).__name__, TypeError,
-        )  # fmt: skip
-
-    return pick
-
-
-def _progress(progress: bool | Callable[[int], None], total: int | None) -> tuple[Callable[[int], None], Any]:
-    """A per-batch callback: ``progress`` itself, a ``tqdm`` bar (``True``, when tqdm is
-    installed; else nothing), or nothing."""
-    if callable(progress):
-        return progress, None
-    if progress is True:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return lambda done: None, None
-        bar = tqdm(total=total, desc="recompute_statistics", unit="batch")
-        return lambda done: bar.update(1), bar
-    return lambda done: None, None
 
 
 def recompute_statistics(
@@ -141,13 +109,10 @@ def recompute_statistics(
     """
     if not isinstance(model, nn.Module):
         raise argument_error("model", "a torch.nn.Module", type(model).__name__, TypeError)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise argument_error("limit", "None or a positive int", limit)
-    if not (isinstance(progress, bool) or callable(progress)):
-        raise argument_error("progress", "a bool or a callable", progress, TypeError)
+    check_pass(input, limit, progress)
     group = _group(sync)
     seconds = torch_distributed.check_timeout(timeout)
-    pick = _picker(input)
+    pick = input_picker(input, (torch.Tensor,), "tensors")
     norms = _norms(model)
     stats: dict[str, PopulationStatistics] = {}
 
@@ -188,7 +153,7 @@ def recompute_statistics(
     for name, module in norms:
         if module in replaced:
             module.__dict__["forward"] = pooling(name, module)
-    step, bar = _progress(progress, limit)
+    step, bar = progress_step(progress, limit)
     done = 0
     try:
         model.train()

@@ -26,7 +26,7 @@ and memory is ``log2(B)`` rows of ``C``. Any Array API library: NumPy, PyTorch, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -184,3 +184,48 @@ class PopulationStatistics:
         if xp is not kept:
             raise argument_error(name, f"an array of the library of the earlier batches ({kept.__name__})",
                                  xp.__name__, TypeError)  # fmt: skip
+
+
+# -- what every framework's recompute shares ----------------------------------------------------
+def check_pass(input: Any, limit: Any, progress: Any) -> None:
+    """The recompute functions' ``input``, ``limit`` and ``progress`` checked (R7.1)."""
+    if input is not None and not callable(input):
+        raise argument_error("input", "None or a callable batch -> model input", type(input).__name__, TypeError)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise argument_error("limit", "None or a positive int", limit)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise argument_error("progress", "a bool or a callable", progress, TypeError)
+
+
+def input_picker(input: Callable[[Any], Any] | None, arrays: tuple[type, ...], what: str) -> Callable[[Any], Any]:
+    """``input`` (``batch -> model input``), or by default: a batch that is one of ``arrays``
+    itself, a tuple or list of them its first."""
+    if input is not None:
+        return input
+
+    def pick(batch: Any) -> Any:
+        if isinstance(batch, arrays):
+            return batch
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], arrays):
+            return batch[0]
+        raise argument_error(
+            "batches", f"{what} or (input, ...) tuples; pass input= to pick the input of other batches",
+            type(batch).__name__, TypeError,
+        )  # fmt: skip
+
+    return pick
+
+
+def progress_step(progress: bool | Callable[[int], None], total: int | None) -> tuple[Callable[[int], None], Any]:
+    """A per-batch callback and the bar to close: ``progress`` itself, a ``tqdm`` bar
+    (``True``, when tqdm is installed; else nothing), or nothing."""
+    if callable(progress):
+        return progress, None
+    if progress is True:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return lambda done: None, None
+        bar = tqdm(total=total, desc="recompute_statistics", unit="batch")
+        return lambda done: bar.update(1), bar
+    return lambda done: None, None
