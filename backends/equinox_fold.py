@@ -6,7 +6,7 @@ live in an ``eqx.nn.State``, into the ``eqx.nn.Linear`` or ``eqx.nn.Conv``
 (``Conv1d/2d/3d``) before it; :func:`fold_model` folds every such adjacent pair inside a
 model's ``eqx.nn.Sequential`` containers. The folded weights are computed in float64 by
 :func:`bn1d.folding.fold_affine` and rounded once to the weight's dtype; its docstring
-derives what a fold costs in accuracy, ``docs/folding.md`` measures it.
+derives what a fold costs in accuracy, ``docs/deployment.md`` measures it.
 
 Inference mode is the batch norm's field ``inference`` being ``True`` (what
 ``eqx.nn.inference_mode(model)`` sets); a call's ``inference=`` argument cannot be seen from

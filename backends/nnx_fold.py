@@ -5,7 +5,7 @@
 before it; :func:`fold_model` folds every such adjacent pair inside a model's
 ``nnx.Sequential`` containers. The folded weights are computed in float64 by
 :func:`bn1d.folding.fold_affine` and rounded once to the kernel's dtype; its docstring
-derives what a fold costs in accuracy, ``docs/folding.md`` measures it.
+derives what a fold costs in accuracy, ``docs/deployment.md`` measures it.
 
 Inference mode is the batch norm's attribute ``use_running_average`` being ``True`` (what
 the constructor, ``model.eval()`` and ``nnx.view(model, use_running_average=True)`` set):

@@ -6,7 +6,7 @@ found through ``torch.fx`` and checked against the shapes of an example input. B
 PyTorch's batch norms and bn1d's drop-ins (their subclasses), so a stock model folds as a
 converted one does. The folded weights are computed in float64 by
 :func:`bn1d.folding.fold_affine` and rounded once to the layer's dtype; its docstring
-derives what a fold costs in accuracy and ``docs/folding.md`` measures it.
+derives what a fold costs in accuracy and ``docs/deployment.md`` measures it.
 """
 
 from __future__ import annotations

@@ -471,7 +471,7 @@ def _centred_inference(
     PyTorch's inference kernel with a zero mean, so an export holds a ``batch_norm``
     (ONNX ``BatchNormalization``) that runtimes fuse, and meets R2.7 at any
     ``|running_mean| / std``: the kernel's ``x * a + b`` rounds at ``|x - mean|``, not at
-    ``|mean|`` (``docs/folding.md``; TorchScript's forward does the same)."""
+    ``|mean|`` (``docs/deployment.md``; TorchScript's forward does the same)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     centred = x + (-running_mean).view(shape)  # an Add of a constant: ONNX runtimes fold it into a Conv's bias
     y = torch.batch_norm(centred, weight, bias, torch.zeros_like(running_mean), running_var, False, 0.0, eps, False)

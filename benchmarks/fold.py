@@ -11,7 +11,7 @@ against the unfolded pair in float64, of:
   in float32);
 * bn1d's ``fold_batchnorm`` (computed in float64, rounded once).
 
-``bn1d.folding`` derives the expected picture; ``docs/folding.md`` keeps a run.
+``bn1d.folding`` derives the expected picture; ``docs/deployment.md`` keeps a run.
 """
 
 from __future__ import annotations

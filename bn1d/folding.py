@@ -15,7 +15,7 @@ Both are computed here in float64 and rounded once to the layer's dtype (PyTorch
 
 What a fold costs, in units of ``|s_c|`` (the normalised output's spread) with ``u`` the
 unit roundoff of the layer's dtype and ``k`` the terms of each dot product
-(``docs/folding.md`` measures it). The unfolded pair rounds ``z`` at its size ``|mu_c|``:
+(``docs/deployment.md`` measures it). The unfolded pair rounds ``z`` at its size ``|mu_c|``:
 its error is about ``|a_c| (gamma_k sum_j |W_cj x_j| + u |z_c|) / |s_c|``, at least ``u |mu_c| /
 sigma_c``. The folded layer has the same products scaled by ``a_c`` (``gamma_{k+1}``: the
 rounding of ``W'`` is one more term) and rounds ``b'_c``, of size ``|a_c (b_c - mu_c) + beta_c|``,

@@ -1,4 +1,4 @@
-"""Every ```python block of README.md, docs/folding.md and docs/population.md runs as written.
+"""Every ```python block of README.md, docs/deployment.md and docs/population.md runs as written.
 
 A block that imports a framework that is not installed here is skipped (the
 tox envs `jax`, `torch` and `conformance` install them and run this file).
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = [block for page in (ROOT / "README.md", ROOT / "docs" / "folding.md", ROOT / "docs" / "population.md")
+BLOCKS = [block for page in (ROOT / "README.md", ROOT / "docs" / "deployment.md", ROOT / "docs" / "population.md")
           for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]  # fmt: skip
 FRAMEWORKS = ("jax", "torch", "flax", "optax", "equinox", "array_api_strict")
 

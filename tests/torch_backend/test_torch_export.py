@@ -24,6 +24,7 @@ pytest.importorskip("onnxscript")
 
 from torch import nn  # noqa: E402
 
+from bn1d.backends.numpy import BatchNorm1d as NumpyBatchNorm1d  # noqa: E402
 from bn1d.backends.torch_nn import convert_batchnorm  # noqa: E402
 
 RULE = 1e-5
@@ -78,6 +79,12 @@ def test_an_onnx_export_holds_batch_normalization_and_meets_the_rule(ratio):
     y, nodes = onnx_run(convert_batchnorm(copy.deepcopy(norm)), x)
     assert nodes == ["Add", "BatchNormalization"], nodes
     assert worst(y, reference, norm) <= RULE
+    spec = NumpyBatchNorm1d(16, axis=0)  # bn1d's NumPy specification, with the same state
+    values = (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    spec.load_state_dict(
+        dict(zip(("scale", "bias", "running_mean", "running_var"), (v.detach().numpy() for v in values)))
+    )
+    assert worst(y, spec(x.numpy(), training=False).astype(np.float64), norm) <= 2 * RULE  # both within R2.7
     if ratio == 1e4:  # PyTorch's own export, for the record: its kernel rounds at |mean| / std
         theirs, their_nodes = onnx_run(norm, x)
         assert their_nodes == ["BatchNormalization"] and worst(theirs, reference, norm) > 10 * RULE
@@ -96,7 +103,7 @@ def test_onnxruntime_fuses_the_export_into_the_convolution():
     with torch.no_grad():
         reference = copy.deepcopy(model).double()(x.double()).numpy()
     # the fused convolution's products round at their size: the dot-product bound of
-    # docs/folding.md, (gamma_{k+1} + u) |W'| |x|, about 28 u of |x| * |W'| here; 1e-4 of the largest output
+    # docs/deployment.md, (gamma_{k+1} + u) |W'| |x|, about 28 u of |x| * |W'| here; 1e-4 of the largest output
     np.testing.assert_allclose(y, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
 
 
