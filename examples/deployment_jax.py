@@ -8,9 +8,10 @@ synthetic images whose pixels sit on an offset (``|mean| / std`` at the first ba
 about 1, 1e2 and 1e4), its statistics recomputed exactly (``bn1d.backends.jax_population``),
 folded (``nnx_fold.fold_model`` / ``equinox_fold.fold_model``), exported with ``jax.export``
 with a symbolic batch dimension, serialized, read back and run on a held-out batch of
-another size. Its error against the unfolded model in float64 is printed beside the unfolded
-float32 model's, relative to the largest output. ONNX is PyTorch's route
-(``examples/deployment_torch.py``): JAX has no ONNX exporter of its own.
+another size, and, where the third-party converter jax2onnx is installed, converted to ONNX
+and run in onnxruntime. Each error against the unfolded model in float64 is printed beside
+the unfolded float32 model's, relative to the largest output. (jax2onnx converts the folded
+models; bn1d's unfolded JAX layers it cannot, as it patches ``jnp.shape`` to trace.)
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def run_nnx(offset: float) -> dict[str, float]:
     folded = nnx_fold.fold_model(model)
     restored = exported(lambda x: folded(x))  # the weights become the artifact's constants
     outputs = {"unfolded float32": model(jnp.asarray(held_out)), "folded, exported": restored.call(held_out)}
+    outputs.update(onnx_outputs(lambda x: folded(x), held_out))
     return row("nnx", offset, ratio, reference, outputs)
 
 
@@ -138,6 +140,7 @@ def run_equinox(offset: float) -> dict[str, float]:
         "unfolded float32": batched(model, state, jnp.asarray(held_out))[0],
         "folded, exported": restored.call(held_out),
     }
+    outputs.update(onnx_outputs(lambda x: batched(folded, folded_state, x)[0], held_out))
     return row("equinox", offset, ratio, reference, outputs)
 
 
@@ -146,6 +149,19 @@ def exported(apply: Any) -> jax.export.Exported:
     (b,) = jax.export.symbolic_shape("b")
     artifact = jax.export.export(jax.jit(apply))(jax.ShapeDtypeStruct((b, 12, 12, 3), jnp.float32))
     return jax.export.deserialize(artifact.serialize())
+
+
+def onnx_outputs(apply: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    """``apply`` converted to ONNX by jax2onnx (a third-party converter; nothing without it) and
+    run in onnxruntime, with a symbolic batch: ``{"folded, onnxruntime": output}``."""
+    try:
+        import onnxruntime
+        from jax2onnx import to_onnx
+    except ImportError:
+        return {}
+    model = to_onnx(apply, [("B", 12, 12, 3)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return {"folded, onnxruntime": session.run(None, {session.get_inputs()[0].name: x})[0]}
 
 
 def row(library: str, offset: float, ratio: float, reference: np.ndarray, outputs: dict) -> dict:
@@ -159,11 +175,12 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     rows = [run(offset) for run in (run_nnx, run_equinox) for offset in (1.0, 1e2, 1e4)]
-    print("| library | mean / std at the first batch norm | unfolded float32 | folded, exported |")
-    print("|---|---|---|---|")
+    names = [name for name in rows[0] if name not in ("library", "offset", "mean / std at the first batch norm")]
+    print("| library | mean / std at the first batch norm | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
     for r in rows:
-        print(f"| {r['library']} | {r['mean / std at the first batch norm']:.3g} | {r['unfolded float32']:.1e} | "
-              f"{r['folded, exported']:.1e} |")  # fmt: skip
+        cells = " | ".join(f"{r[name]:.1e}" for name in names)
+        print(f"| {r['library']} | {r['mean / std at the first batch norm']:.3g} | {cells} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f)
