@@ -13,9 +13,11 @@ bound that the rule implies for it, carried through the case's steps:
   arithmetic; float16/bfloat16 outputs add one ulp of the output dtype;
 * ``running_mean`` after a training call with momentum ``m`` (``1 - 1/k`` for the
   ``k``-th call with data of the cumulative average, ``momentum=None``):
-  ``m * (its bound before) + (1 - m) * RULE * sigma + ulp``; ``running_var``:
-  ``m * (before) + (1 - m) * RULE * var * n / (n - 1) + ulp`` (ulp: of the
-  statistic's dtype, the storage rounding the rule excludes); ``scale``/``bias``
+  ``m * (its bound before) + (1 - m) * RULE * sigma + 2 u (m |old| + (1 - m) |mean|)
+  + ulp``; ``running_var``: ``m * (before) + (1 - m) * RULE * var * n / (n - 1) + 2 u
+  (its two terms) + ulp`` (``2 u`` of the terms: the update's products and the
+  momentum's rounding in the compute dtype, which a backend without float64 computes
+  in; ulp: of the statistic's dtype, the storage rounding the rule excludes); ``scale``/``bias``
   one ulp (a forward call never changes them); ``num_batches_tracked`` exactly;
   without running statistics (``track_running_stats=False``) every call is scored
   as a training call;
@@ -109,12 +111,22 @@ class Bounds:
                 self.calls += 1
                 m = 1.0 - 1.0 / self.calls if self.momentum is None else self.momentum
                 bessel = n / (n - 1) if self.unbiased and n > 1 else 1.0
+                # the update's own arithmetic in the compute dtype (a backend without float64,
+                # JAX by default, forms m * old + (1 - m) * new in float32): each product and
+                # the momentum's rounding, 2 u of each term's size
+                unit = 2.0**-53 if self.compute == "float64" else 2.0**-24
+                mean_terms = m * np.abs(self.mean) + (1 - m) * np.abs(mean)
+                var_terms = m * self.var + (1 - m) * var * bessel
                 self.mean = m * self.mean + (1 - m) * mean
                 self.var = m * self.var + (1 - m) * var * bessel
-                self.mean_bound = m * self.mean_bound + (1 - m) * rule * sigma + spacing(self.mean, self.stats_dtype)
+                self.mean_bound = (
+                    m * self.mean_bound + (1 - m) * rule * sigma + 2 * unit * mean_terms
+                    + spacing(self.mean, self.stats_dtype)
+                )  # fmt: skip
                 self.var_bound = (
-                    m * self.var_bound + (1 - m) * rule * var * bessel + spacing(self.var, self.stats_dtype)
-                )
+                    m * self.var_bound + (1 - m) * rule * var * bessel + 2 * unit * var_terms
+                    + spacing(self.var, self.stats_dtype)
+                )  # fmt: skip
             self.last = {"mean": mean, "var": var, "rule": rule, "training": True}
         else:  # the running statistics' bounds, through y
             rule = rule_for(self.compute)
