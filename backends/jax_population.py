@@ -44,7 +44,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from array_api_compat import array_namespace
 
 from bn1d.config import argument_error, normalize_reduce_axes
 from bn1d.layer import Layer
@@ -183,12 +182,8 @@ def _gathered(stats: Mapping[Any, PopulationStatistics], sizes: Mapping[Any, int
     start = 0
     for key, c in sizes.items():
         for row in gathered[:, start : start + 1 + 3 * c]:
-            if row[0] > 0:
-                single = PopulationStatistics(c, axis=0)
-                count, (shift, offset, squares) = row[:1].reshape(()), row[1:].reshape(3, c)
-                single._push(array_namespace(row), (count, shift, offset, squares), 0)
-                single.batches = 1
-                merged[key] = merged[key].merge(single) if key in merged else single
+            if row[0] > 0:  # a process's total: one row, as a batch's moments
+                merged.setdefault(key, PopulationStatistics(c, axis=0)).add(row[0], *row[1:].reshape(3, c))
         start += 1 + 3 * c
     return merged
 
