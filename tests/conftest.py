@@ -40,3 +40,13 @@ def _jax_leak_check(request: pytest.FixtureRequest):
 
     with jax.checking_leaks() if hasattr(jax, "checking_leaks") else contextlib.nullcontext():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _jax_strict_runs(request: pytest.FixtureRequest) -> None:
+    """Under ``--jax-strict``, a module that names ``JAX_STRICT_RUNS`` (test function names)
+    runs those only: the rest check arithmetic that the strict modes do not touch, and the
+    tox env ``jax`` runs every test (this keeps CI's time)."""
+    wanted = getattr(request.module, "JAX_STRICT_RUNS", None)
+    if wanted is not None and request.config.getoption("--jax-strict") and request.node.originalname not in wanted:
+        pytest.skip(f"the tox env jax runs it; --jax-strict runs {', '.join(wanted)} here")

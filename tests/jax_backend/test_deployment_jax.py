@@ -26,12 +26,11 @@ pytest.importorskip("flax")
 pytest.importorskip("equinox")
 
 ROOT = Path(__file__).resolve().parents[2]
+JAX_STRICT_RUNS = ()  # a subprocess: --jax-strict's modes would not reach it (tests/conftest.py)
 ULP = 2.0**-23
 
 
-def test_train_recompute_fold_export_and_run(tmp_path, request):
-    if request.config.getoption("--jax-strict"):  # a subprocess: the strict modes would not reach it
-        pytest.skip("runs in a subprocess, outside --jax-strict's modes: the tox env jax runs it")
+def test_train_recompute_fold_export_and_run(tmp_path):
     out = tmp_path / "rows.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     command = [sys.executable, "examples/deployment_jax.py", "--json", str(out)]

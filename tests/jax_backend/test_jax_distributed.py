@@ -38,13 +38,14 @@ def free_port() -> int:
             return port
 
 
-def run_workers(out_dir: str) -> list[str]:
-    """Start both processes, wait at most ``TIMEOUT_S`` in all; kill both on failure."""
+def run_workers(out_dir: str, worker: str = "distributed_worker.py") -> list[str]:
+    """Start both processes of ``jax_workers/<worker>``, wait at most ``TIMEOUT_S`` in all;
+    kill both on failure."""
     coordinator = f"127.0.0.1:{free_port()}"
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # the worker sets its own
     processes = [
         subprocess.Popen(
-            [sys.executable, os.path.join(WORKERS, "distributed_worker.py"), coordinator, str(pid), out_dir],
+            [sys.executable, os.path.join(WORKERS, worker), coordinator, str(pid), out_dir],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

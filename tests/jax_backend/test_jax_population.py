@@ -15,10 +15,7 @@ holds with orders of margin.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
 import equinox as eqx
 import flax.linen as nn
@@ -449,27 +446,10 @@ def test_two_processes_pool_as_one_process_over_all_their_batches():
     the batches (one with none in the second case), ``sync=True``: both get what one process
     computes over every batch (R2.7's float32 bound: the merge order differs), for an NNX
     model (stock and bn1d's layers) and a NumPy layer. Bounded in time, both killed on failure."""
-    from jax_backend.test_jax_distributed import free_port
+    from jax_backend.test_jax_distributed import run_workers
 
-    workers = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax_workers")
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # the worker sets its own
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, os.path.join(workers, "population_worker.py"), f"127.0.0.1:{free_port()}"]
-        processes = [subprocess.Popen([*command, str(pid), out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=env) for pid in (0, 1)]  # fmt: skip
-        deadline, logs = time.monotonic() + 120, []
-        try:
-            for process in processes:
-                logs.append(process.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            pytest.fail("the 2-process run took more than 120 s")
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-        for pid, (process, log) in enumerate(zip(processes, logs)):
-            assert process.returncode == 0, f"process {pid} exited with {process.returncode}:\n{log[-6000:]}"
+        run_workers(out, "population_worker.py")
         results = [dict(np.load(os.path.join(out, f"process_{pid}.npz"))) for pid in (0, 1)]
     for pid, result in enumerate(results):
         for key in (k for k in result if "/synced/" in k and k.endswith("/mean")):

@@ -30,6 +30,10 @@ from flax import nnx  # noqa: E402
 from bn1d.backends import nnx as bn1d_nnx  # noqa: E402
 from bn1d.backends.nnx_fold import Identity, fold_batchnorm, fold_model  # noqa: E402
 
+# Under --jax-strict only the whole-model folds run: they call the layers under every strict
+# mode, and the folds' arithmetic is NumPy's, the same in both envs (tests/conftest.py).
+JAX_STRICT_RUNS = ("test_fold_model_folds_the_sequential_pairs",)
+
 U = 2.0**-24
 
 LAYERS = {  # the layer, the norm's options, the batch's shape; no zero padding (it would spread the means)
@@ -206,13 +210,3 @@ def test_fold_model_folds_the_sequential_pairs(converted):
 
 def test_stock_and_converted_models_fold_alike():
     assert same(values(fold_model(trained(False))), values(fold_model(trained(True))))
-
-
-@pytest.fixture(autouse=True)
-def _whole_models_only_under_jax_strict(request):
-    """Under ``--jax-strict`` (the tox env ``jax-strict``) only the whole-model folds run: they
-    call the layers under every strict mode, and the folds' arithmetic is NumPy's, the same in
-    both envs (the env ``jax`` runs every test; this keeps CI's time)."""
-    wanted = request.node.originalname == "test_fold_model_folds_the_sequential_pairs"
-    if request.config.getoption("--jax-strict") and not wanted:
-        pytest.skip("the tox env jax runs it; --jax-strict runs the whole-model folds")
