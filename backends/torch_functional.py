@@ -382,10 +382,12 @@ def _core(
 
 
 # -- PyTorch's kernels, checked ------------------------------------------------------------------
-def _contiguous_gradient(grad: torch.Tensor | None) -> torch.Tensor | None:
-    """``grad`` contiguous for PyTorch's CPU batch-norm backward (:func:`_with_gradient_hook`
-    says why); an undefined gradient (``None``, as ``gradcheck`` sends) stays ``None``."""
-    return None if grad is None else grad.contiguous()
+def _contiguous_gradients(grads: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A pre-hook of PyTorch's batch-norm backward node: the gradient of ``y`` made
+    contiguous (:func:`_with_gradient_hook` says why); an undefined one (``None``, as
+    ``gradcheck`` sends) and a contiguous one leave the gradients as they are."""
+    grad = grads[0]
+    return None if grad is None or grad.is_contiguous() else (grad.contiguous(), *grads[1:])
 
 
 def _channels_last(x: torch.Tensor) -> torch.memory_format | None:
@@ -430,15 +432,23 @@ def _as_output(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if fmt is None else y.contiguous(memory_format=fmt)
 
 
-def _with_gradient_hook(y: torch.Tensor) -> torch.Tensor:
-    """``y`` whose gradient reaches PyTorch's backward kernel contiguous, always: its CPU
-    kernel permutes the gradient of a gradient strided like channels-last with a size-1
-    spatial axis (torch 2.13: ``(1, 2, 2, 1)`` input, gradient strides ``(4, 1, 2, 1)``;
-    found by the suite's hypothesis cases), its strided kernel is several times slower on
-    large inputs, and rounds the parameters' gradients to half precision on half inputs.
-    A contiguous gradient passes through (``Tensor.contiguous`` returns it)."""
-    if y.requires_grad:
-        y.register_hook(_contiguous_gradient)
+#: The inputs from this many values on have every gradient of ``y`` made contiguous (below,
+#: a contiguous gradient would pay more for the hook than a strided one for PyTorch's kernel).
+HOOKED_NUMEL = 2**17
+
+
+def _with_gradient_hook(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y``, whose gradient reaches PyTorch's backward kernel contiguous where that
+    matters: its CPU kernel permutes the gradient strided like channels-last with a size-1
+    spatial axis (torch 2.13: ``(1, 2, 2, 1)`` input, gradient strides ``(4, 1, 2, 1)``,
+    found by the suite's hypothesis cases; 4-D and 5-D input), rounds the parameters'
+    gradients to half precision on half inputs, and its strided kernel takes ~1.25x the
+    time on a strided gradient (a broadcast ``y.sum()``'s, a transpose's), which from
+    :data:`HOOKED_NUMEL` values is more than the hook costs on a contiguous one. On 2-D and
+    3-D float32 and float64 input below that size, PyTorch's strided kernel runs, as in
+    ``nn.BatchNorm1d``: its gradients are the specification's (tested)."""
+    if y.requires_grad and (x.dim() > 3 or x.dtype in _HALF_DTYPES or x.numel() >= HOOKED_NUMEL):
+        y.grad_fn.register_prehook(_contiguous_gradients)  # type: ignore[union-attr]
     return y
 
 
@@ -446,7 +456,7 @@ def _kernel_inference(
     x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: Any, bias: Any, eps: float
 ) -> torch.Tensor:
     y = torch.batch_norm(_as_input(x), weight, bias, running_mean, running_var, False, 0.0, eps, False)
-    return _as_output(_with_gradient_hook(y), x)
+    return _as_output(_with_gradient_hook(y, x), x)
 
 
 def _traced_kernel(x: torch.Tensor, running_mean: Any, weight: Any, mask: Any, native_kernel: bool,
@@ -489,7 +499,7 @@ def _kernel_training(
     if exchange is None and (keep is None or 1.0 - momentum == keep):  # type: ignore[operator]
         y = _fused(view, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
         if y is not None:
-            return _as_output(_with_gradient_hook(y), x)
+            return _as_output(_with_gradient_hook(y, x), x)
     config = _call_config(x, running_mean, keep, eps, True, None, ())
     state = _targets(config, running_mean, running_var, num_batches_tracked)
     y, *new_values = torch_kernels.NativeBatchNorm.apply(
@@ -505,27 +515,27 @@ def _fused(
     eps: float, num_batches_tracked: Any,
 ) -> torch.Tensor | None:  # fmt: skip
     """PyTorch's fused training kernel on ``view`` (contiguous), or ``None`` (state
-    untouched) where its statistics say that its result misses the rule."""
+    untouched) where its statistics say that its result misses the rule. What can be done
+    before the kernel is (the count, as PyTorch's forward; NumPy copies of the running
+    statistics, a third of a clone's cost), and taken back on the rare rejection."""
     accumulation = torch_kernels.fused_accumulation(view)
     if accumulation is None:
         return None
-    if running_mean is None:  # batch statistics, no running statistics written
-        y, save_mean, save_invstd = torch.native_batch_norm(view, weight, bias, None, None, True, 0.0, eps)
-        if not torch_kernels.fused_is_accurate(view, save_mean, save_invstd, eps, accumulation):
-            return None
-        _count(num_batches_tracked)
-        return y
-    # PyTorch's factor is the new batch's weight; the cumulative average's is 1 / k.
-    factor = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else momentum
-    # The statistics as they were, to restore: NumPy copies of the CPU buffers (a third of a clone's cost).
-    saved = torch_kernels.numpy_view(running_mean).copy(), torch_kernels.numpy_view(running_var).copy()
+    factor, saved = 0.0, None  # PyTorch's factor: the new batch's weight (the cumulative average's: 1 / k)
+    if running_mean is not None:
+        factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
+        saved = torch_kernels.numpy_view(running_mean).copy(), torch_kernels.numpy_view(running_var).copy()
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     y, save_mean, save_invstd = torch.native_batch_norm(
         view, weight, bias, running_mean, running_var, True, factor, eps
     )
-    if not torch_kernels.fused_is_accurate(view, save_mean, save_invstd, eps, accumulation):
-        with torch.no_grad():
+    if torch_kernels.fused_is_accurate(save_mean, save_invstd, eps, accumulation[2]):
+        return y
+    with torch.no_grad():
+        if saved is not None:
             running_mean.copy_(torch.from_numpy(saved[0]))
             running_var.copy_(torch.from_numpy(saved[1]))
-        return None
-    _count(num_batches_tracked)
-    return y
+        if num_batches_tracked is not None:
+            num_batches_tracked.sub_(1)
+    return None

@@ -10,6 +10,8 @@ by up to 10**5 on the same data (``test_pytorch_kernels_alone_miss_the_rule``).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -148,7 +150,7 @@ def test_the_error_model_is_conservative_for_the_fused_kernel(rows, ratio):
     y, save_mean, save_invstd = torch.native_batch_norm(xt, None, None, None, None, True, 0.0, 1e-5)
     accumulation = torch_kernels.fused_accumulation(xt)
     accepted = accumulation is not None and torch_kernels.fused_is_accurate(
-        xt, save_mean, save_invstd, 1e-5, accumulation
+        save_mean, save_invstd, 1e-5, accumulation[2]
     )
     var = save_invstd.double().pow(-2).numpy() - 1e-5
     errors = forward_errors(x, y.double().numpy(), save_mean.numpy(), var * rows / (rows - 1), feature_axis=1)
@@ -156,6 +158,44 @@ def test_the_error_model_is_conservative_for_the_fused_kernel(rows, ratio):
         assert max(errors.values()) <= RULE, errors
     predicted = torch_kernels.predicted_error(2.0**-24, *torch_kernels._accumulation(xt, 1), ratio)
     assert predicted >= max(errors.values()), (predicted, errors)  # the model bounds what it models
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fused_check_accepts_exactly_the_features_within_the_ratio(dtype):
+    """``fused_is_accurate`` decides ``|mean| / std <= ratio`` for every feature from the
+    kernel's ``(mean, invstd = 1 / sqrt(var + eps))``, through ``invstd * hypot(mean,
+    ratio * sqrt(eps))``: checked against the float64 decision on ``std = sqrt(1 / invstd**2
+    - eps)`` one feature at a time (the check is of every feature: one bad one rejects), away
+    from the limit by more than the check's own slack; variances down to 1e-3 eps (where
+    the closeness to eps decides); a zero variance passes with a zero mean (a dead ReLU
+    channel, on the formula's boundary: every time) and fails beside a mean of 1e-3; NaN
+    fails; values near the dtype's largest overflow quietly and fail."""
+    rng = np.random.default_rng(11)
+    eps, ratio = 1e-5, 47.0
+    var = eps * 10.0 ** rng.uniform(-3, 4, 4000)
+    target = ratio * rng.uniform(0.5, 1.5, 4000)
+    mean = target * np.sqrt(var) * rng.choice([-1.0, 1.0], 4000)
+    invstd = torch.tensor(1.0 / np.sqrt(var + eps), dtype=dtype)
+    mean_t = torch.tensor(mean, dtype=dtype)
+    got_std = np.sqrt(1.0 / invstd.double().numpy() ** 2 - eps)  # as the rounded statistics say
+    want = np.abs(mean_t.double().numpy()) / got_std <= ratio
+    clear = np.abs(np.abs(mean_t.double().numpy()) / got_std / ratio - 1) > 1e-5
+    for k in np.flatnonzero(clear)[:400]:
+        others = torch.zeros(3, dtype=dtype), torch.full((3,), 1.0, dtype=dtype)  # centred, std ~1
+        m = torch.cat([others[0], mean_t[k : k + 1]])
+        i = torch.cat([others[1], invstd[k : k + 1]])
+        assert torch_kernels.fused_is_accurate(m, i, eps, ratio) == want[k], (k, mean[k], var[k])
+
+    def accepts(mean, invstd):
+        mean, invstd = torch.tensor(mean, dtype=dtype), torch.tensor(invstd, dtype=dtype)
+        return torch_kernels.fused_is_accurate(mean, invstd, eps, ratio)
+
+    zero_var = 1.0 / np.sqrt(eps)
+    assert accepts([0.0], [zero_var]) and not accepts([1e-3], [zero_var])
+    assert not accepts([0.0, np.nan], [1.0, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not accepts([torch.finfo(dtype).max / 2], [1e3]) and not accepts([np.inf], [0.0])
 
 
 def test_split_statistics_fold_rows_into_features():

@@ -10,6 +10,7 @@ state (R6.1-R6.6) and the PyTorch idioms (functional_call, autocast, devices).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -287,18 +288,64 @@ def test_expanded_cotangent_gives_the_same_gradients(monkeypatch, axis, shape, h
     reference = spec.BatchNorm1d(64, axis, dtype=np.float64)
     want = reference.vjp(x, np.ones_like(x))
     layer = BatchNorm1d(64, axis)
-    seen, original = [], torch_functional._contiguous_gradient
+    seen, original = [], torch_functional._contiguous_gradients
 
-    def spy(grad):
-        seen.append(grad.is_contiguous())
-        return original(grad)
+    def spy(grads):
+        seen.append(grads[0].is_contiguous())
+        return original(grads)
 
-    monkeypatch.setattr(torch_functional, "_contiguous_gradient", spy)
+    monkeypatch.setattr(torch_functional, "_contiguous_gradients", spy)
     xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
     layer(xt).sum().backward()
     assert seen == ([False] if hooked else []), "one non-contiguous gradient went through the hook"
     close(xt.grad, want["x"], 1e-4 * max(1.0, np.abs(want["x"]).max()), "dx")
     close(layer.scale.grad, want["scale"], 1e-4 * np.abs(want["bias"]).max(), "dscale")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(16, 32, 64), (512, 32)], ids=["NCL", "NC"])
+@pytest.mark.parametrize("stride", ["transposed", "broadcast", "sliced"])
+def test_strided_gradients_below_the_hooked_size_give_the_specifications_gradients(dtype, shape, stride):
+    """Below ``HOOKED_NUMEL`` values, 2-D and 3-D input keeps no hook: a strided gradient
+    reaches PyTorch's strided backward kernel, as in ``nn.BatchNorm1d``, which must give the
+    specification's gradients (the hook was there for 4-D strides that it permutes, half
+    inputs and the speed of large ones). Drop-in layout ``(N, C, *)``, float32 and float64,
+    against the float64 specification on the same values: each gradient within ``4 n u``
+    of the sum of its terms' magnitudes (a recursive sum of ``n`` terms per feature is
+    within ``n u`` of it; the broadcast gradient's ``dscale`` is 0 in exact arithmetic)."""
+    from bn1d.backends import torch_nn
+
+    assert math.prod(shape) < torch_functional.HOOKED_NUMEL
+    axis = (0, 2) if len(shape) == 3 else 0
+    x, _, _ = data(shape, 1, dtype)
+    rng = np.random.default_rng(3)
+    if stride == "transposed":  # a transpose downstream: the gradient is the transpose of a contiguous one
+        dy_t = torch.tensor(rng.standard_normal(shape[::-1])).to(getattr(torch, dtype))
+        dy_t = dy_t.permute(*reversed(range(len(shape))))
+    elif stride == "broadcast":  # y.sum() and friends: stride 0
+        dy_t = torch.tensor(rng.standard_normal(shape[1:2]), dtype=getattr(torch, dtype))
+        dy_t = dy_t.view((1, -1) + (1,) * (len(shape) - 2)).expand(shape)
+    else:  # every other element of a wider gradient
+        dy_t = torch.tensor(rng.standard_normal(shape[:-1] + (2 * shape[-1],))).to(getattr(torch, dtype))[..., ::2]
+    assert not dy_t.is_contiguous()
+    dy = dy_t.double().numpy()
+    want = spec.BatchNorm1d(shape[1], axis, dtype=np.float64).vjp(x, dy)
+    layer = torch_nn.BatchNorm1d(shape[1], dtype=getattr(torch, dtype))
+    xt = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
+    layer(xt).backward(dy_t)
+    n, unit = math.prod(shape) // shape[1], (2.0**-24 if dtype == "float32" else 2.0**-53)
+    reduce = (0, 2) if len(shape) == 3 else (0,)
+    xhat = (x - x.mean(reduce, keepdims=True)) / np.sqrt(x.var(reduce, keepdims=True) + 1e-5)
+    a = 1 / np.sqrt(x.var(reduce, keepdims=True) + 1e-5)
+    magnitude = {
+        "x": a * (np.abs(dy) + np.abs(dy).mean(reduce, keepdims=True)
+                  + np.abs(xhat) * np.abs(dy * xhat).mean(reduce, keepdims=True)),
+        "scale": np.abs(dy * xhat).sum(reduce),
+        "bias": np.abs(dy).sum(reduce),
+    }  # fmt: skip
+    for name, got in (("x", xt.grad), ("scale", layer.weight.grad), ("bias", layer.bias.grad)):
+        error = np.abs(got.double().numpy() - want[name])
+        assert np.all(error <= 4 * n * unit * magnitude[name]), (name, (error / magnitude[name]).max() / (n * unit))
 
 
 # -- errors (R7.1): the NumPy backend's messages, before any state change ------
