@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import threading
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import array_api_compat.torch as xp
 import torch
@@ -35,7 +34,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bn1d import algorithm, validation
 from bn1d.algorithm import Hooks, compute_dtype
-from bn1d.config import OPTIONS, BatchNormConfig, argument_error
+from bn1d.config import OPTIONS, BatchNormConfig, argument_error, check_real
 
 from . import torch_kernels
 from .torch_distributed import Sync, make_all_gather
@@ -68,19 +67,6 @@ def _config(
         affine=True, axis_name="batch" if synced else None, axis_index_groups=groups, training=True, name=None,
         track_running_stats=tracked, **dict(options),
     )  # fmt: skip
-
-
-def check_number(name: str, value: Any, expected: str, low: float, high: float, open_low: bool = False) -> float:
-    """``value`` a real number (not a bool) in ``[low, high]`` (``(low, high]`` with
-    ``open_low``) and below inf, else R7.1's error naming ``name`` and ``expected``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise argument_error(name, expected, value, TypeError)
-    # Comparisons only (NaN fails them, inf fails the finite bounds): under torch.compile the
-    # value may be symbolic, which math.isfinite and float() cannot take.
-    number = cast(float, value)
-    if not ((low < number if open_low else low <= number) and number <= high and number < math.inf):
-        raise argument_error(name, expected, value)
-    return number
 
 
 def _vector(name: str, value: Any, x: torch.Tensor, c: int, floating: bool = True) -> None:
@@ -122,8 +108,8 @@ def _check(
         if training and running_mean is not None and num_batches_tracked is None:
             raise argument_error("num_batches_tracked", "its count with momentum=None", None, TypeError)
     else:
-        check_number("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
-    check_number("eps", eps, "a finite float > 0", 0.0, math.inf, open_low=True)
+        check_real("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
+    check_real("eps", eps, "a finite float > 0", 0.0, math.inf, open_low=True)
     if num_batches_tracked is not None and not (
         isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.dim() == 0
     ):
@@ -319,16 +305,6 @@ def _call_config(
     return build(x.shape[1], x.dim(), eps, bn1d_momentum, running_mean is not None, sync is not None, groups, options)
 
 
-def _write(target: torch.Tensor, value: torch.Tensor) -> None:
-    """A new running statistic: recorded under ``torch_func.functional_call``, else copied in."""
-    recorder = getattr(recording, "recorder", None)
-    if recorder is not None:
-        recorder.record(target, value)
-        return
-    with torch.no_grad():
-        target.copy_(value)
-
-
 def _current(value: torch.Tensor) -> torch.Tensor:
     """A running statistic as the call must see it (a recorder's newer value, if any)."""
     recorder = getattr(recording, "recorder", None)
@@ -343,20 +319,18 @@ def _targets(config: BatchNormConfig, running_mean: Any, running_var: Any, num_b
 
 
 def _update(targets: dict[str, Any], new_state: Mapping[str, Any], count: bool, num_batches_tracked: Any) -> None:
-    """A training call's new state written into ``targets``, then PyTorch's count where ``count``."""
-    for key, value in new_state.items():
-        _write(targets[key], value)
-    if count:
-        _count(num_batches_tracked)
-
-
-def _count(num_batches_tracked: torch.Tensor | None) -> None:
-    """PyTorch's count of training calls (with a float momentum: every tracked call)."""
-    if num_batches_tracked is not None:
-        if getattr(recording, "recorder", None) is not None:
-            _write(num_batches_tracked, _current(num_batches_tracked) + 1)
-        else:
-            num_batches_tracked.add_(1)
+    """A training call's new state copied into ``targets`` (recorded instead under
+    ``torch_func.functional_call``), with PyTorch's count of training calls where ``count``."""
+    if count and num_batches_tracked is not None:
+        new_state = {**new_state, "num_batches_tracked": _current(num_batches_tracked) + 1}
+        targets = {**targets, "num_batches_tracked": num_batches_tracked}
+    recorder = getattr(recording, "recorder", None)
+    with torch.no_grad():
+        for key, value in new_state.items():
+            if recorder is None:
+                targets[key].copy_(value)
+            else:
+                recorder.record(targets[key], value)
 
 
 # -- the core --------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ makes running statistics identical across ranks. ``docs/torch-models.md`` is the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-import numbers
 from typing import Any, List, Optional, cast
 
 import torch
@@ -35,11 +35,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase, _NormBase
 from torch.overrides import has_torch_function
 
-from bn1d.config import argument_error
+from bn1d.config import argument_error, check_real, is_int
 
 from . import torch_distributed
 from .torch_distributed import Sync, check_process_group, check_sync, check_timeout
-from .torch_functional import batch_norm, check_number
+from .torch_functional import batch_norm
 
 __all__ = [
     "BatchNorm1d",
@@ -60,18 +60,10 @@ def _stock_class(cls: type) -> Any:
     return next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
 
 
-_signatures: dict[type, inspect.Signature] = {}
-
-
+@functools.cache
 def _signature(cls: type) -> inspect.Signature:
     """The constructor signature of ``cls``'s ``torch.nn`` class (its arguments are checked against it)."""
-    if cls not in _signatures:
-        _signatures[cls] = inspect.signature(_stock_class(cls).__init__)
-    return _signatures[cls]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return inspect.signature(_stock_class(cls).__init__)
 
 
 def check_arguments(arguments: dict[str, Any], lazy: bool = False) -> None:
@@ -80,13 +72,13 @@ def check_arguments(arguments: dict[str, Any], lazy: bool = False) -> None:
     a float in [0, 1], the flags bools, ``process_group`` ``None`` or a process group."""
     if "num_features" in arguments:
         c = arguments["num_features"]
-        if not _is_int(c):
+        if not is_int(c):
             raise argument_error("num_features", "a positive int", c, TypeError)
         if int(c) < (0 if lazy else 1):
             raise argument_error("num_features", "a positive int", c)
-    check_number("eps", arguments.get("eps", 1e-5), "a finite float > 0", 0.0, math.inf, open_low=True)
+    check_real("eps", arguments.get("eps", 1e-5), "a finite float > 0", 0.0, math.inf, open_low=True)
     if (momentum := arguments.get("momentum", 0.1)) is not None:
-        check_number("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
+        check_real("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
     for flag in ("affine", "track_running_stats", "bias"):
         if not isinstance(arguments.get(flag, True), bool):
             raise argument_error(flag, "a bool", arguments[flag], TypeError)

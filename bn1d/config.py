@@ -14,7 +14,7 @@ import math
 import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["BatchNormConfig", "MODES", "OPTIONS", "argument_error", "check_partition"]
 
@@ -32,12 +32,22 @@ def argument_error(name: str, expected: str, given: Any, kind: type[Exception] =
     return kind(f"{name}: expected {expected}, got {given!r}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer, but not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def check_real(name: str, value: Any, expected: str, low: float, high: float, open_low: bool = False) -> float:
+    """``value`` a real number (not a bool) in ``[low, high]`` (``(low, high]`` with
+    ``open_low``) and below inf, else the error naming ``name`` and ``expected``.
+    Comparisons only (NaN fails them): under ``torch.compile`` the value may be symbolic,
+    which ``math.isfinite`` and ``float()`` cannot take."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise argument_error(name, expected, value, TypeError)
+    number = cast(float, value)
+    if not ((low < number if open_low else low <= number) and number <= high and number < math.inf):
+        raise argument_error(name, expected, value)
+    return number
 
 
 def normalize_reduce_axes(axis: Any) -> tuple[int, ...]:
@@ -48,7 +58,7 @@ def normalize_reduce_axes(axis: Any) -> tuple[int, ...]:
     fails on them.
     """
     axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
-    if not axes or not all(_is_int(a) for a in axes):
+    if not axes or not all(is_int(a) for a in axes):
         raise argument_error("axis", "an int or a non-empty sequence of ints", axis, TypeError)
     ndim = len(axes) + 1
     resolved = []
@@ -84,7 +94,7 @@ def normalize_axis_index_groups(groups: Any, axis_name: Any) -> tuple[tuple[int,
         raise argument_error("axis_index_groups", expected, groups, TypeError)
     result = []
     for group in groups:
-        if not isinstance(group, (tuple, list)) or not group or not all(_is_int(i) for i in group):
+        if not isinstance(group, (tuple, list)) or not group or not all(is_int(i) for i in group):
             raise argument_error("axis_index_groups", expected, groups, TypeError)
         result.append(tuple(int(i) for i in group))
     flat = sorted(i for group in result for i in group)
@@ -176,19 +186,14 @@ class BatchNormConfig:
         if unknown:
             raise argument_error(unknown[0], f"one of the options {sorted(OPTIONS)}", options[unknown[0]], TypeError)
         options = {**OPTIONS, **options}
-        if not _is_int(num_features):
+        if not is_int(num_features):
             raise argument_error("num_features", "a positive int", num_features, TypeError)
         if num_features <= 0:
             raise argument_error("num_features", "a positive int", num_features)
         reduce_axes = normalize_reduce_axes(axis)
-        if not _is_real(epsilon):
-            raise argument_error("epsilon", "a finite float > 0", epsilon, TypeError)
-        if not (math.isfinite(epsilon) and epsilon > 0):
-            raise argument_error("epsilon", "a finite float > 0", epsilon)
-        if momentum is not None and not _is_real(momentum):
-            raise argument_error("momentum", "a finite float in [0, 1] or None", momentum, TypeError)
-        if momentum is not None and not (math.isfinite(momentum) and 0 <= momentum <= 1):
-            raise argument_error("momentum", "a finite float in [0, 1] or None", momentum)
+        check_real("epsilon", epsilon, "a finite float > 0", 0.0, math.inf, open_low=True)
+        if momentum is not None:
+            check_real("momentum", momentum, "a finite float in [0, 1] or None", 0.0, 1.0)
         for flag_name, flag in (("affine", affine), *options.items()):
             if not isinstance(flag, bool):
                 raise argument_error(flag_name, "a bool", flag, TypeError)
