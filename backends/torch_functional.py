@@ -78,7 +78,7 @@ def _vector(name: str, value: Any, x: torch.Tensor, c: int, floating: bool = Tru
         raise argument_error(name, f"shape ({c},) (num_features, input's axis 1)", tuple(value.shape))
     if floating and value.dtype not in _FLOAT_DTYPES:
         raise argument_error(name, "a floating-point tensor", value.dtype, TypeError)
-    if value.device != x.device and not value.is_meta:
+    if value.device != x.device:
         raise argument_error(name, f"a tensor on input's device ({x.device})", value.device)
 
 
@@ -126,13 +126,13 @@ def _check(
 _NUMBERS = (float, int)  # by type: a bool is neither
 
 
-def _vectors(c: int, *values: Any) -> bool:
-    """Each of ``values`` is ``None`` or a floating-point tensor of shape ``(C,)`` (the cheap
-    check: the full one names what is wrong)."""
+def _vectors(c: int, device: torch.device, *values: Any) -> bool:
+    """Each of ``values`` is ``None`` or a floating-point tensor of shape ``(C,)`` on
+    ``device`` (the cheap check: the full one names what is wrong)."""
     for value in values:
         if value is not None and not (
             (type(value) in _TENSORS or isinstance(value, torch.Tensor))  # the exact types first: cheaper
-            and value.shape == (c,) and value.dtype in _FLOAT_DTYPES
+            and value.shape == (c,) and value.dtype in _FLOAT_DTYPES and value.device == device
         ):  # fmt: skip
             return False
     return True
@@ -238,7 +238,7 @@ def batch_norm(
     ):
         _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked, given)
     elif not (
-        _vectors(x.shape[1], running_mean, running_var, weight, bias)
+        _vectors(x.shape[1], x.device, running_mean, running_var, weight, bias)
         and (running_mean is None) == (running_var is None)
         and (type(momentum) in _NUMBERS and 0.0 <= momentum <= 1.0 or momentum is None and (  # type: ignore[operator]
             num_batches_tracked is not None or not training or running_mean is None))

@@ -498,6 +498,8 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
         (dict(track_running_stats=False), TypeError,
          rf"^track_running_stats: expected one of the options \[{', '.join(map(repr, sorted(call_options)))}\], got"),
         (dict(centred=True), TypeError, r"^centred: expected one of the options"),
+        # another device (meta, on every machine): PyTorch's kernel wrote running_mean, then raised
+        (dict(weight=torch.ones(3, device="meta")), ValueError, r"^weight: expected a tensor on input's device"),
     ):  # fmt: skip
         stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
         arguments = {**stats, "weight": None, "bias": None, "momentum": 0.1, "eps": 1e-5, **kwargs}
@@ -515,6 +517,10 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
     ):  # fmt: skip
         with pytest.raises(exception, match=pattern):
             layer(x)
+    assert int(layer.num_batches_tracked) == 0 and float(layer.running_mean.abs().max()) == 0
+    layer.bias = nn.Parameter(torch.zeros(3, device="meta"))  # a parameter left behind by a move
+    with pytest.raises(ValueError, match=r"^bias: expected a tensor on input's device \(cpu\)"):
+        layer(torch.randn(2, 3, 4, 5) + 1)
     assert int(layer.num_batches_tracked) == 0 and float(layer.running_mean.abs().max()) == 0
 
 
