@@ -158,31 +158,36 @@ def _eager(x: torch.Tensor) -> bool:
 def path(
     x: torch.Tensor, running_mean: torch.Tensor | None, weight: torch.Tensor | None, training: bool,
     mask: Any = None, sync: Any = None, native_kernel: bool = True, options: tuple[tuple[str, bool], ...] = (),
+    bias: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
 ) -> str:  # fmt: skip
     """The computation a call takes: ``"kernels"`` (PyTorch's, checked) or ``"core"``; the
     module docstring says when. ``options``: the call's (name, value) pairs; PyTorch's
     kernels implement every option's default and nothing else. Unsynced training also
-    needs a dtype pair that the fused kernel takes (equal, or half input with float32
-    statistics) and more than one value per feature (the core raises R3.5's error)."""
+    needs dtypes that the kernels take (:func:`_kernel_dtypes`) and more than one value per
+    feature (the core raises R3.5's error)."""
     if not native_kernel or (training and mask is not None) or (options and any(OPTIONS[k] != v for k, v in options)):
         return "core"
     if not _eager(x):
         return "core"
     if training and sync is not None:
         return "kernels"  # any dtype pair, in the compute dtype
-    if not _kernel_dtypes(x, running_mean, weight):
+    if not _kernel_dtypes(x, running_mean, weight, bias, running_var):
         return "core"
     return "kernels" if not training or x.numel() > x.shape[1] else "core"
 
 
-def _kernel_dtypes(x: torch.Tensor, running_mean: Any, weight: Any) -> bool:
-    """Whether PyTorch's kernels run this dtype pair as the accuracy model assumes: float32
-    or float64 statistics (the parameters' without statistics; half ones are the core's,
-    which computes in float32) and input of their dtype, or half input with float32 ones."""
+def _kernel_dtypes(x: torch.Tensor, running_mean: Any, weight: Any, bias: Any = None, running_var: Any = None) -> bool:
+    """Whether PyTorch's kernels run these dtypes as the accuracy model assumes: float32
+    or float64 statistics and parameters, all of one dtype (half ones are the core's, which
+    computes in float32; PyTorch's CPU kernels raise on a mix, which the core computes) and
+    input of their dtype, or half input with float32 ones."""
     reference = running_mean if running_mean is not None else weight
     wide = torch.float32 if reference is None else reference.dtype
     if wide not in (torch.float32, torch.float64):
         return False
+    for value in (weight, bias, running_var):
+        if value is not None and value.dtype != wide:
+            return False
     return x.dtype == wide or (wide == torch.float32 and x.dtype in _HALF_DTYPES and reference is not None)
 
 
@@ -270,11 +275,11 @@ def dispatch(
     if training and mask is None and sync is None and x.numel() == x.shape[1]:
         # R3.5 from the shape, naming this function's argument (the core names its own)
         raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
-    route = path(x, running_mean, weight, training, mask, sync, native_kernel, options)
+    route = path(x, running_mean, weight, training, mask, sync, native_kernel, options, bias, running_var)
     if not training:
         if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
-        if route == "core" and _traced_kernel(x, running_mean, weight, mask, native_kernel, options):
+        if route == "core" and _traced_kernel(x, running_mean, running_var, weight, bias, mask, native_kernel, options):
             return _centred_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
         return _core(x, running_mean, running_var, weight, bias, False, keep, eps, None, mask, None, options)
     exchange = None
@@ -433,8 +438,10 @@ def _kernel_inference(
     return _as_output(_with_gradient_hook(y, x), x)
 
 
-def _traced_kernel(x: torch.Tensor, running_mean: Any, weight: Any, mask: Any, native_kernel: bool,
-                   options: tuple[tuple[str, bool], ...]) -> bool:  # fmt: skip
+def _traced_kernel(
+    x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, mask: Any, native_kernel: bool,
+    options: tuple[tuple[str, bool], ...],
+) -> bool:  # fmt: skip
     """Whether a traced inference call (``torch.export``, ``torch.onnx.export``,
     ``torch.compile``, ``torch.jit.trace``) runs :func:`_centred_inference`: what
     :func:`path` asks of PyTorch's kernels but eager data, outside ``torch.func``."""
@@ -444,7 +451,7 @@ def _traced_kernel(x: torch.Tensor, running_mean: Any, weight: Any, mask: Any, n
         and running_mean is not None and mask is None and native_kernel
         and not any(OPTIONS[k] != v for k, v in options)
         and getattr(recording, "recorder", None) is None
-        and _kernel_dtypes(x, running_mean, weight)
+        and _kernel_dtypes(x, running_mean, weight, bias, running_var)
     )  # fmt: skip
 
 
@@ -491,7 +498,8 @@ def _fused(
     """PyTorch's fused training kernel on ``view`` (contiguous), or ``None`` (state
     untouched) where its statistics say that its result misses the rule. What can be done
     before the kernel is (the count, as PyTorch's forward; NumPy copies of the running
-    statistics, a third of a clone's cost), and taken back on the rare rejection."""
+    statistics, a third of a clone's cost), and taken back on the rare rejection, or if
+    the kernel raises."""
     accumulation = torch_kernels.fused_accumulation(view)
     if accumulation is None:
         return None
@@ -501,15 +509,18 @@ def _fused(
         saved = torch_kernels.numpy_view(running_mean).copy(), torch_kernels.numpy_view(running_var).copy()
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    y, save_mean, save_invstd = torch.native_batch_norm(
-        view, weight, bias, running_mean, running_var, True, factor, eps
-    )
-    if torch_kernels.fused_is_accurate(save_mean, save_invstd, eps, accumulation[2]):
-        return y
-    with torch.no_grad():
-        if saved is not None:
-            running_mean.copy_(torch.from_numpy(saved[0]))
-            running_var.copy_(torch.from_numpy(saved[1]))
-        if num_batches_tracked is not None:
-            num_batches_tracked.sub_(1)
-    return None
+    accepted = False
+    try:
+        y, save_mean, save_invstd = torch.native_batch_norm(
+            view, weight, bias, running_mean, running_var, True, factor, eps
+        )
+        accepted = torch_kernels.fused_is_accurate(save_mean, save_invstd, eps, accumulation[2])
+    finally:  # rejected, or the kernel raised: the state as it was
+        if not accepted:
+            with torch.no_grad():
+                if saved is not None:
+                    running_mean.copy_(torch.from_numpy(saved[0]))
+                    running_var.copy_(torch.from_numpy(saved[1]))
+                if num_batches_tracked is not None:
+                    num_batches_tracked.sub_(1)
+    return y if accepted else None

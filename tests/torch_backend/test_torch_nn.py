@@ -524,6 +524,41 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
     assert int(layer.num_batches_tracked) == 0 and float(layer.running_mean.abs().max()) == 0
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_parameters_of_another_dtype_than_the_statistics_are_computed_by_the_core(training):
+    """PyTorch's CPU kernels raise on parameters of another dtype than the statistics
+    ("mixed dtype"; the drop-in's count had been taken); bn1d routes such a call to the
+    core, which computes it (the same numbers as ``native_kernel=False``)."""
+    x = torch.randn(8, 4, 5) * 3 + 2
+    for weight_dtype, stats_dtype in ((torch.float64, torch.float32), (torch.float16, torch.float32),
+                                      (torch.float32, torch.float64)):  # fmt: skip
+        results = []
+        for native in (True, False):
+            stats = torch.zeros(4, dtype=stats_dtype), torch.ones(4, dtype=stats_dtype), torch.tensor(0)
+            weight, bias = torch.full((4,), 2.0, dtype=weight_dtype), torch.full((4,), 0.5, dtype=stats_dtype)
+            y = torch_functional.batch_norm(x, stats[0], stats[1], weight, bias, training, 0.1, 1e-5,
+                                            num_batches_tracked=stats[2], native_kernel=native)  # fmt: skip
+            results.append((y, *stats))
+        for got, want in zip(*results):
+            assert torch.equal(got, want), (weight_dtype, stats_dtype)
+        assert int(results[0][3]) == int(training)
+
+
+def test_a_kernel_that_raises_leaves_the_state_as_it_was(monkeypatch):
+    """The fused path counts before PyTorch's kernel (as PyTorch's forward does) and takes
+    the count and the running statistics back if the kernel raises, as on a rejection."""
+    layer = torch_nn.BatchNorm1d(4)
+
+    def broken(*args):
+        args[3].add_(1.0)  # the kernel wrote the running mean, then failed
+        raise RuntimeError("kernel failure")
+
+    monkeypatch.setattr(torch, "native_batch_norm", broken)
+    with pytest.raises(RuntimeError, match="^kernel failure$"):
+        layer(torch.randn(8, 4, 5))
+    assert int(layer.num_batches_tracked) == 0 and float(layer.running_mean.abs().max()) == 0
+
+
 # -- PyTorch's tools, each on a converted model against the stock model ----------------------------------------
 def model(norms=nn):
     torch.manual_seed(0)
