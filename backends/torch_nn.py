@@ -97,7 +97,7 @@ class _Exact(_BatchNorm):
 
     def __init__(self, *args: Any, sync: Any = False, timeout: float | None = None, **kwargs: Any) -> None:
         try:
-            bound = _signature(type(self)).bind(self, *args, **kwargs)
+            bound = _signature(cast(Any, type(self))).bind(self, *args, **kwargs)
         except TypeError as error:
             raise TypeError(f"{type(self).__name__}: {error}") from None
         check_arguments(dict(bound.arguments), lazy=isinstance(self, _LazyNormBase))

@@ -5,11 +5,14 @@ Tolerances per input dtype, for data of unit scale and at most 6**3 positions:
 float64 differs only in summation order (1e-10 covers the ~1e-15 * 216 error with
 room for the division by sqrt(var + eps) with eps as small as 1e-8); float32
 statistics are within ~1e-6 relative, and y is then off by ~1e-6 / sqrt(eps + var);
-float16 outputs are rounded to 2**-11 relative, so |y| <= ~10 gives ~5e-3.
+float16 outputs are rounded to 2**-11 relative, so |y| <= ~10 gives ~5e-3. A feature
+counted once (a mask leaving one position) has variance 0 and ``|y|`` up to ~6e4 at eps
+1e-8: beyond float16's largest finite value y is inf, so both sides are compared clipped
+to the dtype's range (inf as its largest value).
 """
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from reference import reference
 
@@ -45,8 +48,23 @@ def cases(draw):
     )
 
 
+ONE_COUNTED_FLOAT16 = dict(  # found in CI: the reference's 65520 is float16's inf
+    shape=(4, 6),
+    axis=(1,),
+    feature_axis=0,
+    mask=np.array([False, False, False, False, True, False]),
+    dtype=np.float16,
+    momentum=0.0,
+    epsilon=1e-08,
+    fast=False,
+    unbiased=False,
+    seed=1,
+)
+
+
 @settings(max_examples=150, deadline=None)
 @given(cases())
+@example(case=ONE_COUNTED_FLOAT16)
 def test_layer_matches_float64_rederivation(case):
     rng = np.random.default_rng(case["seed"])
     x = rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 2), case["shape"]).astype(case["dtype"])
@@ -67,4 +85,8 @@ def test_layer_matches_float64_rederivation(case):
     np.testing.assert_allclose(layer.running_mean, rm, rtol=stat_tol, atol=stat_tol * 10)
     np.testing.assert_allclose(layer.running_var, rv, rtol=stat_tol * 10, atol=stat_tol * 10)
     # y is bounded by ~sqrt(n) / sqrt(1 + eps / var) times the error of its inputs.
-    np.testing.assert_allclose(y.astype(np.float64), y_ref, rtol=tol, atol=tol * (1 + 1e-3 / case["epsilon"]) ** 0.5)
+    largest = float(np.finfo(case["dtype"]).max)
+    np.testing.assert_allclose(
+        np.clip(y.astype(np.float64), -largest, largest), np.clip(y_ref, -largest, largest),
+        rtol=tol, atol=tol * (1 + 1e-3 / case["epsilon"]) ** 0.5,
+    )  # fmt: skip
