@@ -141,17 +141,22 @@ def _vectors(c: int, device: torch.device, *values: Any) -> bool:
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager(x: torch.Tensor) -> bool:
+def _eager(x: torch.Tensor, weight: Any = None, bias: Any = None) -> bool:
     """Whether this call runs eagerly on real CPU data, where PyTorch's kernels may be
-    checked on the host: no tracing, compilation, export, ``torch.func`` transform or
-    recorder, and a plain tensor on the CPU."""
+    checked on the host: no tracing, compilation, export, dispatch mode (``FakeTensorMode``),
+    ``torch.func`` transform of the input or the parameters, or recorder, and a plain
+    tensor on the CPU."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return (
         type(x) is torch.Tensor
         and x.is_cpu
         and getattr(recording, "recorder", None) is None
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not torch._C._len_torch_dispatch_stack()
+        and not wrapped(x)
+        and (weight is None or not wrapped(weight))
+        and (bias is None or not wrapped(bias))
     )
 
 
@@ -167,7 +172,7 @@ def path(
     feature (the core raises R3.5's error)."""
     if not native_kernel or (training and mask is not None) or (options and any(OPTIONS[k] != v for k, v in options)):
         return "core"
-    if not _eager(x):
+    if not _eager(x, weight, bias):
         return "core"
     if training and sync is not None:
         return "kernels"  # any dtype pair, in the compute dtype

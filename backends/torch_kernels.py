@@ -117,24 +117,26 @@ def fused_is_accurate(save_mean: torch.Tensor, save_invstd: torch.Tensor, epsilo
     :func:`largest_ratio` of the kernel's accumulation), judged from the fused training
     kernel's own statistics (CPU tensors: no device to synchronise): with ``invstd = 1 /
     sqrt(var + eps)``, ``|mean| / sqrt(var) <= ratio`` is ``invstd * hypot(mean, ratio *
-    sqrt(eps)) <= ratio``, decided within the check's own roundings (:data:`_CHECK_SLACK`):
-    a constant zero feature (a dead ReLU channel: ``var = 0``, ``mean = 0``, exactly on the
-    boundary) passes every time, a zero variance beside a nonzero mean fails, and so do NaN
-    and overflow (inf, or NaN from ``inf * 0``, which torch computes without warnings).
-    Four calls: after the kernel, each call costs, not the 128 values."""
-    shifted = torch.hypot(save_mean, _hypot_term(ratio, epsilon, save_mean.dtype))
-    return bool(shifted.mul_(save_invstd).max().item() <= ratio * _CHECK_SLACK)
+    sqrt(eps)) <= ratio``, decided ``8 u`` inside the limit (``invstd``, the constant,
+    ``hypot`` and the product round by ``2.5 u`` together), so that a variance ``invstd``
+    cannot tell from 0 (below ~``u eps``) is never taken for a larger one. A feature whose
+    mean is exactly 0 is accurate at any variance (``y = x * a + bias``: the kernel's
+    rounding is that of ``|x - mean| * a``; a computed 0 in float32 chains means a true
+    ``|mean|`` within their error, so no large ratio either): a dead ReLU channel, on the
+    formula's boundary, passes on a second look. NaN and overflow (inf, or NaN from ``inf *
+    0``, which torch computes without warnings) fail. Four calls where every feature passes
+    (after the kernel each call costs, not the 128 values)."""
+    scaled = torch.hypot(save_mean, _hypot_term(ratio, epsilon, save_mean.dtype)).mul_(save_invstd)
+    limit = ratio * (1.0 - 8.0 * _unit(save_mean.dtype))
+    if scaled.max().item() <= limit:
+        return True
+    return bool(scaled.masked_fill_(save_mean == 0, 0.0).max().item() <= limit)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _hypot_term(ratio: float, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(ratio * math.sqrt(epsilon), dtype=dtype)
-
-
-#: ``1 + 8 u`` (float32's u): the roundings of ``invstd`` and of the check, within which it
-#: accepts (the limit is :func:`predicted_error`'s, a bound of ``LAMBDA`` standard
-#: deviations: a relative 5e-7 beyond it is no error the model can see).
-_CHECK_SLACK = 1.0 + 2.0**-21
+    """``ratio * sqrt(eps)`` as a 0-d CPU tensor (on the CPU whatever the default device)."""
+    return torch.tensor(ratio * math.sqrt(epsilon), dtype=dtype, device="cpu")
 
 
 @functools.lru_cache(maxsize=256)

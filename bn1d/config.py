@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-__all__ = ["BatchNormConfig", "MODES", "OPTIONS", "argument_error", "check_partition"]
+__all__ = ["BatchNormConfig", "MODES", "OPTIONS", "argument_error", "check_partition", "check_real", "is_int"]
 
 #: Accepted values of ``mode``. ``None`` means training, as in BrainPy >= 2.8.
 MODES = (None, "training", "inference")
@@ -37,15 +38,19 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def check_real(name: str, value: Any, expected: str, low: float, high: float, open_low: bool = False) -> float:
     """``value`` a real number (not a bool) in ``[low, high]`` (``(low, high]`` with
-    ``open_low``) and below inf, else the error naming ``name`` and ``expected``.
-    Comparisons only (NaN fails them): under ``torch.compile`` the value may be symbolic,
-    which ``math.isfinite`` and ``float()`` cannot take."""
+    ``open_low``) and a finite float (an int beyond float's range is not), else the error
+    naming ``name`` and ``expected``. Comparisons only (NaN fails them): under
+    ``torch.compile`` the value may be symbolic, which ``math.isfinite`` and ``float()``
+    cannot take."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise argument_error(name, expected, value, TypeError)
     number = cast(float, value)
-    if not ((low < number if open_low else low <= number) and number <= high and number < math.inf):
+    if not ((low < number if open_low else low <= number) and number <= high and -_FLOAT_MAX <= number <= _FLOAT_MAX):
         raise argument_error(name, expected, value)
     return number
 

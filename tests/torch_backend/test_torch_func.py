@@ -179,3 +179,27 @@ def test_frozen_statistics_come_back_unchanged_even_after_an_inf_batch():
     _, new_buffers = functional_call(model, {**params, **buffers}, (x,))
     for key, value in buffers.items():
         assert torch.equal(new_buffers[key], value), key
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch statistics", "inference"])
+def test_torch_func_grad_of_the_parameters_alone_runs_the_core(training):
+    """``torch.func.grad`` with respect to the parameters, with a plain input: the wrapped
+    parameters take the call off PyTorch's kernels (which read their data pointers, and
+    failed), through ``torch.func.functional_call`` on a drop-in; the gradient is
+    autograd's on the same layer. Training with the batch's statistics only
+    (``track_running_stats=False``: ``torch.func`` refuses the in-place update of captured
+    running statistics, PyTorch's layers' as bn1d's; ``bn1d.backends.torch_func`` records
+    them instead) and inference."""
+    from bn1d.backends import torch_nn
+
+    layer = torch_nn.BatchNorm2d(3, track_running_stats=not training).train(training)
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    params = {key: value.detach().clone() for key, value in layer.named_parameters()}
+
+    def loss(params):
+        return torch.func.functional_call(layer, params, (x,)).square().mean()
+
+    grads = torch.func.grad(loss)(params)
+    layer(x).square().mean().backward()
+    for key, value in layer.named_parameters():
+        torch.testing.assert_close(grads[key], value.grad, rtol=1e-5, atol=1e-6, msg=key)

@@ -305,14 +305,16 @@ def test_expanded_cotangent_gives_the_same_gradients(monkeypatch, axis, shape, h
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(16, 32, 64), (512, 32)], ids=["NCL", "NC"])
 @pytest.mark.parametrize("stride", ["transposed", "broadcast", "sliced"])
-def test_strided_gradients_below_the_hooked_size_give_the_specifications_gradients(dtype, shape, stride):
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_strided_gradients_below_the_hooked_size_give_the_specifications_gradients(dtype, shape, stride, training):
     """Below ``HOOKED_NUMEL`` values, 2-D and 3-D input keeps no hook: a strided gradient
     reaches PyTorch's strided backward kernel, as in ``nn.BatchNorm1d``, which must give the
     specification's gradients (the hook was there for 4-D strides that it permutes, half
     inputs and the speed of large ones). Drop-in layout ``(N, C, *)``, float32 and float64,
     against the float64 specification on the same values: each gradient within ``4 n u``
     of the sum of its terms' magnitudes (a recursive sum of ``n`` terms per feature is
-    within ``n u`` of it; the broadcast gradient's ``dscale`` is 0 in exact arithmetic)."""
+    within ``n u`` of it; the broadcast gradient's ``dscale`` is 0 in exact arithmetic).
+    Training and inference (the running statistics 0 and 1)."""
     from bn1d.backends import torch_nn
 
     assert math.prod(shape) < torch_functional.HOOKED_NUMEL
@@ -329,17 +331,19 @@ def test_strided_gradients_below_the_hooked_size_give_the_specifications_gradien
         dy_t = torch.tensor(rng.standard_normal(shape[:-1] + (2 * shape[-1],))).to(getattr(torch, dtype))[..., ::2]
     assert not dy_t.is_contiguous()
     dy = dy_t.double().numpy()
-    want = spec.BatchNorm1d(shape[1], axis, dtype=np.float64).vjp(x, dy)
-    layer = torch_nn.BatchNorm1d(shape[1], dtype=getattr(torch, dtype))
+    mode = None if training else "inference"
+    want = spec.BatchNorm1d(shape[1], axis, dtype=np.float64, mode=mode).vjp(x, dy)
+    layer = torch_nn.BatchNorm1d(shape[1], dtype=getattr(torch, dtype)).train(training)
     xt = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
     layer(xt).backward(dy_t)
     n, unit = math.prod(shape) // shape[1], (2.0**-24 if dtype == "float32" else 2.0**-53)
     reduce = (0, 2) if len(shape) == 3 else (0,)
-    xhat = (x - x.mean(reduce, keepdims=True)) / np.sqrt(x.var(reduce, keepdims=True) + 1e-5)
-    a = 1 / np.sqrt(x.var(reduce, keepdims=True) + 1e-5)
+    mean, var = (x.mean(reduce, keepdims=True), x.var(reduce, keepdims=True)) if training else (0.0, 1.0)
+    xhat, a = (x - mean) / np.sqrt(var + 1e-5), 1 / np.sqrt(var + 1e-5)
+    centring = training * (np.abs(dy).mean(reduce, keepdims=True)
+                           + np.abs(xhat) * np.abs(dy * xhat).mean(reduce, keepdims=True))  # fmt: skip
     magnitude = {
-        "x": a * (np.abs(dy) + np.abs(dy).mean(reduce, keepdims=True)
-                  + np.abs(xhat) * np.abs(dy * xhat).mean(reduce, keepdims=True)),
+        "x": a * (np.abs(dy) + centring),
         "scale": np.abs(dy * xhat).sum(reduce),
         "bias": np.abs(dy).sum(reduce),
     }  # fmt: skip

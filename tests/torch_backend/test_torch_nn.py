@@ -544,6 +544,20 @@ def test_parameters_of_another_dtype_than_the_statistics_are_computed_by_the_cor
         assert int(results[0][3]) == int(training)
 
 
+def test_a_call_under_a_dispatch_mode_leaves_later_eager_calls_alone():
+    """A call under ``FakeTensorMode`` (real tensors allowed) takes the core, as under
+    ``torch.export``: PyTorch's kernels and their host check need real data, and nothing it
+    makes (a cached constant of the check) may reach a later eager call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer, twin = torch_nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)
+    x = torch.randn(8, 4, 5) * 2 + 1
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert layer(x).shape == x.shape
+    assert int(layer.num_batches_tracked) == 0
+    torch.testing.assert_close(layer(x), twin(x), rtol=0, atol=0)
+
+
 def test_a_kernel_that_raises_leaves_the_state_as_it_was(monkeypatch):
     """The fused path counts before PyTorch's kernel (as PyTorch's forward does) and takes
     the count and the running statistics back if the kernel raises, as on a rejection."""
