@@ -496,14 +496,6 @@ def _kernel_training(
     return _as_output(y.to(x.dtype), x)
 
 
-def _needs_gradient(*tensors: Any) -> bool:
-    """Whether the call's backward will run: its backward kernel sums chains of float32
-    rows like its forward, and a gradient constant along them (the worst case of such a
-    sum: equal terms, off by ~``rows u / 2``) missed R2.7 from ``rows > CHAIN_ROWS`` on
-    (1.45e-5 at 1024 rows), so those calls keep the split kernels' float64 sums."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _fused(
     view: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: float | None,
     eps: float, num_batches_tracked: Any,
@@ -514,7 +506,7 @@ def _fused(
     statistics, a third of a clone's cost), and taken back on the rare rejection, or if
     the kernel raises."""
     accumulation = torch_kernels.fused_accumulation(view)
-    if accumulation is None or (accumulation[0] > torch_kernels.CHAIN_ROWS and _needs_gradient(view, weight, bias)):
+    if accumulation is None:
         return None
     factor, saved = 0.0, None  # PyTorch's factor: the new batch's weight (the cumulative average's: 1 / k)
     if running_mean is not None:

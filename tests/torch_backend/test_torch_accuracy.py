@@ -216,31 +216,6 @@ def test_a_variance_far_below_eps_is_not_taken_for_eps(sigma, ratio):
         assert max(errors.values()) <= RULE, (seed, errors)
 
 
-@pytest.mark.parametrize("n", [1024, 2048, 4096])
-@pytest.mark.parametrize("contiguous", [True, False], ids=["materialised", "broadcast"])
-def test_a_gradient_constant_along_the_batch_meets_the_rule(n, contiguous):
-    """``(N, C)`` float32 input: PyTorch's backward kernel sums chains of ``N / threads``
-    float32 rows, and a gradient constant along them (equal terms: the worst case of such a
-    sum, ~``rows u / 2``) gave dbias and dx 1.45e-5 at ``N = 2048`` when the fused kernel
-    ran. Calls that need a gradient keep the split kernels from ``CHAIN_ROWS`` rows per
-    chain on: every gradient within RULE (bn1d.conformance.accuracy's metrics), materialised
-    and broadcast gradients, at |mean| / std up to 2."""
-    from bn1d.backends.torch_nn import BatchNorm1d as DropIn
-
-    for seed in range(3):
-        rng = np.random.default_rng(seed)
-        x = (rng.standard_normal((n, 17)) + rng.uniform(-2, 2)).astype(np.float32).astype(np.float64)
-        dy_t = torch.tensor(rng.standard_normal(17), dtype=torch.float32).expand(n, 17)
-        dy_t = dy_t.contiguous() if contiguous else dy_t
-        layer = DropIn(17)
-        xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
-        layer(xt).backward(dy_t)
-        want = spec.BatchNorm1d(17, 0, dtype=np.float64).vjp(x, dy_t.double().numpy())
-        grads = {"x": xt.grad.numpy(), "scale": layer.weight.grad.numpy(), "bias": layer.bias.grad.numpy()}
-        errors = gradient_errors(x, dy_t.double().numpy(), grads, want, feature_axis=1)
-        assert max(errors.values()) <= RULE, (seed, errors)
-
-
 def test_split_statistics_fold_rows_into_features():
     """(N, C) float32 on the CPU is seen as (N / k, k * C) so that each float32 partial
     sum has at most CHAIN_ROWS rows; the combination is exact (Chan, equal counts)."""
