@@ -516,9 +516,10 @@ def _fused(
         num_batches_tracked.add_(1)
     accepted = False
     try:
-        y, save_mean, save_invstd = torch.native_batch_norm(
-            view, weight, bias, running_mean, running_var, True, factor, eps
-        )
+        kernel = torch.native_batch_norm
+        if view.dtype == torch.float32 and accumulation[0] > torch_kernels.CHAIN_ROWS and torch.is_grad_enabled():
+            kernel = torch_kernels.FusedBatchNorm.apply  # its own backward: see there
+        y, save_mean, save_invstd = kernel(view, weight, bias, running_mean, running_var, True, factor, eps)
         accepted = torch_kernels.fused_is_accurate(save_mean, save_invstd, eps, accumulation[2])
     finally:  # rejected, or the kernel raised: the state as it was
         if not accepted:

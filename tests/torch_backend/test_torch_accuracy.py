@@ -244,3 +244,58 @@ def test_the_fused_kernels_accumulation_follows_the_thread_count():
             assert torch_kernels.fused_accumulation(x.double())[:2] == (0, 1)  # float64 sums: no chains
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("const", [0.1, 0.7])
+@pytest.mark.parametrize("form", ["drop-in (N, C)", "drop-in (N, C, 1)", "BrainPy (B, L, C)"])
+def test_gradients_on_chained_input_meet_the_rule(form, const):
+    """A gradient constant along the batch, materialised (equal terms: a recursive sum's
+    worst case), on channel-last float32 input that PyTorch's fused kernel sums in chains
+    of 1024 rows (2 threads): PyTorch's backward kernel sums ``dy`` in the same chains and
+    gave ``dbias`` and ``dx`` 1.05e-5 and 1.09e-5 here; ``torch_kernels.FusedBatchNorm``'s
+    backward sums by ``torch.sum`` (cascaded). Bound: the rule, in its metrics."""
+    from bn1d.backends import torch_nn
+
+    shape, c = (2048, 17), 17
+    x = raw_data(shape, 0.25, seed=3).astype(np.float32)
+    dy = np.full(shape, const, np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if form.startswith("BrainPy"):
+            layer = BatchNorm1d(c, (0, 1), momentum=0.0)
+            xt = torch.from_numpy(x.reshape(64, 32, c)).requires_grad_(True)
+            y = layer(xt)
+            y.backward(torch.from_numpy(dy.reshape(64, 32, c)))
+            params = layer.scale, layer.bias
+        else:
+            layer = torch_nn.BatchNorm1d(c)
+            xt = torch.from_numpy(x if form.endswith("C)") else x[:, :, None]).requires_grad_(True)
+            y = layer(xt)
+            y.backward(torch.from_numpy(dy).view(xt.shape))
+            params = layer.weight, layer.bias
+    finally:
+        torch.set_num_threads(before)
+    node = y.grad_fn if y.dim() < 3 or not form.startswith("BrainPy") else y.grad_fn.next_functions[0][0]
+    assert type(node).__name__ == "FusedBatchNormBackward"  # the fused kernel's chained route (under a view)
+    x64 = x.astype(np.float64)
+    want = spec.BatchNorm1d(c, 0, dtype=np.float64).vjp(x64, dy.astype(np.float64), None)
+    grads = {"x": xt.grad.reshape(shape).double().numpy(), "scale": params[0].grad.double().numpy(),
+             "bias": params[1].grad.double().numpy()}  # fmt: skip
+    errors = gradient_errors(x64, dy.astype(np.float64), grads, want, feature_axis=1)
+    assert max(errors.values()) <= RULE, errors
+
+
+def test_the_chained_backward_is_not_twice_differentiable():
+    """Its statistics are constants of its backward: a second derivative would be wrong, so
+    it raises (as ``NativeBatchNorm`` and ``nn.SyncBatchNorm``)."""
+    x = torch.randn(2048, 17).requires_grad_(True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = BatchNorm1d(17, 0)(x)
+    finally:
+        torch.set_num_threads(before)
+    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
