@@ -7,10 +7,11 @@ partial sums of ``N / threads`` rows, store the mean in the input's precision an
 training kernel runs where :func:`predicted_error` accepts its result, and otherwise
 :class:`NativeBatchNorm` (unsynced and synced alike) takes the statistics split (partial
 sums of at most :data:`CHAIN_ROWS` rows, combined in float64 by Chan's formula), shifted by
-the float32 mean where the model asks for it, and the backward from float64 sums taken the
-same way. The model is probabilistic (independent roundings of at most ``u`` each,
-``LAMBDA`` standard deviations, ``|x - mean| / std`` below :data:`MAX_XHAT`);
-``docs/numerics.md`` derives it and compares it with measurements.
+the float32 mean where the model asks for it, and the backward from :func:`gradient_sums`
+(cascaded; PyTorch's backward kernel sums in the same chains). The model is probabilistic
+(independent roundings of at most ``u`` each, ``LAMBDA`` standard deviations,
+``|x - mean| / std`` below :data:`MAX_XHAT`); ``docs/numerics.md`` derives it and compares it
+with measurements.
 """
 
 from __future__ import annotations
@@ -260,29 +261,22 @@ def local_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     return mean, var, predicted_error(_unit(x.dtype), rows, chains, _ratio(mean, var))
 
 
-def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[Any, Any]:
-    """``(sum(dy), sum(dy * (x - mean) * invstd))`` per feature (float64 NumPy), the
-    sums of ``native_batch_norm_backward`` taken the split way of :func:`local_moments`."""
-    n, c = x.shape[0], x.shape[1]
-    if x.numel() == 0:
-        return np.zeros(c), np.zeros(c)
-    dy, x = _rows(dy), _rows(x)
-    k = _split_factor(x) if x.dim() == 2 else 1
-    view = (n // k, k * c)
-    dy_, x_ = (dy.view(view), x.view(view)) if k > 1 else (dy, x)
-    mean_, invstd_ = (mean.repeat(k), invstd.repeat(k)) if k > 1 else (mean, invstd)
-    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        dy_, x_, None, None, None, mean_, invstd_, True, 0.0, [False, True, True]
-    )
-    return _host(sum_dy).reshape(k, c).sum(axis=0), _host(sum_dy_xhat).reshape(k, c).sum(axis=0)
+def gradient_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(x - mean, sum(dy), sum(dy * (x - mean)))`` per feature of ``(N, C, *)`` tensors,
+    the sums ``torch.sum``'s: cascaded, ``O(u log N)``, where PyTorch's backward kernel sums
+    channel-last input in float32 chains of ``N / threads`` rows (and the split view of
+    :func:`local_moments` cannot shorten them for a prime N). A gradient constant along the
+    batch (equal terms, a recursive sum's worst case, ~``rows u / 4``) gave ``dbias`` and
+    ``dx`` 1.45e-5 at ``(2048, 17)`` on the kernel, 4e-5 at ``(8191, 5)``."""
+    dims = [0, *range(2, x.dim())]
+    centred = x - mean.view((-1,) + (1,) * (x.dim() - 2))
+    return centred, dy.sum(dims), (dy * centred).sum(dims)
 
 
 class FusedBatchNorm(torch.autograd.Function):
     """PyTorch's fused training kernel on chained input (float32 sums of more than
-    :data:`CHAIN_ROWS` rows per chain, ``(N, C)`` in memory), with a backward of its own:
-    PyTorch's sums ``dy`` and ``dy * xhat`` in the same chains, and a gradient constant along
-    the batch (equal terms, a recursive sum's worst case, ~``rows u / 4``) gave ``dbias`` and
-    ``dx`` 1.45e-5 at ``(2048, 17)``. Here they are ``torch.sum``'s, cascaded (``O(u log N)``)::
+    :data:`CHAIN_ROWS` rows per chain, ``(N, C)`` in memory), with a backward of its own
+    from :func:`gradient_sums`, not PyTorch's, which sums in the forward's chains::
 
         dbias = sum(dy),  dscale = sum(dy * (x - mean)) * invstd,  a = scale * invstd
         dx = a * dy - (x - mean) * a * invstd * dscale / n - a * dbias / n
@@ -301,13 +295,13 @@ class FusedBatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         x, scale, mean, invstd = ctx.saved_tensors
-        rows, grad = _rows(x), _rows(dy)
-        centred = rows - mean
-        dbias = grad.sum(0)
-        dscale = (grad * centred).sum(0).mul_(invstd)
+        centred, dbias, dscale = gradient_sums(dy, x, mean)
+        dscale.mul_(invstd)
         a = invstd if scale is None else scale * invstd
-        dx = centred.mul_(a * invstd * dscale / -rows.shape[0]).add_(a * dbias / -rows.shape[0]).addcmul_(grad, a)
-        return dx.view(x.shape), None if scale is None else dscale, dbias, None, None, None, None, None
+        k = a / -(x.numel() // x.shape[1])
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        dx = centred.mul_((k * invstd * dscale).view(shape)).add_((k * dbias).view(shape)).addcmul_(dy, a.view(shape))
+        return dx, None if scale is None else dscale, dbias, None, None, None, None, None
 
 
 class NativeBatchNorm(torch.autograd.Function):
@@ -320,7 +314,7 @@ class NativeBatchNorm(torch.autograd.Function):
     Forward: local statistics, shifted by ``K`` (the float32 mean) where
     :func:`predicted_error` asks for it, then (synced) one exchange of ``(count, K,
     sum(x - K), centred squares)`` merged by :func:`bn1d.algorithm.combine_shifted`; ``y =
-    (x - K) * f + (bias - d * f)``. Backward, with ``a = scale * invstd`` and float64 sums
+    (x - K) * f + (bias - d * f)``. Backward, with ``a = scale * invstd`` and :func:`gradient_sums`
     over this rank (synced: their global values from one all-reduce of the cotangents of
     every rank's row, as on the core path)::
 
@@ -397,7 +391,8 @@ class NativeBatchNorm(torch.autograd.Function):
         xu, scale = ctx.saved_tensors
         centre, local_centre, invstd, counts, deviations = ctx.numbers
         dyc = dy.to(xu.dtype).contiguous()
-        sum_dy, sum_dy_xhat = local_sums(dyc, xu, _device(centre, xu), _device(invstd, xu))
+        _, sum_dy, sum_dy_centred = gradient_sums(dyc, xu, _device(centre, xu))
+        sum_dy, sum_dy_xhat = _host(sum_dy), _host(sum_dy_centred) * invstd
         a = invstd if scale is None else _host(scale) * invstd
         dx = None
         if ctx.needs_input_grad[0]:  # dx = a * dy + slope * (xu - local_centre) + intercept
