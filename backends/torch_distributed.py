@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import numbers
 import time
 import weakref
 import zlib
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from bn1d.algorithm import AllGather, combine_shifted
-from bn1d.config import OPTIONS, BatchNormConfig, argument_error, check_partition
+from bn1d.config import OPTIONS, BatchNormConfig, argument_error, check_partition, check_real
 
 __all__ = [
     "ALL_GATHER_MAX_RANKS",
@@ -357,16 +356,9 @@ def make_exchange(
 
 # -- a layer's sync, kept between its calls ----------------------------------------------------
 def check_timeout(timeout: Any) -> float | None:
-    """``timeout`` (seconds each collective may wait, a real number but a bool) checked, as a
-    float, or ``None`` (R7.1)."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise argument_error("timeout", "None or a number of seconds", type(timeout).__name__, TypeError)
-    seconds = float(timeout)
-    if not (0 < seconds < math.inf):
-        raise argument_error("timeout", "None or a finite number of seconds > 0", timeout)
-    return seconds
+    """``timeout`` (seconds each collective may wait) checked, as a float, or ``None`` (R7.1)."""
+    expected = "None or a finite number of seconds > 0"
+    return None if timeout is None else float(check_real("timeout", timeout, expected, 0.0, math.inf, open_low=True))
 
 
 def check_process_group(process_group: Any) -> Any:

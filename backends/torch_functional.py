@@ -165,14 +165,25 @@ def path(
     mask: Any = None, sync: Any = None, native_kernel: bool = True, options: tuple[tuple[str, bool], ...] = (),
     bias: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
 ) -> str:  # fmt: skip
-    """The computation a call takes: ``"kernels"`` (PyTorch's, checked) or ``"core"``; the
-    module docstring says when. ``options``: the call's (name, value) pairs; PyTorch's
+    """The computation a call takes: ``"kernels"`` (PyTorch's, checked), ``"traced"``
+    (inference traced by ``torch.export``, ``torch.onnx.export``, ``torch.compile`` or
+    ``torch.jit.trace``, outside ``torch.func``: :func:`_centred_inference`) or ``"core"``;
+    the module docstring says when. ``options``: the call's (name, value) pairs; PyTorch's
     kernels implement every option's default and nothing else. Unsynced training also
     needs dtypes that the kernels take (:func:`_kernel_dtypes`) and more than one value per
     feature (the core raises R3.5's error)."""
-    if not native_kernel or (training and mask is not None) or (options and any(OPTIONS[k] != v for k, v in options)):
+    if not native_kernel or (options and any(OPTIONS[k] != v for k, v in options)):
         return "core"
     if not _eager(x, weight, bias):
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # (Dynamo handles transforms itself)
+        traced = torch.compiler.is_compiling() or (
+            torch.jit.is_tracing() and not any(t is not None and wrapped(t) for t in (x, weight, bias))
+        )
+        simple = (
+            not training and running_mean is not None and mask is None and getattr(recording, "recorder", None) is None
+        )
+        return "traced" if traced and simple and _kernel_dtypes(x, running_mean, weight, bias, running_var) else "core"
+    if training and mask is not None:
         return "core"
     if training and sync is not None:
         return "kernels"  # any dtype pair, in the compute dtype
@@ -284,7 +295,7 @@ def dispatch(
     if not training:
         if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
-        if route == "core" and _traced_kernel(x, running_mean, running_var, weight, bias, mask, native_kernel, options):
+        if route == "traced":
             return _centred_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
         return _core(x, running_mean, running_var, weight, bias, False, keep, eps, None, mask, None, options)
     exchange = None
@@ -368,8 +379,7 @@ def _core(
 # -- PyTorch's kernels, checked ------------------------------------------------------------------
 def _contiguous_gradients(grads: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """A pre-hook of PyTorch's batch-norm backward node: the gradient of ``y`` made
-    contiguous (:func:`_with_gradient_hook` says why); an undefined one (``None``, as
-    ``gradcheck`` sends) and a contiguous one leave the gradients as they are."""
+    contiguous (:func:`_with_gradient_hook`); an undefined (``None``) or contiguous one stays."""
     grad = grads[0]
     return None if grad is None or grad.is_contiguous() else (grad.contiguous(), *grads[1:])
 
@@ -423,14 +433,11 @@ HOOKED_NUMEL = 2**17
 
 def _with_gradient_hook(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``y``, whose gradient reaches PyTorch's backward kernel contiguous where that
-    matters: its CPU kernel permutes the gradient strided like channels-last with a size-1
-    spatial axis (torch 2.13: ``(1, 2, 2, 1)`` input, gradient strides ``(4, 1, 2, 1)``,
-    found by the suite's hypothesis cases; 4-D and 5-D input), rounds the parameters'
-    gradients to half precision on half inputs, and its strided kernel takes ~1.25x the
-    time on a strided gradient (a broadcast ``y.sum()``'s, a transpose's), which from
-    :data:`HOOKED_NUMEL` values is more than the hook costs on a contiguous one. On 2-D and
-    3-D float32 and float64 input below that size, PyTorch's strided kernel runs, as in
-    ``nn.BatchNorm1d``: its gradients are the specification's (tested)."""
+    matters: its CPU kernel permutes a 4-D or 5-D gradient strided like channels-last
+    with a size-1 spatial axis, rounds half inputs' parameter gradients to half on a
+    strided one, and from :data:`HOOKED_NUMEL` values its strided kernel's time exceeds the
+    hook's (``docs/performance.md``). Below, 2-D and 3-D float32 and float64 gradients reach
+    PyTorch's strided kernel as in ``nn.BatchNorm1d`` (tested against the specification)."""
     if y.requires_grad and (x.dim() > 3 or x.dtype in _HALF_DTYPES or x.numel() >= HOOKED_NUMEL):
         y.grad_fn.register_prehook(_contiguous_gradients)  # type: ignore[union-attr]
     return y
@@ -441,23 +448,6 @@ def _kernel_inference(
 ) -> torch.Tensor:
     y = torch.batch_norm(_as_input(x), weight, bias, running_mean, running_var, False, 0.0, eps, False)
     return _as_output(_with_gradient_hook(y, x), x)
-
-
-def _traced_kernel(
-    x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, mask: Any, native_kernel: bool,
-    options: tuple[tuple[str, bool], ...],
-) -> bool:  # fmt: skip
-    """Whether a traced inference call (``torch.export``, ``torch.onnx.export``,
-    ``torch.compile``, ``torch.jit.trace``) runs :func:`_centred_inference`: what
-    :func:`path` asks of PyTorch's kernels but eager data, outside ``torch.func``."""
-    return (
-        (torch.compiler.is_compiling()  # (Dynamo cannot trace the functorch test: it handles transforms itself)
-         or torch.jit.is_tracing() and not torch._C._functorch.is_functorch_wrapped_tensor(x))
-        and running_mean is not None and mask is None and native_kernel
-        and not any(OPTIONS[k] != v for k, v in options)
-        and getattr(recording, "recorder", None) is None
-        and _kernel_dtypes(x, running_mean, weight, bias, running_var)
-    )  # fmt: skip
 
 
 def _centred_inference(
@@ -501,10 +491,9 @@ def _fused(
     eps: float, num_batches_tracked: Any,
 ) -> torch.Tensor | None:  # fmt: skip
     """PyTorch's fused training kernel on ``view`` (contiguous), or ``None`` (state
-    untouched) where its statistics say that its result misses the rule. What can be done
-    before the kernel is (the count, as PyTorch's forward; NumPy copies of the running
-    statistics, a third of a clone's cost), and taken back on the rare rejection, or if
-    the kernel raises."""
+    untouched) where its statistics say that its result misses the rule. The count is
+    taken before the kernel (as PyTorch's forward) and NumPy copies of the running
+    statistics made; both are restored on a rejection or if the kernel raises."""
     accumulation = torch_kernels.fused_accumulation(view)
     if accumulation is None:
         return None

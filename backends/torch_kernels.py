@@ -25,14 +25,8 @@ import torch
 
 from bn1d.algorithm import combine_shifted, running_statistics
 
-__all__ = [
-    "FusedBatchNorm",
-    "NativeBatchNorm",
-    "fused_accumulation",
-    "fused_is_accurate",
-    "inference_is_accurate",
-    "predicted_error",
-]
+__all__ = ["FusedBatchNorm", "NativeBatchNorm", "fused_accumulation", "fused_is_accurate", "gradient_sums",
+           "inference_is_accurate", "predicted_error"]  # fmt: skip
 
 #: The contract's accuracy rule (on y, mean / std and var) in each compute dtype: float64's
 #: is float32's times the ratio of their unit roundoffs.
@@ -43,16 +37,9 @@ CHAIN_ROWS = 256  # rows per float32 partial sum in the split statistics
 _UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
-def _quiet(method: Any) -> Any:
-    """``method`` without NumPy's warnings: non-finite input gives non-finite results, as
-    in the core, and says so in them, not in ``RuntimeWarning``s."""
-
-    @functools.wraps(method)
-    def quiet(*args: Any) -> Any:
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            return method(*args)
-
-    return quiet
+#: NumPy's warnings off: non-finite input gives non-finite results, as in the core, and
+#: says so in them, not in ``RuntimeWarning``s.
+_quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
 
 
 def _threads(x: torch.Tensor) -> int:
@@ -123,17 +110,12 @@ def _fused_accumulation(
 def fused_is_accurate(save_mean: torch.Tensor, save_invstd: torch.Tensor, epsilon: float, ratio: float) -> bool:
     """Whether every feature's ``|mean| / std`` is at most ``ratio`` (the
     :func:`largest_ratio` of the kernel's accumulation), judged from the fused training
-    kernel's own statistics (CPU tensors: no device to synchronise): with ``invstd = 1 /
-    sqrt(var + eps)``, ``|mean| / sqrt(var) <= ratio`` is ``invstd * hypot(mean, ratio *
-    sqrt(eps)) <= ratio``, decided ``8 u`` inside the limit (``invstd``, the constant,
-    ``hypot`` and the product round by ``2.5 u`` together), so that a variance ``invstd``
-    cannot tell from 0 (below ~``u eps``) is never taken for a larger one. A feature whose
-    mean is exactly 0 is accurate at any variance (``y = x * a + bias``: the kernel's
-    rounding is that of ``|x - mean| * a``; a computed 0 in float32 chains means a true
-    ``|mean|`` within their error, so no large ratio either): a dead ReLU channel, on the
-    formula's boundary, passes on a second look. NaN and overflow (inf, or NaN from ``inf *
-    0``, which torch computes without warnings) fail. Four calls where every feature passes
-    (after the kernel each call costs, not the 128 values)."""
+    kernel's own CPU statistics: with ``invstd = 1 / sqrt(var + eps)``, ``|mean| /
+    sqrt(var) <= ratio`` is ``invstd * hypot(mean, ratio * sqrt(eps)) <= ratio``, decided
+    ``8 u`` inside the limit (the operations round by ``2.5 u`` together), so that a
+    variance below ~``u eps`` is never taken for a larger one. A feature whose mean is
+    exactly 0 (a dead ReLU channel) passes on a second look: ``y = x * a + bias`` then
+    rounds at ``|x - mean| * a``. NaN and overflow fail."""
     scaled = torch.hypot(save_mean, _hypot_term(ratio, epsilon, save_mean.dtype)).mul_(save_invstd)
     limit = ratio * (1.0 - 8.0 * _unit(save_mean.dtype))
     if scaled.max().item() <= limit:
@@ -261,13 +243,13 @@ def local_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     return mean, var, predicted_error(_unit(x.dtype), rows, chains, _ratio(mean, var))
 
 
-def gradient_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def gradient_sums(
+    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x - mean, sum(dy), sum(dy * (x - mean)))`` per feature of ``(N, C, *)`` tensors,
     the sums ``torch.sum``'s: cascaded, ``O(u log N)``, where PyTorch's backward kernel sums
-    channel-last input in float32 chains of ``N / threads`` rows (and the split view of
-    :func:`local_moments` cannot shorten them for a prime N). A gradient constant along the
-    batch (equal terms, a recursive sum's worst case, ~``rows u / 4``) gave ``dbias`` and
-    ``dx`` 1.45e-5 at ``(2048, 17)`` on the kernel, 4e-5 at ``(8191, 5)``."""
+    channel-last input in the forward's float32 chains, which a prime N keeps long
+    (``docs/numerics.md``: a gradient constant along the batch is their worst case)."""
     dims = [0, *range(2, x.dim())]
     centred = x - mean.view((-1,) + (1,) * (x.dim() - 2))
     return centred, dy.sum(dims), (dy * centred).sum(dims)
@@ -391,8 +373,8 @@ class NativeBatchNorm(torch.autograd.Function):
         xu, scale = ctx.saved_tensors
         centre, local_centre, invstd, counts, deviations = ctx.numbers
         dyc = dy.to(xu.dtype).contiguous()
-        _, sum_dy, sum_dy_centred = gradient_sums(dyc, xu, _device(centre, xu))
-        sum_dy, sum_dy_xhat = _host(sum_dy), _host(sum_dy_centred) * invstd
+        dy_sum, dy_centred_sum = gradient_sums(dyc, xu, _device(centre, xu))[1:]
+        sum_dy, sum_dy_xhat = _host(dy_sum), _host(dy_centred_sum) * invstd
         a = invstd if scale is None else _host(scale) * invstd
         dx = None
         if ctx.needs_input_grad[0]:  # dx = a * dy + slope * (xu - local_centre) + intercept

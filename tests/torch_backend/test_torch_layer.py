@@ -390,8 +390,8 @@ TORCH_CONSTRUCTOR_ERRORS = [
     (dict(axis_name="i", process_group=object()), TypeError, r"^process_group: expected None or a torch\.distributed"),
     (dict(timeout=0), ValueError, r"^timeout: expected None or a finite number of seconds > 0, got 0$"),
     (dict(timeout=float("inf")), ValueError, r"^timeout: expected None or a finite number of seconds > 0, got inf$"),
-    (dict(timeout="5"), TypeError, r"^timeout: expected None or a number of seconds, got 'str'$"),
-    (dict(timeout=True), TypeError, r"^timeout: expected None or a number of seconds, got 'bool'$"),
+    (dict(timeout="5"), TypeError, r"^timeout: expected None or a finite number of seconds > 0, got '5'$"),
+    (dict(timeout=True), TypeError, r"^timeout: expected None or a finite number of seconds > 0, got True$"),
     (dict(timeout=float("nan")), ValueError, r"^timeout: expected None or a finite number of seconds > 0, got nan$"),
     (dict(native_kernel=1), TypeError, r"^native_kernel: expected a bool, got 1$"),
 ]

@@ -771,7 +771,7 @@ def test_sync_running_statistics_checks_its_arguments_first():
     for kwargs, exception, pattern in (
         (dict(model={}), TypeError, r"^model: expected a torch\.nn\.Module, got 'dict'$"),
         (dict(process_group="x", how="median"), TypeError, r"^process_group: expected None or a torch\.distributed"),
-        (dict(timeout="1"), TypeError, r"^timeout: expected None or a number of seconds, got 'str'$"),
+        (dict(timeout="1"), TypeError, r"^timeout: expected None or a finite number of seconds > 0, got '1'$"),
         (dict(timeout=0), ValueError, r"^timeout: expected None or a finite number of seconds > 0, got 0$"),
         (dict(how="median"), ValueError, r"^how: expected 'mean' or 'broadcast', got 'median'$"),
         ({}, RuntimeError, r"^process_group: expected an initialised torch\.distributed, got None$"),
