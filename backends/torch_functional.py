@@ -506,7 +506,11 @@ def _fused(
     accepted = False
     try:
         kernel = torch.native_batch_norm
-        if view.dtype == torch.float32 and accumulation[0] > torch_kernels.CHAIN_ROWS and torch.is_grad_enabled():
+        if (
+            view.dtype == torch.float32
+            and accumulation[0] > torch_kernels.BACKWARD_CHAIN_ROWS
+            and torch.is_grad_enabled()
+        ):
             kernel = torch_kernels.FusedBatchNorm.apply  # its own backward: see there
         y, save_mean, save_invstd = kernel(view, weight, bias, running_mean, running_var, True, factor, eps)
         accepted = torch_kernels.fused_is_accurate(save_mean, save_invstd, eps, accumulation[2])

@@ -7,8 +7,8 @@ partial sums of ``N / threads`` rows, store the mean in the input's precision an
 training kernel runs where :func:`predicted_error` accepts its result, and otherwise
 :class:`NativeBatchNorm` (unsynced and synced alike) takes the statistics split (partial
 sums of at most :data:`CHAIN_ROWS` rows, combined in float64 by Chan's formula), shifted by
-the float32 mean where the model asks for it, and the backward from :func:`gradient_sums`
-(cascaded; PyTorch's backward kernel sums in the same chains). The model is probabilistic
+the float32 mean where the model asks for it, and the backward from float64 sums taken the
+same way. The model is probabilistic
 (independent roundings of at most ``u`` each, ``LAMBDA`` standard deviations,
 ``|x - mean| / std`` below :data:`MAX_XHAT`); ``docs/numerics.md`` derives it and compares it
 with measurements.
@@ -34,6 +34,10 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5 * 2.0**-29}
 LAMBDA = 5.0  # standard deviations of the rounding-error model
 MAX_XHAT = 6.0  # the largest |x - mean| / std the model assumes for y
 CHAIN_ROWS = 256  # rows per float32 partial sum in the split statistics
+#: The longest float32 chain whose backward sums PyTorch's kernel may take: a gradient
+#: constant along the batch (equal terms, the worst case) errs by ~``rows u / 4``
+#: (``docs/numerics.md``), within the rule here; :class:`FusedBatchNorm` beyond.
+BACKWARD_CHAIN_ROWS = 512
 _UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
@@ -243,13 +247,29 @@ def local_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     return mean, var, predicted_error(_unit(x.dtype), rows, chains, _ratio(mean, var))
 
 
+def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[Any, Any]:
+    """``(sum(dy), sum(dy * (x - mean) * invstd))`` per feature (float64 NumPy), the
+    sums of ``native_batch_norm_backward`` taken the split way of :func:`local_moments`."""
+    n, c = x.shape[0], x.shape[1]
+    if x.numel() == 0:
+        return np.zeros(c), np.zeros(c)
+    dy, x = _rows(dy), _rows(x)
+    k = _split_factor(x) if x.dim() == 2 else 1
+    view = (n // k, k * c)
+    dy_, x_ = (dy.view(view), x.view(view)) if k > 1 else (dy, x)
+    mean_, invstd_ = (mean.repeat(k), invstd.repeat(k)) if k > 1 else (mean, invstd)
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy_, x_, None, None, None, mean_, invstd_, True, 0.0, [False, True, True]
+    )
+    return _host(sum_dy).reshape(k, c).sum(axis=0), _host(sum_dy_xhat).reshape(k, c).sum(axis=0)
+
+
 def gradient_sums(
     dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x - mean, sum(dy), sum(dy * (x - mean)))`` per feature of ``(N, C, *)`` tensors,
     the sums ``torch.sum``'s: cascaded, ``O(u log N)``, where PyTorch's backward kernel sums
-    channel-last input in the forward's float32 chains, which a prime N keeps long
-    (``docs/numerics.md``: a gradient constant along the batch is their worst case)."""
+    channel-last input in the forward's float32 chains (``docs/numerics.md``)."""
     dims = [0, *range(2, x.dim())]
     centred = x - mean.view((-1,) + (1,) * (x.dim() - 2))
     return centred, dy.sum(dims), (dy * centred).sum(dims)
@@ -257,7 +277,7 @@ def gradient_sums(
 
 class FusedBatchNorm(torch.autograd.Function):
     """PyTorch's fused training kernel on chained input (float32 sums of more than
-    :data:`CHAIN_ROWS` rows per chain, ``(N, C)`` in memory), with a backward of its own
+    :data:`BACKWARD_CHAIN_ROWS` rows per chain, ``(N, C)`` in memory), with a backward of its own
     from :func:`gradient_sums`, not PyTorch's, which sums in the forward's chains::
 
         dbias = sum(dy),  dscale = sum(dy * (x - mean)) * invstd,  a = scale * invstd
@@ -296,7 +316,7 @@ class NativeBatchNorm(torch.autograd.Function):
     Forward: local statistics, shifted by ``K`` (the float32 mean) where
     :func:`predicted_error` asks for it, then (synced) one exchange of ``(count, K,
     sum(x - K), centred squares)`` merged by :func:`bn1d.algorithm.combine_shifted`; ``y =
-    (x - K) * f + (bias - d * f)``. Backward, with ``a = scale * invstd`` and :func:`gradient_sums`
+    (x - K) * f + (bias - d * f)``. Backward, with ``a = scale * invstd`` and float64 sums
     over this rank (synced: their global values from one all-reduce of the cotangents of
     every rank's row, as on the core path)::
 
@@ -373,8 +393,7 @@ class NativeBatchNorm(torch.autograd.Function):
         xu, scale = ctx.saved_tensors
         centre, local_centre, invstd, counts, deviations = ctx.numbers
         dyc = dy.to(xu.dtype).contiguous()
-        dy_sum, dy_centred_sum = gradient_sums(dyc, xu, _device(centre, xu))[1:]
-        sum_dy, sum_dy_xhat = _host(dy_sum), _host(dy_centred_sum) * invstd
+        sum_dy, sum_dy_xhat = local_sums(dyc, xu, _device(centre, xu), _device(invstd, xu))
         a = invstd if scale is None else _host(scale) * invstd
         dx = None
         if ctx.needs_input_grad[0]:  # dx = a * dy + slope * (xu - local_centre) + intercept
