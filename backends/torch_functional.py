@@ -207,6 +207,11 @@ def _kernel_dtypes(x: torch.Tensor, running_mean: Any, weight: Any, bias: Any = 
     return x.dtype == wide or (wide == torch.float32 and x.dtype in _HALF_DTYPES and reference is not None)
 
 
+def _affine_gradient(weight: Any, bias: Any) -> bool:
+    """Whether this call's backward will sum gradients of ``weight`` or ``bias``."""
+    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (weight, bias))
+
+
 def _compute_dtype(x: torch.Tensor, running_mean: Any, weight: Any) -> torch.dtype:
     reference = running_mean if running_mean is not None else weight
     return compute_dtype(torch, x.dtype, *([] if reference is None else [reference.dtype]))
@@ -293,7 +298,11 @@ def dispatch(
         raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
     route = path(x, running_mean, weight, training, mask, sync, native_kernel, options, bias, running_var)
     if not training:
-        if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
+        if (
+            route == "kernels"
+            and torch_kernels.inference_is_accurate(running_mean, running_var, eps)  # type: ignore[arg-type]
+            and not (_affine_gradient(weight, bias) and torch_kernels.chained(x))  # its sums would be chained
+        ):
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
         if route == "traced":
             return _centred_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]

@@ -247,14 +247,25 @@ def local_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     return mean, var, predicted_error(_unit(x.dtype), rows, chains, _ratio(mean, var))
 
 
+def chained(x: torch.Tensor) -> bool:
+    """Whether PyTorch's kernels sum ``x``'s features in float32 chains of more than
+    :data:`BACKWARD_CHAIN_ROWS` rows: their backward's sums then miss the rule."""
+    return _accumulation(x, 1)[0] > BACKWARD_CHAIN_ROWS
+
+
 def local_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[Any, Any]:
     """``(sum(dy), sum(dy * (x - mean) * invstd))`` per feature (float64 NumPy), the
-    sums of ``native_batch_norm_backward`` taken the split way of :func:`local_moments`."""
+    sums of ``native_batch_norm_backward`` taken the split way of :func:`local_moments`, or
+    :func:`gradient_sums`' where the split leaves longer chains than
+    :data:`BACKWARD_CHAIN_ROWS` (a prime N: one chain of ``N / threads`` rows)."""
     n, c = x.shape[0], x.shape[1]
     if x.numel() == 0:
         return np.zeros(c), np.zeros(c)
     dy, x = _rows(dy), _rows(x)
     k = _split_factor(x) if x.dim() == 2 else 1
+    if _accumulation(x, k)[0] > BACKWARD_CHAIN_ROWS:
+        _, sum_dy, sum_dy_centred = gradient_sums(dy, x, mean)
+        return _host(sum_dy), _host(sum_dy_centred) * _host(invstd)
     view = (n // k, k * c)
     dy_, x_ = (dy.view(view), x.view(view)) if k > 1 else (dy, x)
     mean_, invstd_ = (mean.repeat(k), invstd.repeat(k)) if k > 1 else (mean, invstd)
