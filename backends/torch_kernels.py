@@ -286,6 +286,21 @@ def gradient_sums(
     return centred, dy.sum(dims), (dy * centred).sum(dims)
 
 
+def graph_gradients(x: torch.Tensor, scale: Any, bias: Any, dy: torch.Tensor, epsilon: float) -> tuple[Any, ...]:
+    """``(dx, dscale, dbias)`` (``None`` for what takes no gradient) as a graph, for a
+    backward under ``create_graph=True`` (PyTorch's batch norm is twice differentiable):
+    the training forward in float64 torch operations, differentiated by autograd."""
+    dims, shape = [0, *range(2, x.dim())], (-1,) + (1,) * (x.dim() - 2)
+    wide = x.double()
+    var, mean = torch.var_mean(wide, dims, correction=0, keepdim=True)
+    y = (wide - mean) * torch.rsqrt(var + epsilon)
+    y = y if scale is None else y * scale.double().view(shape)
+    y = y if bias is None else y + bias.double().view(shape)
+    wanted = [t for t in (x, scale, bias) if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, dy.double(), create_graph=True))
+    return tuple(next(grads).to(t.dtype) if t is not None and t.requires_grad else None for t in (x, scale, bias))
+
+
 class FusedBatchNorm(torch.autograd.Function):
     """PyTorch's fused training kernel on chained input (float32 sums of more than
     :data:`BACKWARD_CHAIN_ROWS` rows per chain, ``(N, C)`` in memory), with a backward of its own
@@ -294,20 +309,22 @@ class FusedBatchNorm(torch.autograd.Function):
         dbias = sum(dy),  dscale = sum(dy * (x - mean)) * invstd,  a = scale * invstd
         dx = a * dy - (x - mean) * a * invstd * dscale / n - a * dbias / n
 
-    Returns the kernel's ``(y, save_mean, save_invstd)``. Not twice differentiable (its
-    statistics are constants of the backward), as :class:`NativeBatchNorm`."""
+    Returns the kernel's ``(y, save_mean, save_invstd)``; under ``create_graph=True`` the
+    backward is :func:`graph_gradients`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: Any, bias: Any, *rest: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         y, mean, invstd = torch.native_batch_norm(x, scale, bias, *rest)
-        ctx.save_for_backward(x, scale, mean, invstd)
+        ctx.save_for_backward(x, scale, bias, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.epsilon = rest[-1]
         return y, mean, invstd
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        x, scale, mean, invstd = ctx.saved_tensors
+        x, scale, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*graph_gradients(x, scale, bias, dy, ctx.epsilon), None, None, None, None, None)
         centred, dbias, dscale = gradient_sums(dy, x, mean)
         dscale.mul_(invstd)
         a = invstd if scale is None else scale * invstd
@@ -333,8 +350,9 @@ class NativeBatchNorm(torch.autograd.Function):
 
         dx = a * (dy - sum_all(dy) / n - xhat * sum_all(dy * xhat) / n)
 
-    Parameter gradients are this rank's share (DDP all-reduces them). Not twice
-    differentiable (as ``nn.SyncBatchNorm``).
+    Parameter gradients are this rank's share (DDP all-reduces them). Under
+    ``create_graph=True`` the backward is :func:`graph_gradients`; synced, it is once
+    differentiable (as ``nn.SyncBatchNorm``'s: a second derivative raises).
     """
 
     @staticmethod
@@ -389,19 +407,26 @@ class NativeBatchNorm(torch.autograd.Function):
         factor = invstd if scale is None else _host(scale) * invstd
         constant = -centre * factor if bias is None else _host(bias) - centre * factor
         y = torch.addcmul(_device(constant, x).view(per_feature), xu, _device(factor, x).view(per_feature))
-        ctx.save_for_backward(xu, scale)
-        ctx.bias_like = None if bias is None else (bias.dtype, bias.device)
+        ctx.save_for_backward(xu, scale, x, bias)
         ctx.exchange, ctx.n, ctx.n_local, ctx.per_feature = exchange, n, n_local, per_feature
+        ctx.epsilon = config.epsilon
         ctx.numbers = centre, local_centre, invstd, counts, deviations
         new_stats = tuple(_device(new_state[key], state[key]) for key in config.state_keys)
         ctx.mark_non_differentiable(*new_stats)
         return (y, *new_stats)
 
     @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled() and ctx.exchange is None:  # create_graph=True
+            _, scale, x, bias = ctx.saved_tensors
+            return (*graph_gradients(x, scale, bias, dy, ctx.epsilon), None, None, None)
+        return NativeBatchNorm.first_derivatives(ctx, dy)
+
+    @staticmethod
     @torch.autograd.function.once_differentiable
     @_quiet
-    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        xu, scale = ctx.saved_tensors
+    def first_derivatives(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        xu, scale, _, bias = ctx.saved_tensors
         centre, local_centre, invstd, counts, deviations = ctx.numbers
         dyc = dy.to(xu.dtype).contiguous()
         sum_dy, sum_dy_xhat = local_sums(dyc, xu, _device(centre, xu), _device(invstd, xu))
@@ -428,7 +453,7 @@ class NativeBatchNorm(torch.autograd.Function):
                 dx = torch.zeros_like(dy)
         # A gradient for each parameter that was given (a scale without a bias, or the reverse).
         dscale = None if scale is None else _device(sum_dy_xhat, scale)
-        dbias = None
-        if ctx.bias_like is not None:
-            dbias = torch.as_tensor(np.array(sum_dy, order="C"), dtype=ctx.bias_like[0], device=ctx.bias_like[1])
+        dbias = (
+            None if bias is None else torch.as_tensor(np.array(sum_dy, order="C"), dtype=bias.dtype, device=bias.device)
+        )
         return dx, dscale, dbias, None, None, None

@@ -296,19 +296,43 @@ def test_gradients_on_chained_input_meet_the_rule(form, shape, node, const):
     assert max(errors.values()) <= RULE, errors
 
 
-def test_the_chained_backward_is_not_twice_differentiable():
-    """Its statistics are constants of its backward: a second derivative would be wrong, so
-    it raises (as ``NativeBatchNorm`` and ``nn.SyncBatchNorm``)."""
-    x = torch.randn(2048, 17).requires_grad_(True)
+@pytest.mark.parametrize(
+    "shape, ratio, node",
+    [((2048, 17), 0.25, "FusedBatchNormBackward"), ((64, 8, 32), 1e4, "NativeBatchNormBackward")],
+)
+def test_bn1ds_own_backwards_are_twice_differentiable(shape, ratio, node):
+    """Under ``create_graph=True`` bn1d's own backwards (chained input; statistics the fused
+    kernel's check rejects) differentiate the forward's float64 maths, as PyTorch's twice
+    differentiable batch norm: a Hessian-vector product equals float64
+    ``F.batch_norm``'s. Bound: the rule times the largest value (both are float64 maths
+    rounded to float32 once at each of the two steps)."""
+    from bn1d.backends import torch_nn
+
+    x = torch.from_numpy(raw_data(shape, ratio, seed=8).astype(np.float32))
+    rng = np.random.default_rng(9)
+    w1, w2 = (torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
+    layer = torch_nn.BatchNorm1d(shape[1])
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+
+    def hessian_vector(forward, x, weight):
+        x = x.clone().requires_grad_(True)
+        y = forward(x)
+        (g,) = torch.autograd.grad((y * w1.to(y.dtype)).sum(), x, create_graph=True)
+        return y, torch.autograd.grad((g * w2.to(g.dtype)).sum(), (x, weight))
+
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        y = BatchNorm1d(17, 0)(x)
+        y, got = hessian_vector(layer, x, layer.weight)
     finally:
         torch.set_num_threads(before)
-    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        dx.sum().backward()
+    assert type(y.grad_fn).__name__ == node
+    weight64 = layer.weight.detach().double().requires_grad_(True)
+    _, want = hessian_vector(lambda v: torch.nn.functional.batch_norm(v, None, None, weight64, None, True), x.double(),
+                             weight64)  # fmt: skip
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() <= RULE * w.abs().max(), (g, w)
 
 
 @pytest.mark.parametrize("shape", [(65536, 4), (2048, 17)])
