@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from bn1d.algorithm import combine_shifted, running_statistics
 
@@ -286,17 +287,28 @@ def gradient_sums(
     return centred, dy.sum(dims), (dy * centred).sum(dims)
 
 
+def float64_forward(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], epsilon: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The training forward in float64 torch operations (TorchScript compiles it):
+    ``(y64, mean, biased var)``, differentiable."""
+    shape: List[int] = [1, -1] + [1] * (x.dim() - 2)
+    wide = x.double()
+    var, mean = torch.var_mean(wide, [0] + list(range(2, x.dim())), correction=0)
+    y = (wide - mean.view(shape)) * torch.rsqrt(var + epsilon).view(shape)
+    if weight is not None:
+        y = y * weight.double().view(shape)
+    if bias is not None:
+        y = y + bias.double().view(shape)
+    return y, mean, var
+
+
 def graph_gradients(x: torch.Tensor, scale: Any, bias: Any, dy: torch.Tensor, epsilon: float) -> tuple[Any, ...]:
     """``(dx, dscale, dbias)`` (``None`` for what takes no gradient) as a graph, for a
     backward under ``create_graph=True`` (PyTorch's batch norm is twice differentiable):
-    the training forward in float64 torch operations, differentiated by autograd."""
-    dims, shape = [0, *range(2, x.dim())], (-1,) + (1,) * (x.dim() - 2)
-    wide = x.double()
-    var, mean = torch.var_mean(wide, dims, correction=0, keepdim=True)
-    y = (wide - mean) * torch.rsqrt(var + epsilon)
-    y = y if scale is None else y * scale.double().view(shape)
-    y = y if bias is None else y + bias.double().view(shape)
+    :func:`float64_forward` differentiated by autograd."""
     wanted = [t for t in (x, scale, bias) if t is not None and t.requires_grad]
+    y = float64_forward(x, scale, bias, epsilon)[0]
     grads = iter(torch.autograd.grad(y, wanted, dy.double(), create_graph=True))
     return tuple(next(grads).to(t.dtype) if t is not None and t.requires_grad else None for t in (x, scale, bias))
 

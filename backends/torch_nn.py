@@ -40,6 +40,7 @@ from bn1d.config import argument_error, check_real, is_int
 from . import torch_distributed
 from .torch_distributed import Sync, check_process_group, check_sync, check_timeout
 from .torch_functional import batch_norm
+from .torch_kernels import float64_forward
 
 __all__ = [
     "BatchNorm1d",
@@ -155,17 +156,10 @@ class _Exact(_BatchNorm):
             centred = input - running_mean.view(shape)
             y = F.batch_norm(centred, torch.zeros_like(running_mean), running_var, weight, bias, False, 0.0, self.eps)
             return y.to(input.dtype)
-        dims: List[int] = [0] + list(range(2, input.dim()))
         n = input.numel() // input.size(1)
         if n <= 1:
             raise ValueError(f"input: expected more than 1 value per channel when training, got {input.shape}")
-        wide = input.double()
-        var, mean = torch.var_mean(wide, dims, correction=0)
-        y64 = (wide - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
-        if weight is not None:
-            y64 = y64 * weight.double().view(shape)
-        if bias is not None:
-            y64 = y64 + bias.double().view(shape)
+        y64, mean, var = float64_forward(input, weight, bias, self.eps)
         count = self.num_batches_tracked
         if self.training and self.track_running_stats and running_mean is not None and running_var is not None:
             factor = 0.0 if self.momentum is None else float(self.momentum)
