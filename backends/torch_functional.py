@@ -30,6 +30,7 @@ from typing import Any
 
 import array_api_compat.torch as xp
 import torch
+from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from bn1d import algorithm, validation
@@ -144,8 +145,8 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 def _eager(x: torch.Tensor, weight: Any = None, bias: Any = None) -> bool:
     """Whether this call runs eagerly on real CPU data, where PyTorch's kernels may be
     checked on the host: no tracing, compilation, export, dispatch mode (``FakeTensorMode``),
-    ``torch.func`` transform of the input or the parameters, or recorder, and a plain
-    tensor on the CPU."""
+    ``torch.func`` transform of the input or the parameters, forward-mode AD level, or
+    recorder, and a plain tensor on the CPU."""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return (
         type(x) is torch.Tensor
@@ -154,6 +155,7 @@ def _eager(x: torch.Tensor, weight: Any = None, bias: Any = None) -> bool:
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not torch._C._len_torch_dispatch_stack()
+        and forward_ad._current_level < 0  # forward-mode AD: the core's operations carry the tangents
         and not wrapped(x)
         and (weight is None or not wrapped(weight))
         and (bias is None or not wrapped(bias))
@@ -298,11 +300,7 @@ def dispatch(
         raise argument_error("input", "more than 1 value per channel when training", tuple(x.shape))
     route = path(x, running_mean, weight, training, mask, sync, native_kernel, options, bias, running_var)
     if not training:
-        if (
-            route == "kernels"
-            and torch_kernels.inference_is_accurate(running_mean, running_var, eps)  # type: ignore[arg-type]
-            and not (_affine_gradient(weight, bias) and torch_kernels.chained(x))  # its sums would be chained
-        ):
+        if route == "kernels" and torch_kernels.inference_is_accurate(running_mean, running_var, eps):  # type: ignore[arg-type]
             return _kernel_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
         if route == "traced":
             return _centred_inference(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
@@ -455,7 +453,13 @@ def _with_gradient_hook(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _kernel_inference(
     x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: Any, bias: Any, eps: float
 ) -> torch.Tensor:
-    y = torch.batch_norm(_as_input(x), weight, bias, running_mean, running_var, False, 0.0, eps, False)
+    """PyTorch's inference kernel; where the parameters' gradients would be summed in its
+    backward's float32 chains (:func:`torch_kernels.chained`), with bn1d's backward."""
+    view = _as_input(x)
+    if _affine_gradient(weight, bias) and torch_kernels.chained(view):
+        y = torch_kernels.FusedBatchNorm.apply(view, weight, bias, running_mean, running_var, False, 0.0, eps)
+    else:
+        y = torch.batch_norm(view, weight, bias, running_mean, running_var, False, 0.0, eps, False)
     return _as_output(_with_gradient_hook(y, x), x)
 
 

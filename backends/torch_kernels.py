@@ -42,9 +42,17 @@ BACKWARD_CHAIN_ROWS = 512
 _UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
-#: NumPy's warnings off: non-finite input gives non-finite results, as in the core, and
-#: says so in them, not in ``RuntimeWarning``s.
-_quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
+def _quiet(method: Any) -> Any:
+    """``method`` without NumPy's warnings: non-finite input gives non-finite results, as
+    in the core, and says so in them, not in ``RuntimeWarning``s (a new ``errstate`` per
+    call: NumPy 1.26's instance is neither re-entrant nor thread-safe)."""
+
+    @functools.wraps(method)
+    def quiet(*args: Any) -> Any:
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return method(*args)
+
+    return quiet
 
 
 def _threads(x: torch.Tensor) -> int:
@@ -303,47 +311,84 @@ def float64_forward(
     return y, mean, var
 
 
-def graph_gradients(x: torch.Tensor, scale: Any, bias: Any, dy: torch.Tensor, epsilon: float) -> tuple[Any, ...]:
-    """``(dx, dscale, dbias)`` (``None`` for what takes no gradient) as a graph, for a
-    backward under ``create_graph=True`` (PyTorch's batch norm is twice differentiable):
-    :func:`float64_forward` differentiated by autograd."""
-    wanted = [t for t in (x, scale, bias) if t is not None and t.requires_grad]
-    y = float64_forward(x, scale, bias, epsilon)[0]
-    grads = iter(torch.autograd.grad(y, wanted, dy.double(), create_graph=True))
-    return tuple(next(grads).to(t.dtype) if t is not None and t.requires_grad else None for t in (x, scale, bias))
+def graph_gradients(
+    x: torch.Tensor, scale: Any, bias_dtype: Any, dy: torch.Tensor, epsilon: float, running: Any = None
+) -> tuple[Any, ...]:
+    """``(dx, dscale, dbias)`` (``None`` for what takes no gradient; ``dbias`` where
+    ``bias_dtype`` is given) as a graph, for a backward under ``create_graph=True``
+    (PyTorch's batch norm is twice differentiable): the forward in float64 torch operations,
+    differentiated by autograd: :func:`float64_forward` in training, ``(x - mean) * invstd
+    * scale`` with ``running = (mean, invstd)`` in inference."""
+    if running is None:
+        y = float64_forward(x, scale, None, epsilon)[0]
+    else:
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        y = (x.double() - running[0].double().view(shape)) * running[1].view(shape)
+        y = y if scale is None else y * scale.double().view(shape)
+    wanted = [t for t in (x, scale) if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, dy.double(), create_graph=True) if wanted else ())
+    dx, dscale = (next(grads).to(t.dtype) if t is not None and t.requires_grad else None for t in (x, scale))
+    dbias = None if bias_dtype is None else dy.sum([0, *range(2, x.dim())]).to(bias_dtype)
+    return dx, dscale, dbias
 
 
 class FusedBatchNorm(torch.autograd.Function):
-    """PyTorch's fused training kernel on chained input (float32 sums of more than
-    :data:`BACKWARD_CHAIN_ROWS` rows per chain, ``(N, C)`` in memory), with a backward of its own
-    from :func:`gradient_sums`, not PyTorch's, which sums in the forward's chains::
+    """PyTorch's fused kernel (``torch.native_batch_norm``'s arguments) on chained input
+    (float32 sums of more than :data:`BACKWARD_CHAIN_ROWS` rows per chain, :func:`chained`),
+    with a backward of its own from :func:`gradient_sums`, not PyTorch's, which sums in the
+    forward's chains (in inference, ``mean`` and ``invstd`` are the running statistics')::
 
         dbias = sum(dy),  dscale = sum(dy * (x - mean)) * invstd,  a = scale * invstd
-        dx = a * dy - (x - mean) * a * invstd * dscale / n - a * dbias / n
+        dx = a * dy - (x - mean) * a * invstd * dscale / n - a * dbias / n   (training)
+        dx = a * dy                                                           (inference)
 
-    Returns the kernel's ``(y, save_mean, save_invstd)``; under ``create_graph=True`` the
-    backward is :func:`graph_gradients`."""
+    Returns the kernel's ``(y, save_mean, save_invstd)`` (``y`` alone in inference); under
+    ``create_graph=True`` the backward is :func:`graph_gradients`. No forward-mode AD (the
+    route sends dual tensors to the core)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: Any, bias: Any, *rest: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        y, mean, invstd = torch.native_batch_norm(x, scale, bias, *rest)
-        ctx.save_for_backward(x, scale, bias, mean, invstd)
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, scale: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
+        momentum: float, epsilon: float,
+    ) -> Any:  # fmt: skip
+        y, mean, invstd = torch.native_batch_norm(
+            x, scale, bias, running_mean, running_var, training, momentum, epsilon
+        )
+        if not training:
+            mean, invstd = running_mean, torch.rsqrt(running_var.double() + epsilon)
+        ctx.save_for_backward(x, scale, mean, invstd)
+        ctx.training, ctx.epsilon, ctx.bias_dtype = training, epsilon, None if bias is None else bias.dtype
+        if not training:
+            return y
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.epsilon = rest[-1]
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        x, scale, bias, mean, invstd = ctx.saved_tensors
+        x, scale, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (*graph_gradients(x, scale, bias, dy, ctx.epsilon), None, None, None, None, None)
-        centred, dbias, dscale = gradient_sums(dy, x, mean)
+            running = None if ctx.training else (mean, invstd)
+            return (*graph_gradients(x, scale, ctx.bias_dtype, dy, ctx.epsilon, running), None, None, None, None, None)
+        wide = mean.dtype  # the statistics': float32 for half input
+        centred, dbias, dscale = gradient_sums(dy.to(wide), x.to(wide), mean)
+        invstd = invstd.to(wide)
         dscale.mul_(invstd)
         a = invstd if scale is None else scale * invstd
-        k = a / -(x.numel() // x.shape[1])
         shape = (-1,) + (1,) * (x.dim() - 2)
-        dx = centred.mul_((k * invstd * dscale).view(shape)).add_((k * dbias).view(shape)).addcmul_(dy, a.view(shape))
-        return dx, None if scale is None else dscale, dbias, None, None, None, None, None
+        if ctx.training:
+            k = a / -(x.numel() // x.shape[1])
+            dx = (
+                centred.mul_((k * invstd * dscale).view(shape))
+                .add_((k * dbias).view(shape))
+                .addcmul_(dy, a.view(shape))
+            )
+        else:
+            dx = dy * a.view(shape)
+        dscale_, dbias_ = (
+            None if scale is None else dscale,
+            None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype),
+        )
+        return dx.to(x.dtype), dscale_, dbias_, None, None, None, None, None
 
 
 class NativeBatchNorm(torch.autograd.Function):
@@ -419,7 +464,9 @@ class NativeBatchNorm(torch.autograd.Function):
         factor = invstd if scale is None else _host(scale) * invstd
         constant = -centre * factor if bias is None else _host(bias) - centre * factor
         y = torch.addcmul(_device(constant, x).view(per_feature), xu, _device(factor, x).view(per_feature))
-        ctx.save_for_backward(xu, scale, x, bias)
+        ctx.save_for_backward(x, scale)  # xu is recomputed: one saved input, as before the create_graph path
+        ctx.shift = shift.view(per_feature) if shifted else None
+        ctx.bias_like = None if bias is None else (bias.dtype, bias.device)
         ctx.exchange, ctx.n, ctx.n_local, ctx.per_feature = exchange, n, n_local, per_feature
         ctx.epsilon = config.epsilon
         ctx.numbers = centre, local_centre, invstd, counts, deviations
@@ -430,15 +477,17 @@ class NativeBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
         if torch.is_grad_enabled() and ctx.exchange is None:  # create_graph=True
-            _, scale, x, bias = ctx.saved_tensors
-            return (*graph_gradients(x, scale, bias, dy, ctx.epsilon), None, None, None)
+            x, scale = ctx.saved_tensors
+            bias_dtype = None if ctx.bias_like is None else ctx.bias_like[0]
+            return (*graph_gradients(x, scale, bias_dtype, dy, ctx.epsilon), None, None, None)
         return NativeBatchNorm.first_derivatives(ctx, dy)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     @_quiet
     def first_derivatives(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
-        xu, scale, _, bias = ctx.saved_tensors
+        x, scale = ctx.saved_tensors
+        xu = x if ctx.shift is None else x - ctx.shift
         centre, local_centre, invstd, counts, deviations = ctx.numbers
         dyc = dy.to(xu.dtype).contiguous()
         sum_dy, sum_dy_xhat = local_sums(dyc, xu, _device(centre, xu), _device(invstd, xu))
@@ -465,7 +514,7 @@ class NativeBatchNorm(torch.autograd.Function):
                 dx = torch.zeros_like(dy)
         # A gradient for each parameter that was given (a scale without a bias, or the reverse).
         dscale = None if scale is None else _device(sum_dy_xhat, scale)
-        dbias = (
-            None if bias is None else torch.as_tensor(np.array(sum_dy, order="C"), dtype=bias.dtype, device=bias.device)
-        )
+        dbias = None
+        if ctx.bias_like is not None:
+            dbias = torch.as_tensor(np.array(sum_dy, order="C"), dtype=ctx.bias_like[0], device=ctx.bias_like[1])
         return dx, dscale, dbias, None, None, None

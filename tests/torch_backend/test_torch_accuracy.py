@@ -340,9 +340,9 @@ def test_parameter_gradients_in_inference_on_chained_input_meet_the_rule(shape):
     """Inference with trainable ``weight`` and ``bias`` (a fine-tuned model in ``eval()``):
     PyTorch's inference backward sums ``dy`` and ``dy * xhat`` in float32 chains of N / 2
     rows (2 threads) on channel-last input, and a gradient constant along the batch gave
-    ``dbias`` 2.6e-4 at (65536, 4); such calls take the core, whose sums are autograd's
-    (``torch.sum``, cascaded). Bound: the rule, in its metrics (sums over the terms'
-    magnitudes)."""
+    ``dbias`` 2.6e-4 at (65536, 4); such calls keep the kernel's forward with
+    ``torch_kernels.FusedBatchNorm``'s backward (``torch.sum``, cascaded). Bound: the rule,
+    in its metrics (sums over the terms' magnitudes)."""
     from bn1d.backends import torch_nn
 
     layer = torch_nn.BatchNorm1d(shape[1]).eval()
@@ -355,12 +355,85 @@ def test_parameter_gradients_in_inference_on_chained_input_meet_the_rule(shape):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        layer(torch.from_numpy(x)).backward(torch.from_numpy(dy))
+        y = layer(torch.from_numpy(x))
+        y.backward(torch.from_numpy(dy))
     finally:
         torch.set_num_threads(before)
+    assert type(y.grad_fn).__name__ == "FusedBatchNormBackward"
     mean, var = layer.running_mean.double().numpy(), layer.running_var.double().numpy()
     xhat = (x.astype(np.float64) - mean) / np.sqrt(var + 1e-5)
     terms = {"bias": dy.astype(np.float64), "weight": dy * xhat}
     errors = {key: float(np.max(np.abs(getattr(layer, key).grad.double().numpy() - t.sum(0)) / np.abs(t).sum(0)))
               for key, t in terms.items()}  # fmt: skip
     assert max(errors.values()) <= RULE, errors
+
+
+ROUTES = {  # (shape, |mean| / std, training): the node each takes with 2 threads
+    "fused, chained": ((2048, 17), 0.25, True, "FusedBatchNormBackward"),
+    "inference, chained": ((2048, 17), 0.25, False, "FusedBatchNormBackward"),
+    "split kernels": ((64, 8, 32), 1e4, True, "NativeBatchNormBackward"),
+}
+
+
+def _route_call(route, affine, *, dual=False):
+    """A drop-in's call on ``route`` with ``weight``/``bias`` as ``affine`` says, its
+    input, tangent (``dual``) and the parameters, and float64 ``F.batch_norm``'s the same."""
+    from bn1d.backends import torch_nn
+
+    shape, ratio, training, _ = ROUTES[route]
+    x = torch.from_numpy(raw_data(shape, ratio, seed=11).astype(np.float32)).requires_grad_(True)
+    layer = torch_nn.BatchNorm1d(shape[1]).train(training)
+    rng = np.random.default_rng(12)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, shape[1])))
+        layer.bias.copy_(torch.from_numpy(rng.uniform(-1.0, 1.0, shape[1])))
+        layer.running_mean.copy_(torch.from_numpy(rng.uniform(-1.0, 1.0, shape[1])))
+    layer.weight.requires_grad_("weight" in affine)
+    layer.bias.requires_grad_("bias" in affine)
+    stats64 = [None, None] if training else [layer.running_mean.double(), layer.running_var.double()]
+    params64 = [p.detach().double().requires_grad_(p.requires_grad) for p in (layer.weight, layer.bias)]
+    return layer, x, lambda v: torch.nn.functional.batch_norm(v, *stats64, *params64, training), params64
+
+
+@pytest.mark.parametrize("affine", ["weight bias", "weight", "bias", ""])
+@pytest.mark.parametrize("route", ROUTES)
+def test_bn1ds_own_backwards_give_every_gradient_pytorchs_node_gives(route, affine):
+    """bn1d's backwards (``FusedBatchNorm`` training and inference, ``NativeBatchNorm``) give
+    a gradient for each input that needs one, and ``None`` for the others, as PyTorch's
+    node: each equals float64 ``F.batch_norm``'s within the rule times its largest value. A
+    bias changed in place between the forward and the backward (an optimizer step) is not
+    the backward's business (PyTorch's node does not save it)."""
+    layer, x, reference, params64 = _route_call(route, affine)
+    dy = torch.from_numpy(np.random.default_rng(13).standard_normal(x.shape).astype(np.float32))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    own = ROUTES[route][2] or affine  # inference without parameter gradients: no sums, PyTorch's node
+    assert type(y.grad_fn).__name__ == (ROUTES[route][3] if own else "NativeBatchNormBackward0")
+    with torch.no_grad():
+        layer.bias.add_(0.5)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_(True)
+    reference(x64).backward(dy.double())
+    for got, want in ((x.grad, x64.grad), (layer.weight.grad, params64[0].grad), (layer.bias.grad, params64[1].grad)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert (got.double() - want).abs().max() <= RULE * want.abs().max(), (got, want)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_forward_mode_ad_runs_the_core(route):
+    """``torch.autograd.forward_ad``: bn1d's own backwards have no ``jvp``, so a dual level
+    sends the call to the core, whose operations carry the tangent; it equals float64
+    ``F.batch_norm``'s within the rule times its largest value."""
+    import torch.autograd.forward_ad as fwad
+
+    layer, x, reference, _ = _route_call(route, "weight bias")
+    tangent = torch.from_numpy(np.random.default_rng(14).standard_normal(x.shape).astype(np.float32))
+    with fwad.dual_level():
+        got = fwad.unpack_dual(layer(fwad.make_dual(x.detach(), tangent))).tangent
+        want = fwad.unpack_dual(reference(fwad.make_dual(x.detach().double(), tangent.double()))).tangent
+    assert (got.double() - want).abs().max() <= RULE * want.abs().max()
