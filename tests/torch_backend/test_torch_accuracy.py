@@ -296,30 +296,24 @@ def test_gradients_on_chained_input_meet_the_rule(form, shape, node, const):
     assert max(errors.values()) <= RULE, errors
 
 
-@pytest.mark.parametrize(
-    "shape, ratio, node",
-    [((2048, 17), 0.25, "FusedBatchNormBackward"), ((64, 8, 32), 1e4, "NativeBatchNormBackward")],
-)
-def test_bn1ds_own_backwards_are_twice_differentiable(shape, ratio, node):
-    """Under ``create_graph=True`` bn1d's own backwards (chained input; statistics the fused
-    kernel's check rejects) differentiate the forward's float64 maths, as PyTorch's twice
-    differentiable batch norm: a Hessian-vector product equals float64
-    ``F.batch_norm``'s. Bound: the rule times the largest value (both are float64 maths
-    rounded to float32 once at each of the two steps)."""
-    from bn1d.backends import torch_nn
-
-    x = torch.from_numpy(raw_data(shape, ratio, seed=8).astype(np.float32))
+@pytest.mark.parametrize("route", ["fused, chained", "inference, chained", "split kernels"])
+def test_bn1ds_own_backwards_are_twice_differentiable(route):
+    """Under ``create_graph=True`` bn1d's own backwards (chained input, training and
+    inference; statistics the fused kernel's check rejects) differentiate the forward's
+    float64 maths, as PyTorch's twice differentiable batch norm: a Hessian-vector product
+    equals float64 ``F.batch_norm``'s. Bound: the rule times the largest value (both are
+    float64 maths rounded to float32 once at each of the two steps)."""
+    layer, x, reference, params64 = _route_call(route, "weight bias")
     rng = np.random.default_rng(9)
-    w1, w2 = (torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
-    layer = torch_nn.BatchNorm1d(shape[1])
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 2.0)
+    w1, w2 = (torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32)) for _ in range(2))
 
     def hessian_vector(forward, x, weight):
-        x = x.clone().requires_grad_(True)
+        x = x.detach().clone().requires_grad_(True)
         y = forward(x)
         (g,) = torch.autograd.grad((y * w1.to(y.dtype)).sum(), x, create_graph=True)
-        return y, torch.autograd.grad((g * w2.to(g.dtype)).sum(), (x, weight))
+        return y, torch.autograd.grad(
+            (g * w2.to(g.dtype)).sum(), (x, weight), allow_unused=True, materialize_grads=True
+        )
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -327,10 +321,8 @@ def test_bn1ds_own_backwards_are_twice_differentiable(shape, ratio, node):
         y, got = hessian_vector(layer, x, layer.weight)
     finally:
         torch.set_num_threads(before)
-    assert type(y.grad_fn).__name__ == node
-    weight64 = layer.weight.detach().double().requires_grad_(True)
-    _, want = hessian_vector(lambda v: torch.nn.functional.batch_norm(v, None, None, weight64, None, True), x.double(),
-                             weight64)  # fmt: skip
+    assert type(y.grad_fn).__name__ == ROUTES[route][3]
+    _, want = hessian_vector(reference, x.double(), params64[0])
     for g, w in zip(got, want):
         assert (g.double() - w).abs().max() <= RULE * w.abs().max(), (g, w)
 
