@@ -21,6 +21,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "checker reports jax.checkpoint inside shard_map under grad as a leak: "
         "tests/jax_backend/test_jax_strict_modes.py reproduces it without bn1d)",
     )
+    config.addinivalue_line(
+        "markers",
+        "jax_leak_check_only(**params): under --jax-strict, jax.checking_leaks() wraps only the cases of a "
+        "parametrized test with these parameter values (the checker turns JAX's caches off: an eager test takes "
+        "~15x its time); the strict promotion modes still run on every case",
+    )
     if config.getoption("--jax-strict"):
         import jax
 
@@ -31,8 +37,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def _jax_leak_check(request: pytest.FixtureRequest):
-    if not request.config.getoption("--jax-strict") or request.node.get_closest_marker(
-        "jax_leak_checker_false_positive"
+    only = request.node.get_closest_marker("jax_leak_check_only")
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if (
+        not request.config.getoption("--jax-strict")
+        or request.node.get_closest_marker("jax_leak_checker_false_positive")
+        or (only is not None and any(params.get(name) != value for name, value in only.kwargs.items()))
     ):
         yield
         return

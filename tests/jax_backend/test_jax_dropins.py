@@ -92,6 +92,7 @@ def test_nnx_drop_in_is_flaxs_class_with_flaxs_state_and_numbers():
 
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
 @pytest.mark.parametrize("axis, shape", [(-1, (10, 5)), (1, (4, 5, 3)), ((1, 2), (4, 3, 2, 5))], ids=str)
+@pytest.mark.jax_leak_check_only(axis=1)  # both variances once
 def test_nnx_and_linen_drop_ins_compute_what_flax_computes(fast, axis, shape):
     """Every axis form (negative, middle, several feature axes: linen's, which NNX's own
     class cannot run) and both variance formulas: training (outputs, running statistics,
@@ -172,6 +173,7 @@ def per_lane(module, training=True):
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no affine"])
 @pytest.mark.parametrize("mode", ["batch", "ema"])
 @pytest.mark.parametrize("example", [(3,), (3, 7), (3, 4, 5)], ids=str)
+@pytest.mark.jax_leak_check_only(example=(3, 7), affine=True)  # each mode once: 290 s -> ~60 s under --jax-strict
 def test_equinox_drop_in_computes_what_equinox_computes_in_each_mode(mode, example, affine):
     """Equinox's modes, exactly as defined there (``"batch"``: batch statistics in
     training, their zero-debiased average in inference; ``"ema"``: the average itself, the
