@@ -444,8 +444,13 @@ def _with_gradient_hook(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     with a size-1 spatial axis, rounds half inputs' parameter gradients to half on a
     strided one, and from :data:`HOOKED_NUMEL` values its strided kernel's time exceeds the
     hook's (``docs/performance.md``). Below, 2-D and 3-D float32 and float64 gradients reach
-    PyTorch's strided kernel as in ``nn.BatchNorm1d`` (tested against the specification)."""
-    if y.requires_grad and (x.dim() > 3 or x.dtype in _HALF_DTYPES or x.numel() >= HOOKED_NUMEL):
+    PyTorch's strided kernel as in ``nn.BatchNorm1d`` (tested against the specification).
+    ``torch_kernels.FusedBatchNorm``'s backward takes any strides: no hook there."""
+    if (
+        y.requires_grad
+        and (x.dim() > 3 or x.dtype in _HALF_DTYPES or x.numel() >= HOOKED_NUMEL)
+        and type(y.grad_fn) is not torch_kernels.FusedBatchNorm._backward_cls  # type: ignore[attr-defined]
+    ):
         y.grad_fn.register_prehook(_contiguous_gradients)  # type: ignore[union-attr]
     return y
 

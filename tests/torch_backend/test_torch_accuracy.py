@@ -429,3 +429,32 @@ def test_forward_mode_ad_runs_the_core(route):
         got = fwad.unpack_dual(layer(fwad.make_dual(x.detach(), tangent))).tangent
         want = fwad.unpack_dual(reference(fwad.make_dual(x.detach().double(), tangent.double()))).tangent
     assert (got.double() - want).abs().max() <= RULE * want.abs().max()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_fused_batch_norms_backward_takes_the_gradient_as_it_comes(monkeypatch, training):
+    """From ``HOOKED_NUMEL`` values PyTorch's node gets its gradient made contiguous by a
+    pre-hook (``torch_functional._with_gradient_hook``); ``FusedBatchNorm``'s backward takes
+    any strides, so it gets no hook (no copy of the gradient) and its gradients stay the
+    rule's on a broadcast one. Bound: the rule times the largest value, against float64."""
+    from bn1d.backends import torch_functional, torch_nn
+
+    seen = []
+    monkeypatch.setattr(torch_functional, "_contiguous_gradients", lambda grads: seen.append(grads) or None)
+    shape = (2048, 64)  # 2**17 values, 1024 rows per chain with 2 threads
+    assert np.prod(shape) >= torch_functional.HOOKED_NUMEL
+    x = torch.from_numpy(raw_data(shape, 0.25, seed=15).astype(np.float32)).requires_grad_(True)
+    layer = torch_nn.BatchNorm1d(shape[1]).train(training)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    assert type(y.grad_fn).__name__ == "FusedBatchNormBackward"
+    y.sum().backward()
+    assert seen == []
+    x64 = x.detach().double().requires_grad_(True)
+    stats = [None, None] if training else [layer.running_mean.double(), layer.running_var.double()]
+    torch.nn.functional.batch_norm(x64, *stats, None, None, training).sum().backward()
+    assert (x.grad.double() - x64.grad).abs().max() <= RULE * max(x64.grad.abs().max(), 1.0)
