@@ -509,35 +509,25 @@ def _fused(
     eps: float, num_batches_tracked: Any,
 ) -> torch.Tensor | None:  # fmt: skip
     """PyTorch's fused training kernel on ``view`` (contiguous), or ``None`` (state
-    untouched) where its statistics say that its result misses the rule. The count is
-    taken before the kernel (as PyTorch's forward) and NumPy copies of the running
-    statistics made; both are restored on a rejection or if the kernel raises."""
+    untouched) where its statistics say that its result misses the rule. The kernel writes
+    the batch's statistics into :func:`torch_kernels.batch_statistics`' buffers; the running
+    statistics (``running += factor * (batch - running)``, as PyTorch's kernel updates
+    them) and the count change only once the check has accepted them."""
     accumulation = torch_kernels.fused_accumulation(view)
     if accumulation is None:
         return None
-    factor, saved = 0.0, None  # PyTorch's factor: the new batch's weight (the cumulative average's: 1 / k)
-    if running_mean is not None:
+    reference = running_mean if running_mean is not None else weight
+    mean, var = torch_kernels.batch_statistics(view.shape[1], (view if reference is None else reference).dtype)
+    kernel = torch.native_batch_norm
+    if view.dtype == torch.float32 and accumulation[0] > torch_kernels.BACKWARD_CHAIN_ROWS and torch.is_grad_enabled():
+        kernel = torch_kernels.FusedBatchNorm.apply  # its own backward: see there
+    y = kernel(view, weight, bias, mean, var, True, 1.0, eps)[0]
+    if not torch_kernels.fused_is_accurate(mean, var, accumulation[2]):
+        mean.data.zero_(), var.data.zero_()  # (.data: no new version; a graph may hold them, as the kernel's)
+        return None
+    if running_mean is not None:  # PyTorch's factor: the new batch's weight (the cumulative average's: 1 / k)
         factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
-        saved = torch_kernels.numpy_view(running_mean).copy(), torch_kernels.numpy_view(running_var).copy()
+        torch._foreach_lerp_((running_mean.data, running_var.data), (mean, var), factor)  # no new version either
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    accepted = False
-    try:
-        kernel = torch.native_batch_norm
-        if (
-            view.dtype == torch.float32
-            and accumulation[0] > torch_kernels.BACKWARD_CHAIN_ROWS
-            and torch.is_grad_enabled()
-        ):
-            kernel = torch_kernels.FusedBatchNorm.apply  # its own backward: see there
-        y, save_mean, save_invstd = kernel(view, weight, bias, running_mean, running_var, True, factor, eps)
-        accepted = torch_kernels.fused_is_accurate(save_mean, save_invstd, eps, accumulation[2])
-    finally:  # rejected, or the kernel raised: the state as it was
-        if not accepted:
-            with torch.no_grad():
-                if saved is not None:
-                    running_mean.copy_(torch.from_numpy(saved[0]))
-                    running_var.copy_(torch.from_numpy(saved[1]))
-                if num_batches_tracked is not None:
-                    num_batches_tracked.sub_(1)
-    return y if accepted else None
+    return y

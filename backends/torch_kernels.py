@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -26,8 +27,8 @@ from torch import Tensor
 
 from bn1d.algorithm import combine_shifted, running_statistics
 
-__all__ = ["FusedBatchNorm", "NativeBatchNorm", "fused_accumulation", "fused_is_accurate", "gradient_sums",
-           "inference_is_accurate", "predicted_error"]  # fmt: skip
+__all__ = ["FusedBatchNorm", "NativeBatchNorm", "batch_statistics", "check_coefficient", "fused_accumulation",
+           "fused_is_accurate", "gradient_sums", "inference_is_accurate", "predicted_error"]  # fmt: skip
 
 #: The contract's accuracy rule (on y, mean / std and var) in each compute dtype: float64's
 #: is float32's times the ratio of their unit roundoffs.
@@ -104,9 +105,10 @@ def _device(a: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> tor
 
 def fused_accumulation(x: torch.Tensor) -> tuple[int, int, float] | None:
     """The fused training kernel's ``(rows, chains)`` on ``x`` (see
-    :func:`predicted_error`) and the :func:`largest_ratio` it meets the rule at, or ``None``
-    where its accumulation alone, at ``|mean| / std = 0``, already misses the rule: a cheap
-    test before running it (of the shape, dtype, device and threads alone: computed once for each)."""
+    :func:`predicted_error`) and the coefficient of :func:`fused_is_accurate` where it
+    meets the rule, or ``None`` where its accumulation alone, at ``|mean| / std = 0``,
+    already misses the rule: a cheap test before running it (of the shape, dtype, device
+    and threads alone: computed once for each)."""
     return _fused_accumulation(x.shape, x.dtype, "cpu" if x.is_cpu else x.device.type, _threads(x))
 
 
@@ -117,29 +119,52 @@ def _fused_accumulation(
     rows, chains = _accumulation_of(shape, dtype, device, threads, split=1)
     if predicted_error(_unit(dtype), rows, chains, 0.0) > _tolerance(dtype):
         return None
-    return rows, chains, largest_ratio(dtype, rows, chains)
+    return rows, chains, check_coefficient(largest_ratio(dtype, rows, chains), math.prod(shape) // shape[1], dtype)
 
 
-def fused_is_accurate(save_mean: torch.Tensor, save_invstd: torch.Tensor, epsilon: float, ratio: float) -> bool:
-    """Whether every feature's ``|mean| / std`` is at most ``ratio`` (the
-    :func:`largest_ratio` of the kernel's accumulation), judged from the fused training
-    kernel's own CPU statistics: with ``invstd = 1 / sqrt(var + eps)``, ``|mean| /
-    sqrt(var) <= ratio`` is ``invstd * hypot(mean, ratio * sqrt(eps)) <= ratio``, decided
-    ``8 u`` inside the limit (the operations round by ``2.5 u`` together), so that a
-    variance below ~``u eps`` is never taken for a larger one. A feature whose mean is
-    exactly 0 (a dead ReLU channel) passes on a second look: ``y = x * a + bias`` then
-    rounds at ``|x - mean| * a``. NaN and overflow fail."""
-    scaled = torch.hypot(save_mean, _hypot_term(ratio, epsilon, save_mean.dtype)).mul_(save_invstd)
-    limit = ratio * (1.0 - 8.0 * _unit(save_mean.dtype))
-    if scaled.max().item() <= limit:
+def check_coefficient(ratio: float, n: int, dtype: torch.dtype) -> float:
+    """The coefficient with which :func:`fused_is_accurate` judges ``|mean| / std <= ratio``
+    on ``n`` rows from the unbiased variance: ``n / ((n - 1) * (ratio * (1 - 8 u))**2)``."""
+    return n / ((n - 1) * (ratio * (1.0 - 8.0 * _unit(dtype))) ** 2)
+
+
+_statistics = threading.local()
+
+
+def batch_statistics(features: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's buffers ``(mean, var)`` of ``features`` values, into which the fused
+    training kernel writes a batch's mean and unbiased variance as running statistics at
+    momentum 1 (exactly: ``(1 - 1) * old`` is 0 for any finite ``old``), for
+    :func:`fused_is_accurate` to judge before any running statistic changes; on the CPU
+    whatever the default device. Whoever rejects them zeroes them (a NaN would stay)."""
+    cache = _statistics.__dict__.setdefault("buffers", {})
+    found = cache.get((features, dtype))
+    if found is None:
+        if len(cache) >= 64:
+            cache.clear()
+        found = cache[features, dtype] = tuple(torch.zeros(2, features, dtype=dtype, device="cpu"))
+    return found
+
+
+def fused_is_accurate(mean: torch.Tensor, var: torch.Tensor, coefficient: float) -> bool:
+    """Whether every feature's ``|mean| / std`` meets the kernel's limit, judged from the
+    batch's mean and unbiased variance as the kernel wrote them (:func:`batch_statistics`):
+    ``var - coefficient * mean**2 >= tiny`` (:func:`check_coefficient` of the
+    :func:`largest_ratio`, from :func:`fused_accumulation`; the smallest normal number
+    ``tiny``, so that a square or a variance below the normal range, whose roundings are
+    absolute, never passes; the operations round by ``2 u`` on the product, and the
+    comparison is exact). A feature whose mean is exactly 0 (a dead ReLU channel) passes on
+    a second look, unless its variance is NaN: ``y = x * a + bias`` then rounds at
+    ``|x - mean| * a``. NaN fails, and so do an overflowed mean and variance (``inf - inf``)
+    and a square that overflows (``-inf``: the core then runs)."""
+    tiny = _TINY[var.dtype]
+    margin = torch.addcmul(var, mean, mean, value=-coefficient)
+    if margin.min().item() >= tiny:
         return True
-    return bool(scaled.masked_fill_(save_mean == 0, 0.0).max().item() <= limit)
+    return bool(margin.add_(mean == 0, alpha=tiny).min().item() >= tiny)  # there margin is var: NaN stays
 
 
-@functools.lru_cache(maxsize=256)
-def _hypot_term(ratio: float, epsilon: float, dtype: torch.dtype) -> torch.Tensor:
-    """``ratio * sqrt(eps)`` as a 0-d CPU tensor (on the CPU whatever the default device)."""
-    return torch.tensor(ratio * math.sqrt(epsilon), dtype=dtype, device="cpu")
+_TINY = {dtype: torch.finfo(dtype).tiny for dtype in (torch.float32, torch.float64)}
 
 
 @functools.lru_cache(maxsize=256)

@@ -147,13 +147,11 @@ def test_the_error_model_is_conservative_for_the_fused_kernel(rows, ratio):
     errors meet the rule (the model: ``torch_kernels.predicted_error``)."""
     x = raw_data((rows, 16), ratio, seed=rows).astype(np.float32)
     xt = torch.from_numpy(x)
-    y, save_mean, save_invstd = torch.native_batch_norm(xt, None, None, None, None, True, 0.0, 1e-5)
+    mean, var = torch.zeros(2, 16)  # the kernel writes the batch's statistics here at momentum 1, as in _fused
+    y = torch.native_batch_norm(xt, None, None, mean, var, True, 1.0, 1e-5)[0]
     accumulation = torch_kernels.fused_accumulation(xt)
-    accepted = accumulation is not None and torch_kernels.fused_is_accurate(
-        save_mean, save_invstd, 1e-5, accumulation[2]
-    )
-    var = save_invstd.double().pow(-2).numpy() - 1e-5
-    errors = forward_errors(x, y.double().numpy(), save_mean.numpy(), var * rows / (rows - 1), feature_axis=1)
+    accepted = accumulation is not None and torch_kernels.fused_is_accurate(mean, var, accumulation[2])
+    errors = forward_errors(x, y.double().numpy(), mean.numpy(), var.numpy(), feature_axis=1)
     if accepted:
         assert max(errors.values()) <= RULE, errors
     predicted = torch_kernels.predicted_error(2.0**-24, *torch_kernels._accumulation(xt, 1), ratio)
@@ -163,47 +161,54 @@ def test_the_error_model_is_conservative_for_the_fused_kernel(rows, ratio):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_fused_check_never_accepts_a_feature_beyond_the_ratio(dtype):
     """``fused_is_accurate`` judges ``|mean| / std <= ratio`` for every feature from the
-    kernel's ``(mean, invstd = 1 / sqrt(var + eps))`` rounded to ``dtype``, against the
-    float64 truth on the variance the statistics were made from, one feature at a time
-    beside centred ones (one bad feature rejects): it never accepts a feature beyond the
-    ratio, at variances from 1e-12 eps (which a float32 ``invstd`` cannot tell from 0) to
-    1e4 eps, nor just beyond it (2e-5 to 3e-4 relative, where a slack on the product
-    accepted them); it accepts every feature 1e-5 inside it from 1e-3 eps on; a dead
-    channel (mean 0, variance 0) passes, alone or beside others, a mean of 1e-4 or 1e-3
-    at variance 0 does not; NaN fails; overflow fails quietly."""
+    kernel's mean and unbiased variance over ``n`` rows, rounded to ``dtype`` (``std``: the
+    biased variance's root), against the ratio of those values in float64, one feature at a
+    time beside centred ones (one bad feature rejects): it never accepts a feature beyond
+    the ratio, at variances from 1e-30 to 1e30, nor just beyond it (2e-5 to 3e-4 relative,
+    where a slack on the product accepted them); it accepts every feature 1e-5 inside it;
+    a dead channel (mean 0) passes, alone or beside others; a nonzero mean at a variance of 0
+    or below the normal range does not (whose rounding is absolute: as a square's that
+    underflows); NaN fails; overflow (a square beyond the dtype, an infinite mean and
+    variance) fails, quietly."""
     rng = np.random.default_rng(11)
-    eps, ratio = 1e-5, 47.0
+    n, ratio = 1024, 47.0
+    coefficient = torch_kernels.check_coefficient(ratio, n, dtype)
 
-    def accepts(mean, invstd):
-        mean, invstd = torch.tensor(mean, dtype=dtype), torch.tensor(invstd, dtype=dtype)
-        return torch_kernels.fused_is_accurate(mean, invstd, eps, ratio)
+    def accepts(mean, var):
+        mean, var = torch.tensor(mean, dtype=dtype), torch.tensor(var, dtype=dtype)
+        return torch_kernels.fused_is_accurate(mean, var, coefficient)
 
-    var = eps * np.concatenate([10.0 ** rng.uniform(-3, 4, 300), 10.0 ** rng.uniform(-12, -3, 100)])
+    biased = 10.0 ** rng.uniform(-30, 30, 400)
     band = np.concatenate([1 + rng.uniform(2e-5, 3e-4, 60), rng.uniform(0.5, 1.5, 340)])  # just beyond; around
-    mean = torch.tensor(ratio * band * np.sqrt(var) * rng.choice([-1.0, 1.0], 400), dtype=dtype)
-    invstd = torch.tensor(1.0 / np.sqrt(var + eps), dtype=dtype)
-    true_ratio = np.abs(mean.double().numpy()) / np.sqrt(var)
+    mean = torch.tensor(ratio * band * np.sqrt(biased) * rng.choice([-1.0, 1.0], 400), dtype=dtype)
+    var = torch.tensor(biased * n / (n - 1), dtype=dtype)
+    true_ratio = np.abs(mean.double().numpy()) / np.sqrt(var.double().numpy() * (n - 1) / n)
     for k in range(400):
-        accepted = accepts([0.0, 0.5, mean[k].item()], [1.0, 2.0, invstd[k].item()])
-        assert not accepted or true_ratio[k] <= ratio, (k, var[k] / eps, true_ratio[k] / ratio - 1)
-        if var[k] >= 1e-3 * eps and true_ratio[k] <= ratio * (1 - 1e-5):
-            assert accepted, (k, var[k] / eps, true_ratio[k] / ratio - 1)
-    zero_var = 1.0 / np.sqrt(eps)
-    assert accepts([0.0], [zero_var]) and accepts([0.0, 0.5], [zero_var, 1.0])
-    assert not accepts([1e-4], [zero_var]) and not accepts([1e-3], [zero_var])
-    assert not accepts([0.0, np.nan], [1.0, 1.0])
+        accepted = accepts([0.0, 0.5, mean[k].item()], [1.0, 2.0, var[k].item()])
+        assert not accepted or true_ratio[k] <= ratio, (k, biased[k], true_ratio[k] / ratio - 1)
+        if true_ratio[k] <= ratio * (1 - 1e-5):
+            assert accepted, (k, biased[k], true_ratio[k] / ratio - 1)
+    assert accepts([0.0], [0.0]) and accepts([0.0, 0.5], [0.0, 1.0]) and accepts([0.0], [1e-45])
+    tiny = torch.finfo(dtype).tiny  # below it, a variance (or a square) rounds at an absolute step
+    assert not accepts([1e-30], [0.0]) and not accepts([1e-4], [0.0]) and not accepts([1e-30], [tiny / 2])
+    assert accepts([1e-30], [4 * tiny]) == (dtype == torch.float32)  # float32: a ratio of 5e-12 (its square underflows)
+    assert not accepts([0.0, np.nan], [1.0, 1.0]) and not accepts([0.0], [np.nan])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not accepts([torch.finfo(dtype).max / 2], [1e3]) and not accepts([np.inf], [0.0])
+        big = torch.finfo(dtype).max
+        assert not accepts([big / 2], [big]) and not accepts([np.inf], [np.inf])
 
 
-@pytest.mark.parametrize("sigma, ratio", [(3e-8, 100.0), (3e-8, 200.0), (1e-8, 500.0)])
+@pytest.mark.parametrize("sigma, ratio", [(3e-8, 100.0), (3e-8, 200.0), (1e-8, 500.0), (1e-30, 1000.0), (1e-18, 1e-5)])
 def test_a_variance_far_below_eps_is_not_taken_for_eps(sigma, ratio):
     """Raw data whose variance is far below ``eps`` (``sigma`` 1e-8, a ``var`` of 1e-16 beside
     ``eps = 1e-5``), at ``|mean| / std`` beyond the fused kernel's limit: a float32
-    ``invstd`` cannot tell that variance from 0, so the check must not accept the kernel's
-    result on it (a slack on the product did, and the mean missed R2.7 by 5x). Every
-    metric within RULE, the drop-in, 2-D input."""
+    ``invstd`` cannot tell that variance from 0, so a check on it must not accept the
+    kernel's result (a slack on the product did, and the mean missed R2.7 by 5x). Every
+    metric within RULE, the drop-in, 2-D input. At ``sigma`` 1e-30 the float32 variance
+    underflows to 0 and the square of the mean too (the check must not read ``0 - 0`` as
+    accurate: the kernel's mean then misses the rule by 30x); at 1e-18 and a ratio of 1e-5
+    the square alone underflows, and the result is accurate."""
     from bn1d.backends.torch_nn import BatchNorm1d as DropIn
 
     for seed in range(3):
@@ -213,6 +218,8 @@ def test_a_variance_far_below_eps_is_not_taken_for_eps(sigma, ratio):
             y = layer(torch.from_numpy(x))
         errors = forward_errors(x.astype(np.float64), y.numpy(), layer.running_mean.numpy(),
                                 layer.running_var.numpy(), feature_axis=1)  # fmt: skip
+        if sigma**2 < torch.finfo(torch.float32).tiny:  # float32 holds no such variance: 0 is its nearest
+            assert errors.pop("var") == 1.0 and not layer.running_var.any()
         assert max(errors.values()) <= RULE, (seed, errors)
 
 

@@ -18,6 +18,7 @@ import io
 import pickle
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -559,18 +560,91 @@ def test_a_call_under_a_dispatch_mode_leaves_later_eager_calls_alone():
 
 
 def test_a_kernel_that_raises_leaves_the_state_as_it_was(monkeypatch):
-    """The fused path counts before PyTorch's kernel (as PyTorch's forward does) and takes
-    the count and the running statistics back if the kernel raises, as on a rejection."""
-    layer = torch_nn.BatchNorm1d(4)
+    """The fused path has PyTorch's kernel write the batch's statistics into buffers of its
+    own (``torch_kernels.batch_statistics``) and updates the running statistics and the count
+    only once its check has accepted them: a kernel that raises leaves the state as it was,
+    and what it wrote into the buffers does not reach the next call."""
+    layer, twin = torch_nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)
+    kernel = torch.native_batch_norm
 
     def broken(*args):
-        args[3].add_(1.0)  # the kernel wrote the running mean, then failed
+        args[3].add_(1.0).mul_(1e30)  # the kernel wrote its running mean, then failed
         raise RuntimeError("kernel failure")
 
     monkeypatch.setattr(torch, "native_batch_norm", broken)
+    x = torch.randn(8, 4, 5) * 2 + 1
     with pytest.raises(RuntimeError, match="^kernel failure$"):
-        layer(torch.randn(8, 4, 5))
+        layer(x)
     assert int(layer.num_batches_tracked) == 0 and float(layer.running_mean.abs().max()) == 0
+    monkeypatch.setattr(torch, "native_batch_norm", kernel)
+    torch.testing.assert_close(layer(x), twin(x), rtol=0, atol=0)
+    assert_same_state(layer, twin, "after the failure")
+
+
+def test_the_fused_paths_buffers_serve_every_call_alike(monkeypatch):
+    """The buffers the fused kernel writes are this thread's and serve every layer of their
+    width and dtype: a rejected call (NaN, which the buffers then held) leaves the next
+    accepted one exact; a graph of an earlier call still backpropagates after later calls
+    (accepted and rejected) rewrote them, as after PyTorch's own in-place updates of the
+    running statistics; two threads training at once get what each gets alone."""
+    from bn1d.backends import torch_kernels
+
+    rejected = []  # the calls the fused kernel's check sent to bn1d's split kernels
+    split = torch_kernels.NativeBatchNorm.apply
+    monkeypatch.setattr(torch_kernels.NativeBatchNorm, "apply", lambda *a: rejected.append(1) or split(*a))
+    layers = [torch_nn.BatchNorm1d(4) for _ in range(2)]
+    twin = torch_nn.BatchNorm1d(4, momentum=1.0)
+    x = torch.randn(16, 4, 3, requires_grad=True)
+    graph = layers[0](x)
+    bad = torch.full((16, 4, 3), float("nan"))
+    assert layers[1](bad).isnan().all() and layers[1].running_mean.isnan().all() and len(rejected) == 1
+    y = layers[0](x.detach() * 2 + 1)
+    assert len(rejected) == 1, "the NaN left in the buffers rejected an accurate call"
+    torch.testing.assert_close(y, twin(x.detach() * 2 + 1), rtol=0, atol=0)
+    graph.sum().backward()  # the buffers are saved in the kernel's node, unread in training
+    assert x.grad is not None and x.grad.isfinite().all()
+    for module in (nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)):  # an inference graph holds the running
+        inference = module.eval()(x)  # statistics, which a training call then updates: as PyTorch's
+        module.train()(x.detach())  # kernel, bn1d's update makes no new version of them
+        torch.autograd.grad(inference.sum(), x)
+
+    data = [torch.randn(64, 4, 5, generator=torch.Generator().manual_seed(k)) * (1 + k) + k for k in range(8)]
+    alone = [torch_nn.BatchNorm1d(4) for _ in range(2)]
+    together = copy.deepcopy(alone)
+    expected = [[alone[k % 2](x).detach() for x in data[k::2]] for k in range(2)]
+    results: list = [None, None]
+
+    def train(k):
+        results[k] = [together[k](x).detach() for x in data[k::2]]
+
+    threads = [threading.Thread(target=train, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for k in range(2):
+        for got, want in zip(results[k], expected[k]):
+            assert torch.equal(got, want)
+        assert_same_state(together[k], alone[k], f"thread {k}")
+
+
+def test_the_fused_paths_buffers_are_on_the_cpu_whatever_the_default_device():
+    """The buffers are made on a thread's first call of their width and dtype: under another
+    default device (``torch.device("meta")`` here, a mode that ``batch_norm``'s
+    ``__torch_function__`` handling sets aside) the call computes as on the CPU."""
+    layer, twin = torch_nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)
+    x = torch.randn(16, 4, 3)
+    out = []
+
+    def first_call():  # a new thread: no buffers yet
+        with torch.device("meta"):
+            out.append(layer(x))
+
+    thread = threading.Thread(target=first_call)
+    thread.start()
+    thread.join(timeout=60)
+    torch.testing.assert_close(out[0], twin(x), rtol=0, atol=0)
+    assert_same_state(layer, twin, "under torch.device('meta')")
 
 
 # -- PyTorch's tools, each on a converted model against the stock model ----------------------------------------
