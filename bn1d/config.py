@@ -49,7 +49,9 @@ def check_real(name: str, value: Any, expected: str, low: float, high: float, op
     cannot take."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise argument_error(name, expected, value, TypeError)
-    number = cast(float, value)
+    # a NumPy scalar as the Python number it holds: compared with float's max, a float32
+    # would be cast to it (inf) with a RuntimeWarning
+    number = cast(float, value.item() if hasattr(value, "item") else value)
     if not ((low < number if open_low else low <= number) and number <= high and -_FLOAT_MAX <= number <= _FLOAT_MAX):
         raise argument_error(name, expected, value)
     return number

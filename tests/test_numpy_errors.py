@@ -2,6 +2,7 @@
 naming the argument, what was expected and what was given, before any state changes."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -114,7 +115,12 @@ def test_accepted_constructor_forms():
     assert BatchNorm1d(3, axis=0).config.feature_axis == 1
     assert BatchNorm1d(3, momentum=0).config.momentum == 0.0
     assert BatchNorm1d(3, momentum=1).config.momentum == 1.0
-    assert BatchNorm1d(3, epsilon=np.float32(1e-3)).config.epsilon == pytest.approx(1e-3)
+    with warnings.catch_warnings():  # a float32 compared with float's max was cast to inf, with a warning
+        warnings.simplefilter("error")
+        assert BatchNorm1d(3, epsilon=np.float32(1e-3)).config.epsilon == pytest.approx(1e-3)
+        assert BatchNorm1d(3, momentum=np.float16(0.5)).config.momentum == 0.5
+        with pytest.raises(ValueError, match=r"^epsilon: expected .*, got np\.float32\(inf\)$"):
+            BatchNorm1d(3, epsilon=np.float32(np.inf))
     assert BatchNorm1d(3, axis_name=["i", "j"]).config.axis_name == ("i", "j")
     assert BatchNorm1d(3, dtype="float64").dtype == np.float64
     assert BatchNorm1d(3, mode="inference").training is False
