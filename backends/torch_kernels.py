@@ -142,11 +142,12 @@ def batch_statistics(features: int, dtype: torch.dtype) -> tuple[torch.Tensor, t
     if found is None:
         if len(cache) >= 64:
             cache.clear()
-        found = cache[features, dtype] = tuple(torch.zeros(2, features, dtype=dtype, device="cpu"))
+        with torch.inference_mode(False):  # ordinary tensors: the kernel's node saves them for backward
+            found = cache[features, dtype] = tuple(torch.zeros(2, features, dtype=dtype, device="cpu"))
     return found
 
 
-def fused_is_accurate(mean: torch.Tensor, var: torch.Tensor, coefficient: float) -> bool:
+def fused_is_accurate(mean: torch.Tensor, var: torch.Tensor, coefficient: float, running_var: Any = None) -> bool:
     """Whether every feature's ``|mean| / std`` meets the kernel's limit, judged from the
     batch's mean and unbiased variance as the kernel wrote them (:func:`batch_statistics`):
     ``var - coefficient * mean**2 >= tiny`` (:func:`check_coefficient` of the
@@ -154,11 +155,14 @@ def fused_is_accurate(mean: torch.Tensor, var: torch.Tensor, coefficient: float)
     ``tiny``, so that a square or a variance below the normal range, whose roundings are
     absolute, never passes; the operations round by ``2 u`` on the product, and the
     comparison is exact). A feature whose mean is exactly 0 (a dead ReLU channel) passes on
-    a second look, unless its variance is NaN: ``y = x * a + bias`` then rounds at
-    ``|x - mean| * a``. NaN fails, and so do an overflowed mean and variance (``inf - inf``)
-    and a square that overflows (``-inf``: the core then runs)."""
+    a second look: ``y = x * a + bias`` then rounds at ``|x - mean| * a``. NaN fails, and
+    so does every infinity: of the mean (``-inf`` or ``inf - inf``), of a square that
+    overflows (``-inf``: the core then runs), of the variance and of ``running_var``, if
+    given (adding ``0 * margin * running_var`` makes them NaN), where ``running += m *
+    (batch - running)`` would give NaN for PyTorch's and the core's inf."""
     tiny = _TINY[var.dtype]
     margin = torch.addcmul(var, mean, mean, value=-coefficient)
+    margin.addcmul_(margin, var if running_var is None else running_var, value=0.0)
     if margin.min().item() >= tiny:
         return True
     return bool(margin.add_(mean == 0, alpha=tiny).min().item() >= tiny)  # there margin is var: NaN stays

@@ -647,6 +647,49 @@ def test_the_fused_paths_buffers_are_on_the_cpu_whatever_the_default_device():
     assert_same_state(layer, twin, "under torch.device('meta')")
 
 
+def test_a_first_training_call_under_inference_mode_leaves_later_training_alone():
+    """A thread's first training call of a width under ``torch.inference_mode`` (a model
+    recalibrated in train mode) makes the fused path's buffers, which later training calls
+    with autograd save in the kernel's node: they are ordinary tensors, not inference ones."""
+    layer, twin = torch_nn.BatchNorm1d(8), nn.BatchNorm1d(8)
+    failures = []
+
+    def calls():  # a new thread: no buffers yet
+        try:
+            for module in (layer, twin):
+                with torch.inference_mode():
+                    module(torch.randn(32, 8, 4, generator=torch.Generator().manual_seed(0)))
+                x = torch.randn(32, 8, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+                module(x).pow(2).sum().backward()
+                failures.append(x.grad)
+        except RuntimeError as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=calls)
+    thread.start()
+    thread.join(timeout=60)
+    assert all(isinstance(grad, torch.Tensor) for grad in failures), failures
+    torch.testing.assert_close(failures[0], failures[1], rtol=1e-5, atol=1e-5)
+    assert_same_state(layer, twin, "after inference_mode", tol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.1])
+def test_an_overflowing_variance_stays_infinite_as_in_pytorch(momentum):
+    """float32 data whose variance overflows (``|x| ~ 2e19``): the running variance is inf,
+    as PyTorch's and the core's, and stays inf over ordinary batches after it (``running +=
+    m * (batch - running)`` would make it NaN from either side: the check sends both calls
+    to bn1d's exact kernels)."""
+    big = (torch.randn(64, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2e19).float()
+    ours, theirs = torch_nn.BatchNorm1d(3, momentum=momentum), nn.BatchNorm1d(3, momentum=momentum)
+    with torch.no_grad():
+        for k in range(4):
+            x = big if k == 0 else torch.randn(64, 3, 16)
+            ours(x), theirs(x)
+            assert torch.equal(ours.running_var.isinf(), theirs.running_var.isinf()), k
+            assert not ours.running_var.isnan().any(), k
+    assert ours.running_var.isinf().all()
+
+
 # -- PyTorch's tools, each on a converted model against the stock model ----------------------------------------
 def model(norms=nn):
     torch.manual_seed(0)
