@@ -271,7 +271,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def local_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     """This rank's mean and biased variance per feature (float64 NumPy) of ``x`` ``(N,
-    C, ...)`` contiguous, and the :func:`predicted_error` of the kernel's result."""
+    C, ...)`` contiguous, and the :func:`predicted_error` of the kernel's result; taken in
+    float64 where the kernel's float32 sums of squares overflow beside a finite mean (data
+    of ``|x - mean|`` ~1e18: their variance, ~1e36, is a float32 one)."""
     n, c = x.shape[0], x.shape[1]
     if x.numel() == 0:
         return np.zeros(c), np.zeros(c), 0.0
@@ -281,6 +283,8 @@ def local_moments(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     means, variances = _host(means).reshape(k, c), _host(variances).reshape(k, c)
     mean = means.mean(axis=0)
     var = variances.mean(axis=0) + np.square(means - mean).mean(axis=0)  # Chan's formula, equal counts
+    if x.dtype != torch.float64 and np.any(np.isfinite(mean) & ~np.isfinite(var)):
+        return local_moments(x.double())  # the kernel's float32 sums of squares overflowed: float64's
     rows, chains = _accumulation(x, k)
     return mean, var, predicted_error(_unit(x.dtype), rows, chains, _ratio(mean, var))
 

@@ -227,6 +227,25 @@ def test_a_variance_far_below_eps_is_not_taken_for_eps(sigma, ratio):
         assert max(errors.values()) <= RULE, (seed, errors)
 
 
+@pytest.mark.parametrize("shape", [(1024, 8), (128, 8, 16), (64, 16, 8)])
+def test_float32_data_whose_squares_overflow_meet_the_rule(shape):
+    """float32 data of ``|x - mean|`` ~1e18 at ``|mean| / std = 10``: the variance (~1e36)
+    is a float32 number, but PyTorch's kernels sum its squares in float32 and overflow
+    (``y`` was 0, 4 away; the running variance inf, on the fused and the split paths alike).
+    bn1d takes those statistics in float64. Every metric within RULE, the drop-in, channel
+    last and first, and the BrainPy-signature layer."""
+    from bn1d.backends.torch_nn import BatchNorm1d as DropIn
+
+    x = ((np.random.default_rng(1).standard_normal(shape) + 10) * 1e18).astype(np.float32)
+    brainpy = BatchNorm1d(shape[1], (0, 2) if len(shape) == 3 else 0, momentum=0.0)
+    for layer in (DropIn(shape[1], momentum=1.0), brainpy):
+        with torch.no_grad():
+            y = layer(torch.from_numpy(x))
+        errors = forward_errors(x.astype(np.float64), y.numpy(), layer.running_mean.numpy(),
+                                layer.running_var.numpy(), feature_axis=1)  # fmt: skip
+        assert max(errors.values()) <= RULE, (type(layer).__module__, errors)
+
+
 def test_split_statistics_fold_rows_into_features():
     """(N, C) float32 on the CPU is seen as (N / k, k * C) so that each float32 partial
     sum has at most CHAIN_ROWS rows; the combination is exact (Chan, equal counts)."""
