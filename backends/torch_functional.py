@@ -527,7 +527,12 @@ def _fused(
         return None
     if running_mean is not None:  # PyTorch's factor: the new batch's weight (the cumulative average's: 1 / k)
         factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
-        torch._foreach_lerp_((running_mean.data, running_var.data), (mean, var), factor)  # no new version either
+        running = (running_mean.data, running_var.data)  # no new version either
+        if factor <= 0.5:
+            torch._foreach_lerp_(running, (mean, var), factor)
+        else:  # lerp's weight rounds to float32: 1 - factor (exact) keeps the old statistics' weight exact
+            torch._foreach_lerp_((mean.data, var.data), running, 1.0 - factor)
+            torch._foreach_copy_(running, (mean, var))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return y

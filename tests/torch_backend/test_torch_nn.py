@@ -628,6 +628,25 @@ def test_the_fused_paths_buffers_serve_every_call_alike(monkeypatch):
         assert_same_state(together[k], alone[k], f"thread {k}")
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 0.9, 0.999, 0.9999, 1.0])
+def test_the_fused_paths_running_update_keeps_every_momentums_weights(momentum):
+    """``running = (1 - m) running + m batch`` on the fused path, from a running mean and
+    variance of 1e4 (a checkpoint) and a centred batch: within two roundings of each term
+    (the batch's statistics stored in float32, the update's own) of float64's. A weight ``m``
+    rounded to float32 puts ``|m32 - m| * 1e4`` (3e-4 at ``m = 0.9999``, PyTorch's kernel's
+    error too) on a result of ~1: bn1d lerps from the batch's side with ``1 - m`` there."""
+    layer = torch_nn.BatchNorm1d(4, momentum=momentum)
+    layer.running_mean.fill_(1e4), layer.running_var.fill_(1e4)
+    x = torch.randn(64, 4, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer(x)
+    x64, u = x.double(), 2.0**-24
+    for got, batch in ((layer.running_mean, x64.mean((0, 2))), (layer.running_var, x64.var((0, 2)))):  # unbiased
+        want = (1 - momentum) * 1e4 + momentum * batch
+        bound = 2 * u * (momentum * batch.abs() + (1 - momentum) * 1e4 + want.abs())
+        assert ((got.double() - want).abs() <= bound).all(), (momentum, (got.double() - want).abs() / bound)
+
+
 def test_the_fused_paths_buffers_are_on_the_cpu_whatever_the_default_device():
     """The buffers are made on a thread's first call of their width and dtype: under another
     default device (``torch.device("meta")`` here, a mode that ``batch_norm``'s
@@ -673,21 +692,29 @@ def test_a_first_training_call_under_inference_mode_leaves_later_training_alone(
     assert_same_state(layer, twin, "after inference_mode", tol=1e-6)
 
 
-@pytest.mark.parametrize("momentum", [0.9, 0.1])
-def test_an_overflowing_variance_stays_infinite_as_in_pytorch(momentum):
-    """float32 data whose variance overflows (``|x| ~ 2e19``): the running variance is inf,
-    as PyTorch's and the core's, and stays inf over ordinary batches after it (``running +=
-    m * (batch - running)`` would make it NaN from either side: the check sends both calls
-    to bn1d's exact kernels)."""
-    big = (torch.randn(64, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2e19).float()
-    ours, theirs = torch_nn.BatchNorm1d(3, momentum=momentum), nn.BatchNorm1d(3, momentum=momentum)
-    with torch.no_grad():
+@pytest.mark.parametrize("later", [0.9, 0.1])
+def test_an_overflowing_variance_stays_infinite_as_in_float64(later):
+    """float32 data whose variance overflows float32 (``|x| ~ 2e19``) in some features and not
+    in others, at momentum 1: the running variance is float64's stored in float32 (inf where
+    it overflows, as in the core; PyTorch's kernel gives inf for all three, its float32 sums
+    overflowing); then ordinary batches at momentum ``later``: infinite ones stay inf
+    (``running += m * (batch - running)`` would make them NaN from either side: the check
+    sends those calls to bn1d's exact kernels)."""
+    scales = torch.tensor([2e19, 1.5e19, 1e19], dtype=torch.float64).view(3, 1)  # variances ~4e38, 2e38, 1e38
+    big = (torch.randn(64, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * scales).float()
+    ours = torch_nn.BatchNorm1d(3, momentum=1.0)
+    want = np.ones(3)
+    with torch.no_grad(), np.errstate(over="ignore"):  # (float32 stores an overflowing float64 as inf)
         for k in range(4):
             x = big if k == 0 else torch.randn(64, 3, 16)
-            ours(x), theirs(x)
-            assert torch.equal(ours.running_var.isinf(), theirs.running_var.isinf()), k
-            assert not ours.running_var.isnan().any(), k
-    assert ours.running_var.isinf().all()
+            ours.momentum = 1.0 if k == 0 else later
+            ours(x)
+            batch = x.double().numpy().var(axis=(0, 2), ddof=1)
+            want = ((1 - ours.momentum) * want + ours.momentum * batch).astype(np.float32).astype(np.float64)
+            got = ours.running_var.double().numpy()
+            assert not np.isnan(got).any() and np.array_equal(np.isinf(got), np.isinf(want)), (k, got, want)
+            np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-5)
+    assert np.isinf(want).any() and np.isfinite(want).any()
 
 
 # -- PyTorch's tools, each on a converted model against the stock model ----------------------------------------
