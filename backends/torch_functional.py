@@ -522,7 +522,9 @@ def _fused(
     if view.dtype == torch.float32 and accumulation[0] > torch_kernels.BACKWARD_CHAIN_ROWS and torch.is_grad_enabled():
         kernel = torch_kernels.FusedBatchNorm.apply  # its own backward: see there
     y = kernel(view, weight, bias, mean, var, True, 1.0, eps)[0]
-    if not torch_kernels.fused_is_accurate(mean, var, accumulation[2], running_var):
+    if not torch_kernels.fused_is_accurate(
+        mean, var, accumulation[2], None if running_mean is None else (running_mean, running_var)
+    ):
         mean.data.zero_(), var.data.zero_()  # (.data: no new version; a graph may hold them, as the kernel's)
         return None
     if running_mean is not None:  # PyTorch's factor: the new batch's weight (the cumulative average's: 1 / k)

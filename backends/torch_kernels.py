@@ -135,8 +135,10 @@ def batch_statistics(features: int, dtype: torch.dtype) -> tuple[torch.Tensor, t
     """This thread's buffers ``(mean, var)`` of ``features`` values, into which the fused
     training kernel writes a batch's mean and unbiased variance as running statistics at
     momentum 1 (exactly: ``(1 - 1) * old`` is 0 for any finite ``old``), for
-    :func:`fused_is_accurate` to judge before any running statistic changes; on the CPU
-    whatever the default device. Whoever rejects them zeroes them (a NaN would stay)."""
+    :func:`fused_is_accurate` to judge before any running statistic changes (above a
+    factor of 0.5 they then take the update, which the next kernel call overwrites); on
+    the CPU whatever the default device. Whoever rejects them zeroes them (a NaN would
+    stay)."""
     cache = _statistics.__dict__.setdefault("buffers", {})
     found = cache.get((features, dtype))
     if found is None:
@@ -147,7 +149,7 @@ def batch_statistics(features: int, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return found
 
 
-def fused_is_accurate(mean: torch.Tensor, var: torch.Tensor, coefficient: float, running_var: Any = None) -> bool:
+def fused_is_accurate(mean: torch.Tensor, var: torch.Tensor, coefficient: float, running: Any = None) -> bool:
     """Whether every feature's ``|mean| / std`` meets the kernel's limit, judged from the
     batch's mean and unbiased variance as the kernel wrote them (:func:`batch_statistics`):
     ``var - coefficient * mean**2 >= tiny`` (:func:`check_coefficient` of the
@@ -157,12 +159,14 @@ def fused_is_accurate(mean: torch.Tensor, var: torch.Tensor, coefficient: float,
     comparison is exact). A feature whose mean is exactly 0 (a dead ReLU channel) passes on
     a second look: ``y = x * a + bias`` then rounds at ``|x - mean| * a``. NaN fails, and
     so does every infinity: of the mean (``-inf`` or ``inf - inf``), of a square that
-    overflows (``-inf``: the core then runs), of the variance and of ``running_var``, if
-    given (adding ``0 * margin * running_var`` makes them NaN), where ``running += m *
-    (batch - running)`` would give NaN for PyTorch's and the core's inf."""
+    overflows (``-inf``: the core then runs), of the variance and of the running statistics
+    ``running = (running_mean, running_var)``, if given (adding ``0 * margin * other``
+    makes them NaN), where ``running += m * (batch - running)`` would give NaN for
+    PyTorch's and the core's inf."""
     tiny = _TINY[var.dtype]
     margin = torch.addcmul(var, mean, mean, value=-coefficient)
-    margin.addcmul_(margin, var if running_var is None else running_var, value=0.0)
+    for other in (var,) if running is None else running:
+        margin.addcmul_(margin, other, value=0.0)
     if margin.min().item() >= tiny:
         return True
     return bool(margin.add_(mean == 0, alpha=tiny).min().item() >= tiny)  # there margin is var: NaN stays

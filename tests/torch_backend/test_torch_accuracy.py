@@ -169,7 +169,7 @@ def test_the_fused_check_never_accepts_a_feature_beyond_the_ratio(dtype):
     a dead channel (mean 0) passes, alone or beside others; a nonzero mean at a variance of 0
     or below the normal range does not (whose rounding is absolute: as a square's that
     underflows); NaN fails; overflow (a square beyond the dtype, an infinite mean or
-    variance, an infinite or NaN running variance) fails, quietly."""
+    variance, an infinite or NaN running mean or variance) fails, quietly."""
     rng = np.random.default_rng(11)
     n, ratio = 1024, 47.0
     coefficient = torch_kernels.check_coefficient(ratio, n, dtype)
@@ -197,10 +197,11 @@ def test_the_fused_check_never_accepts_a_feature_beyond_the_ratio(dtype):
         warnings.simplefilter("error")
         big = torch.finfo(dtype).max
         assert not accepts([big / 2], [big]) and not accepts([np.inf], [np.inf]) and not accepts([0.0], [np.inf])
-        finite = torch.tensor([1.0], dtype=dtype)  # the running variance the accepted statistics would update
-        assert torch_kernels.fused_is_accurate(finite * 0, finite, coefficient, finite)
-        for running in (np.inf, np.nan):  # its update from the batch's would give NaN, not inf
-            assert not torch_kernels.fused_is_accurate(finite * 0, finite, coefficient, finite * running)
+        finite = torch.tensor([1.0], dtype=dtype)  # the running statistics the accepted ones would update
+        assert torch_kernels.fused_is_accurate(finite * 0, finite, coefficient, (finite, finite))
+        for value in (np.inf, -np.inf, np.nan):  # their update from the batch's would give NaN, not inf
+            for running in ((finite * value, finite), (finite, finite * value)):
+                assert not torch_kernels.fused_is_accurate(finite * 0, finite, coefficient, running)
 
 
 @pytest.mark.parametrize("sigma, ratio", [(3e-8, 100.0), (3e-8, 200.0), (1e-8, 500.0), (1e-30, 1000.0), (1e-18, 1e-5)])

@@ -717,6 +717,22 @@ def test_an_overflowing_variance_stays_infinite_as_in_float64(later):
     assert np.isinf(want).any() and np.isfinite(want).any()
 
 
+@pytest.mark.parametrize("momentum", [0.1, None, 0.9])
+def test_an_infinite_running_mean_stays_infinite_as_in_pytorch(momentum):
+    """A running mean of +-inf (a checkpoint's, or a batch's that overflowed): one ordinary
+    training call keeps it +-inf, as PyTorch's kernel and the core do (``running += m *
+    (batch - running)`` gave NaN at ``m <= 0.5``)."""
+    ours, theirs = torch_nn.BatchNorm1d(3, momentum=momentum), nn.BatchNorm1d(3, momentum=momentum)
+    x = torch.randn(16, 3, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for module in (ours, theirs):
+            module.running_mean.copy_(torch.tensor([np.inf, -np.inf, 0.0]))
+            module.num_batches_tracked.fill_(3)
+            module(x)
+    assert torch.equal(ours.running_mean[:2], theirs.running_mean[:2]), (ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_mean[2:], theirs.running_mean[2:])
+
+
 # -- PyTorch's tools, each on a converted model against the stock model ----------------------------------------
 def model(norms=nn):
     torch.manual_seed(0)
