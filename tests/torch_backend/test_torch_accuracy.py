@@ -10,6 +10,7 @@ by up to 10**5 on the same data (``test_pytorch_kernels_alone_miss_the_rule``).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -28,6 +29,18 @@ LAYOUTS = {
     "(B, C, L)": ((0, 2), (64, 4, 4096), 1),
     "(B, C)": (0, (N, 4), 1),
 }
+
+
+@contextlib.contextmanager
+def threads(count):
+    """``torch.set_num_threads(count)`` inside, the thread count as it was after: PyTorch's
+    kernels chain ``N / threads`` rows, so the routes these tests are about need a count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def measure(layer, x, dy, mask=None, fa=2, y_dtype="float32"):
@@ -267,14 +280,10 @@ def test_the_fused_kernels_accumulation_follows_the_thread_count():
     same shape under another ``torch.set_num_threads`` has other chains (N / threads rows
     each), so an answer cached for one thread count must not serve another."""
     x = torch.zeros(256, 16)
-    before = torch.get_num_threads()
-    try:
-        for threads, want in ((1, (256, 1)), (2, (128, 2)), (1, (256, 1))):
-            torch.set_num_threads(threads)
+    for count, want in ((1, (256, 1)), (2, (128, 2)), (1, (256, 1))):
+        with threads(count):
             assert torch_kernels.fused_accumulation(x)[:2] == want
             assert torch_kernels.fused_accumulation(x.double())[:2] == (0, 1)  # float64 sums: no chains
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("const", [0.1, 0.7])
@@ -300,9 +309,7 @@ def test_gradients_on_chained_input_meet_the_rule(form, shape, node, const):
     c = shape[1]
     x = raw_data(shape, 0.25, seed=3).astype(np.float32)
     dy = np.full(shape, const, np.float32)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with threads(2):
         if form.startswith("BrainPy"):
             layer = BatchNorm1d(c, (0, 1), momentum=0.0)
             xt = torch.from_numpy(x.reshape(64, -1, c)).requires_grad_(True)
@@ -315,8 +322,6 @@ def test_gradients_on_chained_input_meet_the_rule(form, shape, node, const):
             y = layer(xt)
             y.backward(torch.from_numpy(dy).view(xt.shape))
             params = layer.weight, layer.bias
-    finally:
-        torch.set_num_threads(before)
     kernel = y.grad_fn if not form.startswith("BrainPy") else y.grad_fn.next_functions[0][0]  # under a view
     assert type(kernel).__name__ == node  # the route the case is about
     x64 = x.astype(np.float64)
@@ -346,12 +351,8 @@ def test_bn1ds_own_backwards_are_twice_differentiable(route):
             (g * w2.to(g.dtype)).sum(), (x, weight), allow_unused=True, materialize_grads=True
         )
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with threads(2):
         y, got = hessian_vector(layer, x, layer.weight)
-    finally:
-        torch.set_num_threads(before)
     assert type(y.grad_fn).__name__ == ROUTES[route][3]
     _, want = hessian_vector(reference, x.double(), params64[0])
     for g, w in zip(got, want):
@@ -375,13 +376,9 @@ def test_parameter_gradients_in_inference_on_chained_input_meet_the_rule(shape):
         layer.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, shape[1])))
     x = raw_data(shape, 0.25, seed=4).astype(np.float32)
     dy = np.full(shape, 0.1, np.float32)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with threads(2):
         y = layer(torch.from_numpy(x))
         y.backward(torch.from_numpy(dy))
-    finally:
-        torch.set_num_threads(before)
     assert type(y.grad_fn).__name__ == "FusedBatchNormBackward"
     mean, var = layer.running_mean.double().numpy(), layer.running_var.double().numpy()
     xhat = (x.astype(np.float64) - mean) / np.sqrt(var + 1e-5)
@@ -428,12 +425,8 @@ def test_bn1ds_own_backwards_give_every_gradient_pytorchs_node_gives(route, affi
     the backward's business (PyTorch's node does not save it)."""
     layer, x, reference, params64 = _route_call(route, affine)
     dy = torch.from_numpy(np.random.default_rng(13).standard_normal(x.shape).astype(np.float32))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with threads(2):
         y = layer(x)
-    finally:
-        torch.set_num_threads(before)
     own = ROUTES[route][2] or affine  # inference without parameter gradients: no sums, PyTorch's node
     assert type(y.grad_fn).__name__ == (ROUTES[route][3] if own else "NativeBatchNormBackward0")
     with torch.no_grad():
@@ -476,12 +469,8 @@ def test_fused_batch_norms_backward_takes_the_gradient_as_it_comes(monkeypatch, 
     assert np.prod(shape) >= torch_functional.HOOKED_NUMEL
     x = torch.from_numpy(raw_data(shape, 0.25, seed=15).astype(np.float32)).requires_grad_(True)
     layer = torch_nn.BatchNorm1d(shape[1]).train(training)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with threads(2):
         y = layer(x)
-    finally:
-        torch.set_num_threads(before)
     assert type(y.grad_fn).__name__ == "FusedBatchNormBackward"
     y.sum().backward()
     assert seen == []

@@ -581,6 +581,30 @@ def test_a_kernel_that_raises_leaves_the_state_as_it_was(monkeypatch):
     assert_same_state(layer, twin, "after the failure")
 
 
+def in_new_threads(*functions):
+    """Each of ``functions`` called at once in a thread of its own (the fused path's
+    buffers are made once per thread), bounded in time: their results, or the first one's
+    exception raised here."""
+    outcomes: list = [None] * len(functions)
+
+    def run(k):
+        try:
+            outcomes[k] = (True, functions[k]())
+        except BaseException as error:  # re-raised below, in the test's thread
+            outcomes[k] = (False, error)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(functions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a thread ran past 60 s"
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+    return [value for _, value in outcomes]
+
+
 def test_the_fused_paths_buffers_serve_every_call_alike(monkeypatch):
     """The buffers the fused kernel writes are this thread's and serve every layer of their
     width and dtype: a rejected call (NaN, which the buffers then held) leaves the next
@@ -612,16 +636,7 @@ def test_the_fused_paths_buffers_serve_every_call_alike(monkeypatch):
     alone = [torch_nn.BatchNorm1d(4) for _ in range(2)]
     together = copy.deepcopy(alone)
     expected = [[alone[k % 2](x).detach() for x in data[k::2]] for k in range(2)]
-    results: list = [None, None]
-
-    def train(k):
-        results[k] = [together[k](x).detach() for x in data[k::2]]
-
-    threads = [threading.Thread(target=train, args=(k,)) for k in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    results = in_new_threads(*(lambda k=k: [together[k](x).detach() for x in data[k::2]] for k in range(2)))
     for k in range(2):
         for got, want in zip(results[k], expected[k]):
             assert torch.equal(got, want)
@@ -653,16 +668,13 @@ def test_the_fused_paths_buffers_are_on_the_cpu_whatever_the_default_device():
     ``__torch_function__`` handling sets aside) the call computes as on the CPU."""
     layer, twin = torch_nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)
     x = torch.randn(16, 4, 3)
-    out = []
 
     def first_call():  # a new thread: no buffers yet
         with torch.device("meta"):
-            out.append(layer(x))
+            return layer(x)
 
-    thread = threading.Thread(target=first_call)
-    thread.start()
-    thread.join(timeout=60)
-    torch.testing.assert_close(out[0], twin(x), rtol=0, atol=0)
+    (y,) = in_new_threads(first_call)
+    torch.testing.assert_close(y, twin(x), rtol=0, atol=0)
     assert_same_state(layer, twin, "under torch.device('meta')")
 
 
@@ -671,24 +683,20 @@ def test_a_first_training_call_under_inference_mode_leaves_later_training_alone(
     recalibrated in train mode) makes the fused path's buffers, which later training calls
     with autograd save in the kernel's node: they are ordinary tensors, not inference ones."""
     layer, twin = torch_nn.BatchNorm1d(8), nn.BatchNorm1d(8)
-    failures = []
 
-    def calls():  # a new thread: no buffers yet
-        try:
-            for module in (layer, twin):
-                with torch.inference_mode():
-                    module(torch.randn(32, 8, 4, generator=torch.Generator().manual_seed(0)))
-                x = torch.randn(32, 8, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
-                module(x).pow(2).sum().backward()
-                failures.append(x.grad)
-        except RuntimeError as error:
-            failures.append(error)
+    def calls():  # a new thread: no buffers yet (the RuntimeError of inference tensors is raised here)
+        grads = []
+        for module in (layer, twin):
+            with torch.inference_mode():
+                module(torch.randn(32, 8, 4, generator=torch.Generator().manual_seed(0)))
+            x = torch.randn(32, 8, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            module(x).pow(2).sum().backward()
+            grads.append(x.grad)
+        return grads
 
-    thread = threading.Thread(target=calls)
-    thread.start()
-    thread.join(timeout=60)
-    assert all(isinstance(grad, torch.Tensor) for grad in failures), failures
-    torch.testing.assert_close(failures[0], failures[1], rtol=1e-5, atol=1e-5)
+    (grads,) = in_new_threads(calls)
+    assert all(isinstance(grad, torch.Tensor) for grad in grads), grads
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
     assert_same_state(layer, twin, "after inference_mode", tol=1e-6)
 
 
