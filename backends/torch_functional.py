@@ -127,13 +127,15 @@ def _check(
 _NUMBERS = (float, int)  # by type: a bool is neither
 
 
-def _vectors(c: int, device: torch.device, *values: Any) -> bool:
-    """Each of ``values`` is ``None`` or a floating-point tensor of shape ``(C,)`` on
-    ``device`` (the cheap check: the full one names what is wrong)."""
+def _vectors(x: torch.Tensor, *values: Any) -> bool:
+    """Each of ``values`` is ``None`` or a tensor of shape ``(C,)`` of ``x``'s dtype and device
+    (the cheap check of the common call: the full one finds and names what is wrong, and
+    takes other floating-point dtypes)."""
+    c, dtype, device = x.shape[1], x.dtype, x.device
     for value in values:
         if value is not None and not (
             (type(value) in _TENSORS or isinstance(value, torch.Tensor))  # the exact types first: cheaper
-            and value.shape == (c,) and value.dtype in _FLOAT_DTYPES and value.device == device
+            and value.shape == (c,) and value.dtype == dtype and value.device == device
         ):  # fmt: skip
             return False
     return True
@@ -153,7 +155,7 @@ def _eager(x: torch.Tensor, weight: Any = None, bias: Any = None) -> bool:
         and x.is_cpu
         and getattr(recording, "recorder", None) is None
         and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        and not torch._C._is_tracing()  # torch.jit.is_tracing's answer here (this never runs scripted)
         and not torch._C._len_torch_dispatch_stack()
         and forward_ad._current_level < 0  # forward-mode AD: the core's operations carry the tangents
         and not wrapped(x)
@@ -192,6 +194,33 @@ def path(
     if not _kernel_dtypes(x, running_mean, weight, bias, running_var):
         return "core"
     return "kernels" if not training or x.numel() > x.shape[1] else "core"
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _fused_call(
+    x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, momentum: float | None,
+    eps: float, num_batches_tracked: Any,
+) -> torch.Tensor | None:  # fmt: skip
+    """A checked training call (unsynced, no mask, no option, vectors of ``x``'s dtype:
+    :func:`_vectors`) on the fused kernel, or on :class:`torch_kernels.NativeBatchNorm`
+    where :func:`_fused` rejects it; ``None``, nothing done, unless its facts are those of
+    :func:`path`'s ``"kernels"`` route with the fused kernel: a contiguous float32 or float64
+    CPU tensor run eagerly (:func:`_eager`), more than one value per feature, running
+    statistics or parameters (else float32 input: :func:`_kernel_dtypes`). One flat function
+    for the common call: on small inputs each Python call costs (``docs/performance.md``)."""
+    if not (
+        x.dtype in _WIDE and x.is_contiguous() and x.numel() > x.shape[1]
+        and (running_mean is not None or weight is not None or x.dtype == torch.float32)
+        and _eager(x, weight, bias)
+    ):  # fmt: skip
+        return None
+    y = _fused(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
+    if y is None:
+        keep = None if momentum is None else 1.0 - momentum
+        return _split_training(x, running_mean, running_var, weight, bias, keep, eps, num_batches_tracked, None)
+    return _with_gradient_hook(y, x)
 
 
 def _kernel_dtypes(x: torch.Tensor, running_mean: Any, weight: Any, bias: Any = None, running_var: Any = None) -> bool:
@@ -259,21 +288,24 @@ def batch_norm(
             native_kernel=native_kernel, **options,
         )  # fmt: skip
     given = tuple(sorted(options.items())) if options else ()
-    if (
-        mask is not None
-        or given
-        or not (type(x) is torch.Tensor and x.dtype in _FLOAT_DTYPES and x.dim() >= 2 and isinstance(training, bool))
-    ):
-        _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked, given)
-    elif not (
-        _vectors(x.shape[1], x.device, running_mean, running_var, weight, bias)
+    plain = (
+        type(x) is torch.Tensor and x.dtype in _FLOAT_DTYPES and x.dim() >= 2 and isinstance(training, bool)
+        and mask is None and not given
+        and _vectors(x, running_mean, running_var, weight, bias)
         and (running_mean is None) == (running_var is None)
         and (type(momentum) in _NUMBERS and 0.0 <= momentum <= 1.0 or momentum is None and (  # type: ignore[operator]
             num_batches_tracked is not None or not training or running_mean is None))
         and type(eps) in _NUMBERS and 0.0 < eps < math.inf
         and (training or running_mean is not None)
-    ):  # the common call's checks, cheaply; the full check finds and names what is wrong  # fmt: skip
-        _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked)
+        and (num_batches_tracked is None or type(num_batches_tracked) is torch.Tensor
+             and num_batches_tracked.dim() == 0)
+    )  # the common call's checks, cheaply  # fmt: skip
+    if not plain:  # the full check finds and names what is wrong
+        _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked, given)
+    elif training and sync is None and native_kernel:
+        y = _fused_call(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
+        if y is not None:
+            return y
     keep = None if momentum is None else 1.0 - momentum
     return dispatch(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, mask,
                     sync, native_kernel, given, keep)  # fmt: skip
@@ -290,6 +322,14 @@ def dispatch(
     average; ``options`` the (name, value) pairs of the options given. The
     BrainPy-signature layer gives its own ``keep``: ``1 - (1 - m)`` is not ``m`` for every
     float (off by up to ``2**-53`` absolute, which at ``m = 1e-10`` is a relative 1e-6)."""
+    if (
+        training and sync is None and mask is None and native_kernel and not options
+        and (keep is None or momentum is not None and 1.0 - momentum == keep)
+        and _vectors(x, running_mean, running_var, weight, bias)
+    ):  # the common training call  # fmt: skip
+        y = _fused_call(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
+        if y is not None:
+            return y
     group = None
     if training and sync is not None:
         group = sync.group()
@@ -489,11 +529,19 @@ def _kernel_training(
     """PyTorch's fused training kernel where its result meets the rule (unsynced, and its
     ``1 - momentum`` is ``keep``), else :class:`torch_kernels.NativeBatchNorm` (exact;
     synced with ``exchange``)."""
-    view = _as_input(x)
     if exchange is None and (keep is None or 1.0 - momentum == keep):  # type: ignore[operator]
-        y = _fused(view, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
+        y = _fused(_as_input(x), running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
         if y is not None:
             return _as_output(_with_gradient_hook(y, x), x)
+    return _split_training(x, running_mean, running_var, weight, bias, keep, eps, num_batches_tracked, exchange)
+
+
+def _split_training(
+    x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, keep: float | None, eps: float,
+    num_batches_tracked: Any, exchange: Any,
+) -> torch.Tensor:  # fmt: skip
+    """:class:`torch_kernels.NativeBatchNorm`'s training call (exact; synced with ``exchange``)."""
+    view = _as_input(x)
     config = _call_config(x, running_mean, keep, eps, True, None, ())
     state = _targets(config, running_mean, running_var, num_batches_tracked)
     y, *new_values = torch_kernels.NativeBatchNorm.apply(

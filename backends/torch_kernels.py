@@ -109,7 +109,8 @@ def fused_accumulation(x: torch.Tensor) -> tuple[int, int, float] | None:
     meets the rule, or ``None`` where its accumulation alone, at ``|mean| / std = 0``,
     already misses the rule: a cheap test before running it (of the shape, dtype, device
     and threads alone: computed once for each)."""
-    return _fused_accumulation(x.shape, x.dtype, "cpu" if x.is_cpu else x.device.type, _threads(x))
+    cpu = x.is_cpu  # (_threads inline: this runs on every fused call)
+    return _fused_accumulation(x.shape, x.dtype, "cpu" if cpu else x.device.type, torch.get_num_threads() if cpu else 1)
 
 
 @functools.lru_cache(maxsize=256)

@@ -125,6 +125,11 @@ class _Exact(_BatchNorm):
         elif not has_torch_function((input,)):  # R7.1, before PyTorch's dimension check reads input.dim()
             raise argument_error("input", "a torch.Tensor", type(input).__name__, TypeError)
         training, tracking = self.training, self.track_running_stats
+        sync = None
+        if training:  # the group a training call syncs over: SyncBatchNorm's, or the drop-in's ``sync``
+            chosen = self.process_group if isinstance(self, nn.SyncBatchNorm) else self.__dict__.get("sync", False)
+            if chosen is not False:
+                sync = self._sync_over(None if chosen is True else chosen)
         buffers, parameters = self._buffers, self._parameters
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         return batch_norm(
@@ -138,7 +143,7 @@ class _Exact(_BatchNorm):
             self.eps,
             num_batches_tracked=buffers["num_batches_tracked"] if training and tracking else None,
             mask=mask,
-            sync=self._sync_for(input) if training else None,
+            sync=sync,
         )
 
     def _scripted_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -173,12 +178,6 @@ class _Exact(_BatchNorm):
                 running_mean.copy_(new_mean.to(running_mean.dtype))
                 running_var.copy_(new_var.to(running_var.dtype))
         return y64.to(input.dtype)
-
-    def _sync_for(self, input: torch.Tensor) -> Sync | None:
-        """A training call's :class:`Sync` where it syncs (``sync`` set and more than one rank
-        in its group), else ``None``."""
-        sync = self.__dict__.get("sync", False)
-        return None if sync is False else self._sync_over(None if sync is True else sync)
 
     def _sync_over(self, process_group: Any) -> Sync | None:
         """The :class:`Sync` over ``process_group`` (``None``: WORLD), kept between calls, or
@@ -248,9 +247,6 @@ class SyncBatchNorm(_Exact, nn.SyncBatchNorm):
                 "sync", "not given (SyncBatchNorm syncs over its process_group)", kwargs["sync"], TypeError
             )
         super().__init__(*args, timeout=timeout, **kwargs)
-
-    def _sync_for(self, input: torch.Tensor) -> Sync | None:
-        return self._sync_over(self.process_group)
 
     @classmethod
     def convert_sync_batchnorm(

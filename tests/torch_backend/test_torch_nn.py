@@ -499,6 +499,9 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
         (dict(track_running_stats=False), TypeError,
          rf"^track_running_stats: expected one of the options \[{', '.join(map(repr, sorted(call_options)))}\], got"),
         (dict(centred=True), TypeError, r"^centred: expected one of the options"),
+        # a count that is not a 0-d tensor: was an AttributeError after the running update, or added to
+        (dict(num_batches_tracked=5), TypeError, r"^num_batches_tracked: expected None or a 0-d tensor, got 5$"),
+        (dict(num_batches_tracked=torch.zeros(3)), TypeError, r"^num_batches_tracked: expected None or a 0-d"),
         # another device (meta, on every machine): PyTorch's kernel wrote running_mean, then raised
         (dict(weight=torch.ones(3, device="meta")), ValueError, r"^weight: expected a tensor on input's device"),
     ):  # fmt: skip
@@ -912,7 +915,7 @@ def test_sync_batch_norm_without_a_process_group_is_local_and_converts_as_pytorc
     norms = [type(m) for m in converted if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms == [torch_nn.SyncBatchNorm] * 2
     assert converted[1].timeout == 5 and converted[1].process_group is None
-    assert torch_nn.BatchNorm1d(3, sync=True)._sync_for(torch.ones(2, 3)) is None, "no process group: local"
+    assert torch_nn.BatchNorm1d(3, sync=True)._sync_over(None) is None, "no process group: local"
 
 
 # -- structure ------------------------------------------------------------------------------------------------
