@@ -220,7 +220,7 @@ def _fused_call(
     if y is None:
         keep = None if momentum is None else 1.0 - momentum
         return _split_training(x, running_mean, running_var, weight, bias, keep, eps, num_batches_tracked, None)
-    return _with_gradient_hook(y, x)
+    return _with_gradient_hook(y, x) if x.dim() > 3 or x.numel() >= HOOKED_NUMEL else y  # (its test for wide x)
 
 
 def _kernel_dtypes(x: torch.Tensor, running_mean: Any, weight: Any, bias: Any = None, running_var: Any = None) -> bool:
@@ -561,7 +561,7 @@ def _fused(
     the batch's statistics into :func:`torch_kernels.batch_statistics`' buffers; the running
     statistics (``running += factor * (batch - running)``, as PyTorch's kernel updates
     them) and the count change only once the check has accepted them."""
-    accumulation = torch_kernels.fused_accumulation(view)
+    accumulation = torch_kernels.fused_accumulation(view.shape, view.dtype, torch.get_num_threads())  # on the CPU
     if accumulation is None:
         return None
     reference = running_mean if running_mean is not None else weight

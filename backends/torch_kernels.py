@@ -103,21 +103,14 @@ def _device(a: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return torch.as_tensor(np.array(a, order="C"), dtype=dtype or like.dtype, device=like.device)
 
 
-def fused_accumulation(x: torch.Tensor) -> tuple[int, int, float] | None:
-    """The fused training kernel's ``(rows, chains)`` on ``x`` (see
-    :func:`predicted_error`) and the coefficient of :func:`fused_is_accurate` where it
-    meets the rule, or ``None`` where its accumulation alone, at ``|mean| / std = 0``,
-    already misses the rule: a cheap test before running it (of the shape, dtype, device
-    and threads alone: computed once for each)."""
-    cpu = x.is_cpu  # (_threads inline: this runs on every fused call)
-    return _fused_accumulation(x.shape, x.dtype, "cpu" if cpu else x.device.type, torch.get_num_threads() if cpu else 1)
-
-
 @functools.lru_cache(maxsize=256)
-def _fused_accumulation(
-    shape: tuple[int, ...], dtype: torch.dtype, device: str, threads: int
-) -> tuple[int, int, float] | None:
-    rows, chains = _accumulation_of(shape, dtype, device, threads, split=1)
+def fused_accumulation(shape: tuple[int, ...], dtype: torch.dtype, threads: int) -> tuple[int, int, float] | None:
+    """The CPU fused training kernel's ``(rows, chains)`` on input of ``shape`` and
+    ``dtype`` run on ``threads`` threads (see :func:`predicted_error`) and the coefficient
+    of :func:`fused_is_accurate` where it meets the rule, or ``None`` where its
+    accumulation alone, at ``|mean| / std = 0``, already misses the rule: a cheap test
+    before running it, computed once for each."""
+    rows, chains = _accumulation_of(shape, dtype, "cpu", threads, split=1)
     if predicted_error(_unit(dtype), rows, chains, 0.0) > _tolerance(dtype):
         return None
     return rows, chains, check_coefficient(largest_ratio(dtype, rows, chains), math.prod(shape) // shape[1], dtype)

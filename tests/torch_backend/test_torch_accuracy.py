@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bn1d.backends import numpy as spec  # noqa: E402
-from bn1d.backends import torch_kernels  # noqa: E402
+from bn1d.backends import torch_functional, torch_kernels  # noqa: E402
 from bn1d.backends.torch import BatchNorm1d  # noqa: E402
 from bn1d.conformance.accuracy import RULE, forward_errors, gradient_errors, raw_data  # noqa: E402
 
@@ -162,7 +162,7 @@ def test_the_error_model_is_conservative_for_the_fused_kernel(rows, ratio):
     xt = torch.from_numpy(x)
     mean, var = torch.zeros(2, 16)  # the kernel writes the batch's statistics here at momentum 1, as in _fused
     y = torch.native_batch_norm(xt, None, None, mean, var, True, 1.0, 1e-5)[0]
-    accumulation = torch_kernels.fused_accumulation(xt)
+    accumulation = torch_kernels.fused_accumulation(xt.shape, xt.dtype, torch.get_num_threads())
     accepted = accumulation is not None and torch_kernels.fused_is_accurate(mean, var, accumulation[2])
     errors = forward_errors(x, y.double().numpy(), mean.numpy(), var.numpy(), feature_axis=1)
     if accepted:
@@ -276,14 +276,22 @@ def test_split_statistics_fold_rows_into_features():
 
 def test_the_fused_kernels_accumulation_follows_the_thread_count():
     """``fused_accumulation`` (rows, chains, largest ratio) is computed once per (shape,
-    dtype, device, threads): the
-    same shape under another ``torch.set_num_threads`` has other chains (N / threads rows
-    each), so an answer cached for one thread count must not serve another."""
-    x = torch.zeros(256, 16)
-    for count, want in ((1, (256, 1)), (2, (128, 2)), (1, (256, 1))):
+    dtype, threads), and ``_fused`` asks it with the thread count of the call: the same
+    shape under another ``torch.set_num_threads`` has other chains (N / threads rows each),
+    so an answer cached for one thread count must not serve another. (2048, 16) float32
+    is refused at once on one thread (one chain of 2048 rows misses the rule at any mean)
+    and taken on two (two chains of 1024)."""
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
+    for count, chains in ((1, None), (2, (1024, 2)), (1, None)):
         with threads(count):
-            assert torch_kernels.fused_accumulation(x)[:2] == want
-            assert torch_kernels.fused_accumulation(x.double())[:2] == (0, 1)  # float64 sums: no chains
+            accumulation = torch_kernels.fused_accumulation(x.shape, x.dtype, count)
+            assert (accumulation and accumulation[:2]) == chains
+            assert torch_kernels.fused_accumulation(x.shape, torch.float64, count)[:2] == (0, 1)  # float64 sums
+            stats = torch.zeros(16), torch.ones(16)
+            y = torch_functional._fused(x, *stats, None, None, 0.1, 1e-5, None)
+            assert (y is None) == (chains is None), count
+            moved = 0.0 if chains is None else 0.1 * x.double().mean(0)  # refused: nothing changed
+            torch.testing.assert_close(stats[0].double(), moved + torch.zeros(16, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("const", [0.1, 0.7])
