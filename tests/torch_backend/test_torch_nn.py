@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import itertools
 import pickle
 import subprocess
 import sys
@@ -644,6 +645,51 @@ def test_the_fused_paths_buffers_serve_every_call_alike(monkeypatch):
         for got, want in zip(results[k], expected[k]):
             assert torch.equal(got, want)
         assert_same_state(together[k], alone[k], f"thread {k}")
+
+
+def test_the_flat_training_route_takes_only_what_the_general_route_runs_on_the_fused_kernel():
+    """``torch_functional._fused_call`` (the common training call's flat route) runs a call
+    only where ``path`` gives ``"kernels"`` and ``_kernel_training`` the fused kernel on the
+    input itself, and then computes bitwise what that route computes, state included; every
+    call it leaves (``None``) it leaves untouched. Over layouts, dtype pairs, one value per
+    feature and absent vectors, with un-centred data that the check rejects too."""
+    taken = set()
+    shapes = [(8, 3), (4, 3, 5), (2, 3, 4, 5), (2, 3, 1, 2, 2), (1, 3), (8, 3, 1)]
+    layouts = ["contiguous", "channels_last", "transposed"]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    for shape, layout, x_dtype, v_dtype, vectors, offset in itertools.product(
+        shapes, layouts, dtypes, [torch.float32, torch.float64], ["all", "stats", "params", "none"], [0.0, 1e4]
+    ):  # fmt: skip
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(len(taken))).add(offset).to(x_dtype)
+        if layout == "channels_last":
+            if x.dim() != 4:
+                continue
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "transposed":
+            if x.dim() != 3:
+                continue
+            x = x.transpose(0, 2).contiguous().transpose(0, 2)
+        stats = [torch.rand(3, dtype=v_dtype) + 0.5 for _ in range(2)] if vectors in ("all", "stats") else [None] * 2
+        params = [torch.rand(3, dtype=v_dtype, requires_grad=True) for _ in range(2)] if vectors in ("all", "params") \
+            else [None] * 2  # fmt: skip
+        count = torch.tensor(3) if stats[0] is not None else None
+        before = [t.clone() for t in stats if t is not None]
+        plain = torch_functional._vectors(x, *stats, *params)
+        y = torch_functional._fused_call(x, *stats, *params, 0.1, 1e-5, count) if plain else None
+        if y is None:
+            assert all(torch.equal(a, b) for a, b in zip(before, [t for t in stats if t is not None])), "untouched"
+            continue
+        taken.add((shape, layout, x_dtype, vectors, offset))
+        assert torch_functional.path(x, stats[0], params[0], True, bias=params[1], running_var=stats[1]) == "kernels"
+        assert x.is_contiguous(), "the general route would hand the kernel a copy"
+        again = [None if t is None else t.clone() for t in before] + [None] * (2 - len(before))
+        twin_count = None if count is None else torch.tensor(3)
+        want = torch_functional._kernel_training(x, *again[:2], *params, 0.1, 0.9, 1e-5, twin_count, None)
+        assert torch.equal(y, want) and y.dtype == want.dtype
+        assert all(torch.equal(a, b) for a, b in zip([t for t in stats if t is not None], again[:2]))
+        assert count is None or int(count) == int(twin_count) == 4
+    assert {(s, v, o) for s, _, _, v, o in taken} >= {((8, 3), "all", 1e4), ((4, 3, 5), "none", 0.0)}
+    assert {d for _, _, d, _, _ in taken} == {torch.float32, torch.float64}
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.5, 0.9, 0.999, 0.9999, 1.0])
