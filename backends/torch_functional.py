@@ -16,8 +16,9 @@ host, which on the CPU is no synchronisation; else :class:`torch_kernels.NativeB
 and **the core**, :func:`bn1d.algorithm.forward` on torch operations, everywhere else
 (CUDA, with no host synchronisation in a training call by construction; ``torch.compile``,
 ``torch.export``, ``torch.jit.trace``, ``torch.func``, masks, options). On a ``torch.fx``
-proxy it records one node (``__torch_function__``, as ``F.batch_norm``). ``docs/decisions.md``
-says why this is a Python function and not a ``torch.library`` custom operator.
+proxy it records one node (``__torch_function__``, as ``F.batch_norm``). The common training
+call takes that fused-kernel route flat (:func:`_fused_call`). ``docs/decisions.md`` says
+why this is a Python function and not a ``torch.library`` custom operator.
 """
 
 from __future__ import annotations
