@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -94,6 +95,8 @@ def _check(
     if x.dtype not in _FLOAT_DTYPES:
         expected = "a real floating-point tensor (float16, bfloat16, float32, float64)"
         raise argument_error("input", expected, x.dtype, TypeError)
+    if x.layout != torch.strided:
+        raise argument_error("input", "a dense (strided) tensor", x.layout, TypeError)
     if x.dim() < 2:
         raise argument_error("input", "a tensor (N, C, *) of at least 2 dimensions", tuple(x.shape))
     c = x.shape[1]
@@ -113,9 +116,11 @@ def _check(
         check_real("momentum", momentum, "None or a float in [0, 1]", 0.0, 1.0)
     check_real("eps", eps, "a finite float > 0", 0.0, math.inf, open_low=True)
     if num_batches_tracked is not None and not (
-        isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.dim() == 0
-    ):
-        raise argument_error("num_batches_tracked", "None or a 0-d tensor", num_batches_tracked, TypeError)
+        isinstance(num_batches_tracked, torch.Tensor)
+        and num_batches_tracked.dim() == 0
+        and num_batches_tracked.dtype == torch.int64
+    ):  # PyTorch's count: a bool or float one would fail in add_, after the running update
+        raise argument_error("num_batches_tracked", "None or a 0-d torch.int64 tensor", num_batches_tracked, TypeError)
     for name, value in options:
         if name not in _CALL_OPTIONS:
             raise argument_error(name, f"one of the options {sorted(_CALL_OPTIONS)}", value, TypeError)
@@ -126,6 +131,7 @@ def _check(
 
 
 _NUMBERS = (float, int)  # by type: a bool is neither
+_LARGEST = sys.float_info.max
 
 
 def _vectors(x: torch.Tensor, *values: Any) -> bool:
@@ -290,16 +296,16 @@ def batch_norm(
         )  # fmt: skip
     given = tuple(sorted(options.items())) if options else ()
     plain = (
-        type(x) is torch.Tensor and x.dtype in _FLOAT_DTYPES and x.dim() >= 2 and isinstance(training, bool)
-        and mask is None and not given
+        type(x) is torch.Tensor and x.dtype in _FLOAT_DTYPES and x.layout == torch.strided and x.dim() >= 2
+        and isinstance(training, bool) and mask is None and not given
         and _vectors(x, running_mean, running_var, weight, bias)
         and (running_mean is None) == (running_var is None)
         and (type(momentum) in _NUMBERS and 0.0 <= momentum <= 1.0 or momentum is None and (  # type: ignore[operator]
             num_batches_tracked is not None or not training or running_mean is None))
-        and type(eps) in _NUMBERS and 0.0 < eps < math.inf
+        and type(eps) in _NUMBERS and 0.0 < eps <= _LARGEST  # (a larger int: float(eps) would overflow)
         and (training or running_mean is not None)
         and (num_batches_tracked is None or type(num_batches_tracked) is torch.Tensor
-             and num_batches_tracked.dim() == 0)
+             and num_batches_tracked.dim() == 0 and num_batches_tracked.dtype == torch.int64)
     )  # the common call's checks, cheaply  # fmt: skip
     if not plain:  # the full check finds and names what is wrong
         _check(x, running_mean, running_var, weight, bias, training, momentum, eps, mask, num_batches_tracked, given)

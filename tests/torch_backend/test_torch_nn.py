@@ -501,8 +501,12 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
          rf"^track_running_stats: expected one of the options \[{', '.join(map(repr, sorted(call_options)))}\], got"),
         (dict(centred=True), TypeError, r"^centred: expected one of the options"),
         # a count that is not a 0-d tensor: was an AttributeError after the running update, or added to
-        (dict(num_batches_tracked=5), TypeError, r"^num_batches_tracked: expected None or a 0-d tensor, got 5$"),
+        (dict(num_batches_tracked=5), TypeError, r"^num_batches_tracked: expected None or a 0-d torch\.int64 tensor"),
         (dict(num_batches_tracked=torch.zeros(3)), TypeError, r"^num_batches_tracked: expected None or a 0-d"),
+        # a bool count, a float one requiring a gradient: PyTorch's add_ raised after the running update
+        (dict(num_batches_tracked=torch.tensor(False)), TypeError, r"^num_batches_tracked: expected None or a 0-d"),
+        (dict(num_batches_tracked=torch.tensor(0.0, requires_grad=True)), TypeError, r"^num_batches_tracked: "),
+        (dict(eps=10**400), ValueError, r"^eps: expected a finite float > 0, got 1000"),  # was an OverflowError
         # another device (meta, on every machine): PyTorch's kernel wrote running_mean, then raised
         (dict(weight=torch.ones(3, device="meta")), ValueError, r"^weight: expected a tensor on input's device"),
     ):  # fmt: skip
@@ -519,6 +523,7 @@ def test_bad_arguments_are_errors_naming_them_before_any_change():
         (torch.ones(2, 4, 4, 4), ValueError, r"^running_mean: expected shape \(4,\) \(num_features, input's axis 1\)"),
         (torch.ones(1, 3, 1, 1), ValueError, r"^input: expected more than 1 value per channel when training, got"),
         (torch.ones(2, 3, 4, 5, dtype=torch.int64), TypeError, r"^input: expected a real floating-point tensor"),
+        (torch.ones(2, 3, 4, 5).to_sparse(), TypeError, r"^input: expected a dense \(strided\) tensor, got"),
     ):  # fmt: skip
         with pytest.raises(exception, match=pattern):
             layer(x)
