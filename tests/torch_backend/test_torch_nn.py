@@ -652,49 +652,91 @@ def test_the_fused_paths_buffers_serve_every_call_alike(monkeypatch):
         assert_same_state(together[k], alone[k], f"thread {k}")
 
 
+def _flat_route_case(shape, layout, x_dtype, v_dtype, vectors, offset, seed):
+    """Arguments of a training call for the flat route's test, or ``None`` for a layout the
+    shape has not: ``x`` (un-centred by ``offset``), running statistics, weight and bias
+    (``vectors``: which are given), a count."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).add(offset).to(x_dtype)
+    if layout == "channels_last":
+        if x.dim() != 4:
+            return None
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        if x.dim() != 3:
+            return None
+        x = x.transpose(0, 2).contiguous().transpose(0, 2)
+    stats = [torch.rand(3, dtype=v_dtype) + 0.5 if vectors in ("all", "stats") else None for _ in range(2)]
+    weight, bias = (torch.rand(3, dtype=v_dtype, requires_grad=True) for _ in range(2))
+    params = {"all": [weight, bias], "params": [weight, bias], "bias": [None, bias]}.get(vectors, [None, None])
+    return x, stats, params, None if stats[0] is None else torch.tensor(3)
+
+
 def test_the_flat_training_route_takes_only_what_the_general_route_runs_on_the_fused_kernel():
     """``torch_functional._fused_call`` (the common training call's flat route) runs a call
     only where ``path`` gives ``"kernels"`` and ``_kernel_training`` the fused kernel on the
-    input itself, and then computes bitwise what that route computes, state included; every
-    call it leaves (``None``) it leaves untouched. Over layouts, dtype pairs, one value per
-    feature and absent vectors, with un-centred data that the check rejects too."""
+    input itself, and then computes bitwise what that route computes, state and count
+    included; every call it leaves (``None``) it leaves untouched. Over layouts, dtype pairs,
+    one value per feature, absent vectors, a bias alone and PyTorch's momenta (``None``: the
+    cumulative average; 0; 1), with un-centred data that the check rejects too."""
     taken = set()
     shapes = [(8, 3), (4, 3, 5), (2, 3, 4, 5), (2, 3, 1, 2, 2), (1, 3), (8, 3, 1)]
-    layouts = ["contiguous", "channels_last", "transposed"]
-    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-    for shape, layout, x_dtype, v_dtype, vectors, offset in itertools.product(
-        shapes, layouts, dtypes, [torch.float32, torch.float64], ["all", "stats", "params", "none"], [0.0, 1e4]
-    ):  # fmt: skip
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(len(taken))).add(offset).to(x_dtype)
-        if layout == "channels_last":
-            if x.dim() != 4:
-                continue
-            x = x.contiguous(memory_format=torch.channels_last)
-        elif layout == "transposed":
-            if x.dim() != 3:
-                continue
-            x = x.transpose(0, 2).contiguous().transpose(0, 2)
-        stats = [torch.rand(3, dtype=v_dtype) + 0.5 for _ in range(2)] if vectors in ("all", "stats") else [None] * 2
-        params = [torch.rand(3, dtype=v_dtype, requires_grad=True) for _ in range(2)] if vectors in ("all", "params") \
-            else [None] * 2  # fmt: skip
-        count = torch.tensor(3) if stats[0] is not None else None
-        before = [t.clone() for t in stats if t is not None]
-        plain = torch_functional._vectors(x, *stats, *params)
-        y = torch_functional._fused_call(x, *stats, *params, 0.1, 1e-5, count) if plain else None
+    grid = itertools.product(
+        shapes, ["contiguous", "channels_last", "transposed"], [torch.float16, torch.bfloat16, torch.float32,
+        torch.float64], [torch.float32, torch.float64], ["all", "stats", "params", "bias", "none"], [0.0, 1e4],
+        [0.1, None, 0.0, 1.0],
+    )  # fmt: skip
+    for seed, (shape, layout, x_dtype, v_dtype, vectors, offset, momentum) in enumerate(grid):
+        case = _flat_route_case(shape, layout, x_dtype, v_dtype, vectors, offset, seed)
+        if case is None or momentum is None and vectors in ("params", "bias", "none") or momentum not in (0.1, None) \
+                and (shape, layout) != ((4, 3, 5), "contiguous"):  # fmt: skip
+            continue  # (the cumulative average needs running statistics; momenta 0 and 1 on one layout)
+        x, stats, params, count = case
+        before = [None if t is None else t.clone() for t in stats]
+        if torch_functional._vectors(x, *stats, *params):  # the callers' precondition
+            y = torch_functional._fused_call(x, *stats, *params, momentum, 1e-5, count)
+        else:
+            y = None
         if y is None:
-            assert all(torch.equal(a, b) for a, b in zip(before, [t for t in stats if t is not None])), "untouched"
+            assert all(t is None or torch.equal(t, b) for t, b in zip(stats, before)), "untouched"
             continue
-        taken.add((shape, layout, x_dtype, vectors, offset))
+        taken.add((shape, layout, x_dtype, vectors, offset, momentum))
         assert torch_functional.path(x, stats[0], params[0], True, bias=params[1], running_var=stats[1]) == "kernels"
         assert x.is_contiguous(), "the general route would hand the kernel a copy"
-        again = [None if t is None else t.clone() for t in before] + [None] * (2 - len(before))
         twin_count = None if count is None else torch.tensor(3)
-        want = torch_functional._kernel_training(x, *again[:2], *params, 0.1, 0.9, 1e-5, twin_count, None)
+        keep = None if momentum is None else 1.0 - momentum
+        want = torch_functional._kernel_training(x, *before, *params, momentum, keep, 1e-5, twin_count, None)
         assert torch.equal(y, want) and y.dtype == want.dtype
-        assert all(torch.equal(a, b) for a, b in zip([t for t in stats if t is not None], again[:2]))
+        assert all(t is None or torch.equal(t, b) for t, b in zip(stats, before))
         assert count is None or int(count) == int(twin_count) == 4
-    assert {(s, v, o) for s, _, _, v, o in taken} >= {((8, 3), "all", 1e4), ((4, 3, 5), "none", 0.0)}
-    assert {d for _, _, d, _, _ in taken} == {torch.float32, torch.float64}
+    assert {(s, v, o) for s, _, _, v, o, _ in taken} >= {((8, 3), "all", 1e4), ((4, 3, 5), "none", 0.0)}
+    assert {d for _, _, d, _, _, _ in taken} == {torch.float32, torch.float64}
+    assert {m for *_, m in taken} == {0.1, None, 0.0, 1.0} and "bias" in {v for _, _, _, v, _, _ in taken}
+
+
+def test_the_flat_training_route_hooks_the_gradient_where_the_general_route_does(monkeypatch):
+    """The flat route registers ``_with_gradient_hook``'s pre-hook exactly where the
+    general route does: from ``HOOKED_NUMEL`` values of 3-D input on (its test inline), and
+    on 2-D input of as many values where PyTorch's backward kernel runs (not where the
+    thread count sends the call to bn1d's own backward or split kernels)."""
+    calls = []
+    hook = torch_functional._contiguous_gradients
+    monkeypatch.setattr(torch_functional, "_contiguous_gradients", lambda grads: calls.append(1) or hook(grads))
+    limit = torch_functional.HOOKED_NUMEL
+    for shape, hooked in (((limit // 32, 4, 8), 1), ((limit // 32 - 1, 4, 8), 0), ((limit // 128, 128), None)):
+        counts = []
+        for route in ("flat", "general"):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+            c = shape[1]
+            weight, bias = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+            stats = torch.zeros(c), torch.ones(c)
+            if route == "flat":
+                y = torch_functional._fused_call(x, *stats, weight, bias, 0.1, 1e-5, None)
+            else:
+                y = torch_functional._kernel_training(x, *stats, weight, bias, 0.1, 0.9, 1e-5, None, None)
+            calls.clear()
+            torch.autograd.grad(y, [x, weight, bias], torch.ones(shape[::-1]).permute(*range(len(shape))[::-1]))
+            counts.append(len(calls))
+        assert counts[0] == counts[1] and hooked in (None, counts[0]), (shape, counts)
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.5, 0.9, 0.999, 0.9999, 1.0])
