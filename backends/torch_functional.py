@@ -395,17 +395,24 @@ def _targets(config: BatchNormConfig, running_mean: Any, running_var: Any, num_b
 
 def _update(targets: dict[str, Any], new_state: Mapping[str, Any], count: bool, num_batches_tracked: Any) -> None:
     """A training call's new state copied into ``targets`` (recorded instead under
-    ``torch_func.functional_call``), with PyTorch's count of training calls where ``count``."""
+    ``torch_func.functional_call``), with PyTorch's count of training calls where ``count``.
+    Eagerly the running statistics are written through ``.data``: no new version of them, as
+    PyTorch's kernels update them, so a graph that saved them (an inference call's) still
+    backpropagates after a training call; traced or compiled, as operations of the graph."""
     if count and num_batches_tracked is not None:
         new_state = {**new_state, "num_batches_tracked": _current(num_batches_tracked) + 1}
         targets = {**targets, "num_batches_tracked": num_batches_tracked}
     recorder = getattr(recording, "recorder", None)
+    quiet = recorder is None and not torch.compiler.is_compiling() and not torch._C._is_tracing()
     with torch.no_grad():
         for key, value in new_state.items():
-            if recorder is None:
-                targets[key].copy_(value)
+            target = targets[key]
+            if recorder is not None:
+                recorder.record(target, value)
+            elif quiet and key != "num_batches_tracked":  # (PyTorch's forward bumps the count's version)
+                target.data.copy_(value)
             else:
-                recorder.record(targets[key], value)
+                target.copy_(value)
 
 
 # -- the core --------------------------------------------------------------------------------------

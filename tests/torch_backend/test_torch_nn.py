@@ -33,6 +33,7 @@ from bn1d.backends import torch_distributed, torch_functional, torch_nn  # noqa:
 from bn1d.backends.torch import BatchNorm1d as BrainPyBatchNorm1d  # noqa: E402
 from bn1d.backends.torch_nn import convert_batchnorm, revert_batchnorm, sync_running_statistics  # noqa: E402
 from bn1d.config import OPTIONS  # noqa: E402
+from bn1d.conformance.accuracy import RULE  # noqa: E402
 
 TOL = 2e-6
 DROP_INS = {
@@ -756,6 +757,32 @@ def test_the_fused_paths_running_update_keeps_every_momentums_weights(momentum):
         want = (1 - momentum) * 1e4 + momentum * batch
         bound = 2 * u * (momentum * batch.abs() + (1 - momentum) * 1e4 + want.abs())
         assert ((got.double() - want).abs() <= bound).all(), (momentum, (got.double() - want).abs() / bound)
+
+
+@pytest.mark.parametrize(
+    "route, shape, offset, call",
+    [("split", (65536, 4), 0.0, {}), ("rejected by the check", (64, 4, 8), 1e4, {}),
+     ("core: a mask", (64, 4, 8), 0.0, {"mask": torch.ones(64, 8, dtype=torch.bool)})],
+)  # fmt: skip
+def test_a_training_call_on_any_route_leaves_an_inference_graph_differentiable(route, shape, offset, call):
+    """PyTorch's kernels update the running statistics without a new version of them, so an
+    inference call's graph (which saved them) still backpropagates after a training call, as
+    in a validation loss taken with gradients before a step. bn1d's split kernels and core
+    write them so too (eagerly): this raised "modified by an inplace operation" before. The
+    gradient ``2 y w invstd`` is PyTorch's up to which ``invstd`` its backward reads: PyTorch's
+    kernel reads the updated running variance, bn1d's own backward on chained input
+    (``FusedBatchNorm``) the one its forward used; they differ by ``invstd``'s change."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) + offset).requires_grad_()
+    grads, change = [], 0.0
+    for module in (nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)):
+        before = module.running_var.clone()
+        inference = module.eval()(x)
+        module.train()(x.detach(), **call) if isinstance(module, torch_nn.BatchNorm1d) else module.train()(x.detach())
+        grads.append(torch.autograd.grad(inference.pow(2).sum(), x)[0])
+        change = max(change, float((module.running_var / before).rsqrt().sub(1).abs().max()))
+    assert change > 0, "the training call updated the running variance"
+    error = (grads[1] - grads[0]).abs() - (change + RULE) * grads[0].abs()
+    assert float(error.max()) <= RULE * float(grads[0].abs().max()), route
 
 
 def test_the_fused_paths_buffers_are_on_the_cpu_whatever_the_default_device():
