@@ -403,14 +403,19 @@ def _update(targets: dict[str, Any], new_state: Mapping[str, Any], count: bool, 
         new_state = {**new_state, "num_batches_tracked": _current(num_batches_tracked) + 1}
         targets = {**targets, "num_batches_tracked": num_batches_tracked}
     recorder = getattr(recording, "recorder", None)
-    quiet = recorder is None and not torch.compiler.is_compiling() and not torch._C._is_tracing()
+    quiet = (  # eager on real tensors: no compilation, tracing, dispatch mode or torch.func wrapper
+        recorder is None
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_tracing()
+        and not torch._C._len_torch_dispatch_stack()
+    )
     with torch.no_grad():
         for key, value in new_state.items():
             target = targets[key]
             if recorder is not None:
                 recorder.record(target, value)
-            elif quiet and key != "num_batches_tracked":  # (PyTorch's forward bumps the count's version)
-                target.data.copy_(value)
+            elif quiet and key != "num_batches_tracked" and not torch._C._functorch.is_functorch_wrapped_tensor(target):
+                target.data.copy_(value)  # (PyTorch's forward bumps the count's version: so does this)
             else:
                 target.copy_(value)
 

@@ -9,6 +9,7 @@ below what a wrong count, momentum or Bessel factor changes (> 1e-3).
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 
@@ -84,6 +85,28 @@ def test_vmap_over_a_stacked_ensemble_equals_each_model(shared_input):
             for key, value in model.named_buffers():
                 torch.testing.assert_close(buffers[key][i], value, rtol=TOL, atol=TOL, msg=f"{step} {i} {key}")
     assert buffers["1.num_batches_tracked"].tolist() == [2, 2, 2]
+
+
+def test_pytorchs_functional_call_under_vmap_updates_the_stacked_buffers_as_pytorchs_layers():
+    """PyTorch's own ``torch.func.functional_call`` (not bn1d's) under ``vmap`` over an
+    ensemble from ``stack_module_state``: each layer writes its running statistics into the
+    stacked (batched) buffers in place, as ``nn.BatchNorm1d``'s do. (bn1d's eager writes go
+    through ``.data``, which ``vmap`` refuses on its wrappers: they write plainly there.)"""
+    x = torch.randn(3, 6, 2, 5) * 2 + 1
+    stacked = []
+    for convert in (False, True):
+        torch.manual_seed(0)
+        models = [nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3)) for _ in range(3)]
+        models = [convert_batchnorm(m) for m in models] if convert else models
+        params, buffers = torch.func.stack_module_state(models)
+        member = functools.partial(torch.func.functional_call, copy.deepcopy(models[0]).to("meta"))
+        y = torch.func.vmap(lambda p, b, x, member=member: member((p, b), (x,)))(params, buffers, x)
+        stacked.append((y, buffers))
+    (y_stock, stock), (y_bn1d, bn1d) = stacked
+    torch.testing.assert_close(y_bn1d, y_stock, rtol=TOL, atol=TOL)
+    for key in ("1.running_mean", "1.running_var"):
+        assert not torch.equal(stock[key], torch.zeros_like(stock[key]) + (key == "1.running_var")), key
+        torch.testing.assert_close(bn1d[key], stock[key], rtol=TOL, atol=TOL, msg=key)
 
 
 def test_grad_of_a_functional_training_step():

@@ -13,6 +13,7 @@ bounds (R2.7), as in ``tests/torch_backend/test_torch_accuracy.py``.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import io
 import itertools
@@ -783,6 +784,26 @@ def test_a_training_call_on_any_route_leaves_an_inference_graph_differentiable(r
     assert change > 0, "the training call updated the running variance"
     error = (grads[1] - grads[0]).abs() - (change + RULE) * grads[0].abs()
     assert float(error.max()) <= RULE * float(grads[0].abs().max()), route
+
+
+def _call(module, x):
+    return module(x)
+
+
+def test_a_training_step_traced_by_make_fx_writes_the_running_statistics_in_its_graph():
+    """Under a dispatch mode (``make_fx``'s proxy mode here, ``FakeTensorMode`` alike) the
+    running statistics are written as operations of the traced graph, ``copy_`` into the
+    buffers themselves, not through ``.data`` (a ``detach`` alias that graph passes would
+    have to see through); running the graph updates them, as PyTorch's layer's graph does."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    for module in (nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)):
+        graph = make_fx(functools.partial(_call, module))(torch.randn(8, 4, 3) + 1)
+        targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+        assert "aten.detach.default" not in targets[targets.index("aten.add_.Tensor") :], targets  # after the count
+        before = module.running_mean.clone()
+        graph(torch.randn(8, 4, 3) + 5)
+        assert not torch.equal(module.running_mean, before), type(module)
 
 
 def test_the_fused_paths_buffers_are_on_the_cpu_whatever_the_default_device():
