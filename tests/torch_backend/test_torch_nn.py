@@ -21,6 +21,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -804,6 +805,39 @@ def test_a_training_step_traced_by_make_fx_writes_the_running_statistics_in_its_
         before = module.running_mean.clone()
         graph(torch.randn(8, 4, 3) + 5)
         assert not torch.equal(module.running_mean, before), type(module)
+
+
+def test_a_training_step_traced_by_jit_trace_updates_the_running_statistics_when_run():
+    """``torch.jit.trace`` of a module in training: the trace records the writes of the
+    running statistics (the core's, as operations), so running the traced module updates
+    them, as PyTorch's traced layer does (a write through ``.data`` would be lost there)."""
+    x = torch.randn(8, 4, 3) + 1
+    for module in (nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings on Python values
+            traced = torch.jit.trace(module, (x,), check_trace=False)
+        before = module.running_mean.clone()
+        traced(x + 4)
+        assert not torch.equal(module.running_mean, before), type(module)
+        assert int(module.num_batches_tracked) == 2
+
+
+def test_forward_mode_ad_through_a_training_call_leaves_the_running_statistics_plain():
+    """A training call on a dual tensor (``torch.autograd.forward_ad``) writes the running
+    statistics' values, not their tangents, as PyTorch's kernel does: a later inference
+    call's output tangent is ``nn.BatchNorm1d``'s (a dual running mean changed it)."""
+    from torch.autograd import forward_ad
+
+    x = torch.randn(8, 4, 3, generator=torch.Generator().manual_seed(0)) + 1
+    tangent = torch.randn(8, 4, 3, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for module in (nn.BatchNorm1d(4), torch_nn.BatchNorm1d(4)):
+        with forward_ad.dual_level():
+            module.train()(forward_ad.make_dual(x, tangent))
+            assert forward_ad.unpack_dual(module.running_mean).tangent is None, type(module)
+            y = module.eval()(forward_ad.make_dual(x, tangent))
+            outputs.append(forward_ad.unpack_dual(y).tangent)
+    close(outputs[1], outputs[0], "the inference call's tangent")
 
 
 def test_the_fused_paths_buffers_are_on_the_cpu_whatever_the_default_device():
