@@ -314,8 +314,8 @@ def batch_norm(
         if y is not None:
             return y
     keep = None if momentum is None else 1.0 - momentum
-    return dispatch(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, mask,
-                    sync, native_kernel, given, keep)  # fmt: skip
+    return _route(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, mask,
+                  sync, native_kernel, given, keep)  # fmt: skip
 
 
 def dispatch(
@@ -337,6 +337,17 @@ def dispatch(
         y = _fused_call(x, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked)
         if y is not None:
             return y
+    return _route(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, mask,
+                  sync, native_kernel, options, keep)  # fmt: skip
+
+
+def _route(
+    x: torch.Tensor, running_mean: Any, running_var: Any, weight: Any, bias: Any, training: bool,
+    momentum: float | None, eps: float, num_batches_tracked: Any, mask: Any, sync: Sync | None,
+    native_kernel: bool, options: tuple[tuple[str, bool], ...], keep: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`dispatch` past the flat route, which its callers have tried (:func:`path`'s
+    computations)."""
     group = None
     if training and sync is not None:
         group = sync.group()
